@@ -1,0 +1,2 @@
+//! The `cardinal-loadtest` binary.
+fn main() {}
