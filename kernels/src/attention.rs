@@ -1,0 +1,123 @@
+//! Attention over an int8 (C8) KV cache: per-head symmetric quantization of
+//! keys/values, and a flash-attention style online-softmax accumulator that
+//! consumes the cache in blocks of tokens, with ISA dispatch.
+
+use crate::Isa;
+
+/// Quantize one head vector to symmetric int8 (`q = round(x/d)`, `d = amax/127`)
+/// into `out`; returns `d`.
+pub fn quantize_kv(x: &[f32], out: &mut [i8]) -> f32 {
+    assert_eq!(
+        x.len(),
+        out.len(),
+        "quantize_kv: x has {} values, out {}; they must match",
+        x.len(),
+        out.len()
+    );
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    d
+}
+
+/// Online-softmax state for one query head: running max, running sum of
+/// exponentials and the weighted sum of values.
+#[derive(Clone, Debug)]
+pub struct AttnState {
+    head_dim: usize,
+    max: f32,
+    sum: f32,
+    acc: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+impl AttnState {
+    /// A fresh state for heads of `head_dim`.
+    pub fn new(head_dim: usize) -> Self {
+        AttnState {
+            head_dim,
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+            acc: vec![0.0; head_dim],
+            scores: Vec::new(),
+        }
+    }
+
+    /// Forget all tokens seen.
+    pub fn reset(&mut self) {
+        self.max = f32::NEG_INFINITY;
+        self.sum = 0.0;
+        self.acc.fill(0.0);
+    }
+
+    /// Head size.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+}
+
+/// Attend one query head over `n = k_scales.len()` contiguous cached tokens
+/// (`k`, `v`: `n*head_dim` int8, token-major); score = `scale * q·(k*ks)`.
+/// Call repeatedly over blocks of the cache in token order, then [`attend_finish`].
+pub fn attend(
+    isa: Isa,
+    q: &[f32],
+    k: &[i8],
+    k_scales: &[f32],
+    v: &[i8],
+    v_scales: &[f32],
+    scale: f32,
+    st: &mut AttnState,
+) {
+    let hd = st.head_dim;
+    let n = k_scales.len();
+    assert!(
+        q.len() == hd && k.len() == n * hd && v.len() == n * hd && v_scales.len() == n,
+        "attend: head_dim {hd}, n {n}: q has {} values (want {hd}), k {} and v {} (want {}), v_scales {} (want {n})",
+        q.len(),
+        k.len(),
+        v.len(),
+        n * hd,
+        v_scales.len()
+    );
+    if n == 0 {
+        return;
+    }
+    let isa = isa.checked();
+    let mut scores = std::mem::take(&mut st.scores);
+    scores.resize(n, 0.0);
+    crate::attention_simd::scores(isa, q, k, k_scales, scale, &mut scores);
+    let bmax = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let new_max = st.max.max(bmax);
+    if new_max == f32::NEG_INFINITY {
+        st.scores = scores;
+        return;
+    }
+    let corr = (st.max - new_max).exp();
+    st.sum *= corr;
+    for (t, s) in scores.iter_mut().enumerate() {
+        let p = (*s - new_max).exp();
+        st.sum += p;
+        *s = p * v_scales[t];
+    }
+    crate::attention_simd::accumulate(isa, &mut st.acc, corr, &scores, v);
+    st.max = new_max;
+    st.scores = scores;
+}
+
+/// Write the attention output (`acc / sum`) of `st` into `out[..head_dim]`;
+/// zeros if no token was attended.
+pub fn attend_finish(st: &AttnState, out: &mut [f32]) {
+    let out = &mut out[..st.head_dim];
+    if st.sum > 0.0 {
+        let inv = 1.0 / st.sum;
+        for (o, &a) in out.iter_mut().zip(&st.acc) {
+            *o = a * inv;
+        }
+    } else {
+        out.fill(0.0);
+    }
+}

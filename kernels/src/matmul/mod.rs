@@ -1,0 +1,140 @@
+//! Quantized matrix multiplication `out[i][r] = dot(w row r, activation row i)`:
+//! argument checks, per-ISA dispatch, and the split of rows across a [`Pool`].
+//!
+//! Each ISA kernel walks weight rows in the outer loop and activation rows in the
+//! inner loop, so a weight row is streamed from memory once per call whatever `m`.
+
+use std::ops::Range;
+
+use crate::{Isa, Pool, QActs, QMatrix};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+pub(crate) mod scalar;
+
+/// Where a kernel writes results: `m x rows` row-major f32, written through a raw
+/// pointer so threads can fill disjoint row ranges of one buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct Out {
+    ptr: *mut f32,
+    len: usize,
+    stride: usize,
+}
+
+// SAFETY: `Out` is only a pointer into a buffer that outlives every use (the
+// callers borrow it mutably for the whole call); threads write disjoint indices.
+unsafe impl Send for Out {}
+// SAFETY: as above; concurrent use only ever writes distinct elements.
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// Store `v` at activation row `i`, weight row `r`.
+    ///
+    /// # Safety
+    /// `i * stride + r < len`, and no other thread accesses that element concurrently.
+    #[inline(always)]
+    pub(crate) unsafe fn write(&self, i: usize, r: usize, v: f32) {
+        let at = i * self.stride + r;
+        debug_assert!(at < self.len);
+        // SAFETY: the caller guarantees `at` is in bounds and unshared.
+        unsafe { self.ptr.add(at).write(v) }
+    }
+}
+
+fn check(w: &QMatrix, a: &QActs, out: &[f32], what: &str) {
+    assert_eq!(
+        a.cols(),
+        w.cols(),
+        "{what}: activations have {} cols but the matrix has {}",
+        a.cols(),
+        w.cols()
+    );
+    assert_eq!(
+        out.len(),
+        a.m() * w.rows(),
+        "{what}: out has {} values, expected m*rows = {}*{}",
+        out.len(),
+        a.m(),
+        w.rows()
+    );
+}
+
+/// Run the `isa` kernel for weight rows `rows`.
+///
+/// # Safety
+/// `rows` within `w.rows()`, `a.cols() == w.cols()`, `out` covers `a.m() x w.rows()`,
+/// `isa` available, and no other thread writes the same (i, r) elements.
+unsafe fn run(isa: Isa, w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
+    if rows.is_empty() || a.m() == 0 {
+        return;
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2+FMA+F16C availability was checked by the caller (`Isa::checked`).
+        Isa::Avx2 => unsafe { avx2::matmul_rows(w, a, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512 F/BW/VL/VNNI availability was checked by the caller.
+        Isa::Avx512 => unsafe { avx512::matmul_rows(w, a, rows, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON availability was checked by the caller.
+        Isa::Neon => unsafe { neon::matmul_rows(w, a, rows, out) },
+        // SAFETY: forwarded caller contract.
+        _ => unsafe { scalar::matmul_rows(w, a, rows, out) },
+    }
+}
+
+/// `out` is `m x w.rows()` row-major: `out[i*w.rows() + r] = dot(row r of w,
+/// activation row i)`. Only rows in `rows` are written.
+pub fn matmul_rows(isa: Isa, w: &QMatrix, a: &QActs, rows: Range<usize>, out: &mut [f32]) {
+    check(w, a, out, "matmul_rows");
+    assert!(
+        rows.start <= rows.end && rows.end <= w.rows(),
+        "matmul_rows: rows {rows:?} out of bounds for {} rows",
+        w.rows()
+    );
+    let isa = isa.checked();
+    let o = Out {
+        ptr: out.as_mut_ptr(),
+        len: out.len(),
+        stride: w.rows(),
+    };
+    // SAFETY: bounds checked above; `out` is borrowed mutably for the call.
+    unsafe { run(isa, w, a, rows, o) }
+}
+
+/// Below this many weight-element x activation-row products a matmul runs on the
+/// calling thread alone (waking workers would cost more than it saves).
+const PARALLEL_MIN_WORK: usize = 64 * 1024;
+
+/// Rows per thread are rounded to this, so threads never share an output cache line (m=1).
+const ROW_ALIGN: usize = 16;
+
+/// The same as [`matmul_rows`] over all rows, split across the pool's threads.
+pub fn matmul(pool: &Pool, isa: Isa, w: &QMatrix, a: &QActs, out: &mut [f32]) {
+    check(w, a, out, "matmul");
+    let isa = isa.checked();
+    let o = Out {
+        ptr: out.as_mut_ptr(),
+        len: out.len(),
+        stride: w.rows(),
+    };
+    let n = w.rows();
+    let threads = pool.threads();
+    if threads == 1 || n * w.cols() * a.m() < PARALLEL_MIN_WORK || n < 2 * ROW_ALIGN {
+        // SAFETY: whole range on one thread; bounds checked above.
+        unsafe { run(isa, w, a, 0..n, o) };
+        return;
+    }
+    let per = n.div_ceil(threads).next_multiple_of(ROW_ALIGN);
+    pool.run(&|t, _| {
+        let lo = (t * per).min(n);
+        let hi = ((t + 1) * per).min(n);
+        // SAFETY: thread t owns rows lo..hi exclusively (ranges are disjoint),
+        // all within bounds; `out` outlives `pool.run`, which waits for all threads.
+        unsafe { run(isa, w, a, lo..hi, o) };
+    });
+}

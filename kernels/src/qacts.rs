@@ -1,0 +1,157 @@
+//! `QActs`: activations quantized per group of 32 to symmetric int8 (A8) in the
+//! crate's element layout, with per-group f32 scale `d`, `d*Σq` (for the
+//! weights' min term) and the integer `Σq`. The per-group quantizer has scalar,
+//! AVX2 and AVX-512 versions that give bit-identical results.
+
+use std::fmt;
+
+use crate::Isa;
+use crate::layout::{AlignedBytes, CG, G, RowShape};
+
+/// Reusable buffer of quantized activation rows.
+#[derive(Default, Clone)]
+pub struct QActs {
+    m: usize,
+    cols: usize,
+    q: AlignedBytes,
+    d: Vec<f32>,
+    sd: Vec<f32>,
+    sumq: Vec<i32>,
+}
+
+impl fmt::Debug for QActs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QActs")
+            .field("m", &self.m)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Scalar quantizer of one group: writes `q`, returns `(d, Σq)`.
+///
+/// d = amax/127, q = round-half-even(x * (1/d)) clamped to ±127. All ISAs
+/// compute exactly these f32 operations, so their outputs are bit-identical.
+pub(crate) fn quantize_group_scalar(x: &[f32], q: &mut [i8; G]) -> (f32, i32) {
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (o, &v) in q.iter_mut().zip(x) {
+        let r = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+        *o = r;
+        sum += r as i32;
+    }
+    (d, sum)
+}
+
+impl QActs {
+    /// An empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Quantize `m` rows of `cols` values (row-major `x`), replacing the contents.
+    ///
+    /// # Panics
+    /// If `cols` is not a positive multiple of 32 or `x.len() != m * cols`.
+    pub fn quantize(&mut self, isa: Isa, x: &[f32], m: usize, cols: usize) {
+        assert!(
+            cols > 0 && cols.is_multiple_of(G),
+            "QActs::quantize: cols {cols} must be a positive multiple of 32"
+        );
+        assert_eq!(
+            x.len(),
+            m * cols,
+            "QActs::quantize: x has {} values, expected m*cols = {m}*{cols}",
+            x.len()
+        );
+        let isa = isa.checked();
+        let shape = RowShape::new(cols);
+        let ng = shape.groups;
+        self.m = m;
+        self.cols = cols;
+        self.q.resize(m * cols);
+        self.d.resize(m * ng, 0.0);
+        self.sd.resize(m * ng, 0.0);
+        self.sumq.resize(m * ng, 0);
+        let qall = self.q.as_i8_mut();
+        let mut tmp = [0i8; G];
+        for i in 0..m {
+            let qrow = &mut qall[i * cols..(i + 1) * cols];
+            for g in 0..ng {
+                let xg = &x[i * cols + g * G..][..G];
+                let (d, s) = crate::qacts_simd::quantize_group(isa, xg, &mut tmp);
+                self.d[i * ng + g] = d;
+                self.sd[i * ng + g] = d * s as f32;
+                self.sumq[i * ng + g] = s;
+                if g < shape.chunks * CG {
+                    let (c, j) = (g / CG, g % CG);
+                    for t in 0..G / 4 {
+                        let at = c * G * CG + t * 32 + 4 * j;
+                        qrow[at..at + 4].copy_from_slice(&tmp[4 * t..4 * t + 4]);
+                    }
+                } else {
+                    qrow[g * G..(g + 1) * G].copy_from_slice(&tmp);
+                }
+            }
+        }
+    }
+
+    /// Number of rows.
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    /// Values per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Per-group scales `d` of row `i`.
+    pub fn row_scales(&self, i: usize) -> &[f32] {
+        let ng = self.cols / G;
+        &self.d[i * ng..(i + 1) * ng]
+    }
+
+    /// The int8 values of row `i` in natural column order, into `out[..cols]`.
+    pub fn row_quants(&self, i: usize, out: &mut [i8]) {
+        let shape = RowShape::new(self.cols);
+        let q = self.row_q(i);
+        for g in 0..shape.groups {
+            for k in 0..G {
+                out[g * G + k] = q[crate::layout::elem_pos(&shape, g, k)];
+            }
+        }
+    }
+
+    /// Row `i` dequantized (`d*q`) in natural order, into `out[..cols]`.
+    pub fn dequantize_row(&self, i: usize, out: &mut [f32]) {
+        let mut q = vec![0i8; self.cols];
+        self.row_quants(i, &mut q);
+        let d = self.row_scales(i);
+        for (c, o) in out[..self.cols].iter_mut().enumerate() {
+            *o = d[c / G] * q[c] as f32;
+        }
+    }
+
+    /// Row `i`'s int8 values in the element layout.
+    #[inline]
+    pub(crate) fn row_q(&self, i: usize) -> &[i8] {
+        &self.q.as_i8()[i * self.cols..(i + 1) * self.cols]
+    }
+
+    /// Row `i`'s `d*Σq` per group.
+    #[inline]
+    pub(crate) fn row_sd(&self, i: usize) -> &[f32] {
+        let ng = self.cols / G;
+        &self.sd[i * ng..(i + 1) * ng]
+    }
+
+    /// Row `i`'s `Σq` per group.
+    #[inline]
+    pub(crate) fn row_sumq(&self, i: usize) -> &[i32] {
+        let ng = self.cols / G;
+        &self.sumq[i * ng..(i + 1) * ng]
+    }
+}

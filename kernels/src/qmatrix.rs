@@ -1,0 +1,459 @@
+//! `QMatrix`: a row-major matrix of 4- or 8-bit affine-quantized weights
+//! (w = scale*u + min per group of 32 columns, scale and min in f16), its
+//! lossless import from ggml Q4_0/Q4_1/Q8_0 blocks, f32 quantization,
+//! dequantization and row slicing/stacking. Element order inside a row follows
+//! [`crate::layout`].
+
+use std::fmt;
+use std::ops::Range;
+
+use half::f16;
+
+use crate::KernelError;
+use crate::layout::{
+    AlignedBytes, G, RowShape, elem_pos, f16_ceil, f16_floor, nibble_pos, pack_nibbles, to_layout,
+};
+
+/// A quantized weight matrix in the crate's A8-C8-W4 layout.
+#[derive(Clone)]
+pub struct QMatrix {
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    shape: RowShape,
+    row_bytes: usize,
+    data: AlignedBytes,
+    scales: Vec<f16>,
+    mins: Vec<f16>,
+}
+
+impl fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QMatrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("bits", &self.bits)
+            .field("size_bytes", &self.size_bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Validate a shape; `what` is the number of elements that must be addressable.
+fn check_shape(rows: usize, cols: usize) -> Result<RowShape, KernelError> {
+    let bad = |reason: &str| KernelError::BadShape {
+        rows,
+        cols,
+        reason: reason.to_string(),
+    };
+    if cols == 0 {
+        return Err(bad("cols must be at least 32"));
+    }
+    if !cols.is_multiple_of(G) {
+        return Err(bad("cols must be a multiple of 32"));
+    }
+    if rows
+        .checked_mul(cols)
+        .and_then(|n| n.checked_mul(4))
+        .is_none()
+    {
+        return Err(bad("rows*cols overflows usize"));
+    }
+    Ok(RowShape::new(cols))
+}
+
+/// Read a little-endian f16 at `b[0..2]`.
+#[inline]
+fn rd_f16(b: &[u8]) -> f16 {
+    f16::from_le_bytes([b[0], b[1]])
+}
+
+impl QMatrix {
+    /// Build a matrix row by row: `fill(r, u, scales, mins)` writes the natural-order
+    /// unsigned values of row `r` and its per-group scales and mins.
+    fn build(
+        rows: usize,
+        cols: usize,
+        bits: u8,
+        mut fill: impl FnMut(usize, &mut [u8], &mut [f16], &mut [f16]) -> Result<(), KernelError>,
+    ) -> Result<QMatrix, KernelError> {
+        let shape = check_shape(rows, cols)?;
+        let row_bytes = if bits == 4 { cols / 2 } else { cols };
+        let ng = shape.groups;
+        let mut m = QMatrix {
+            rows,
+            cols,
+            bits,
+            shape,
+            row_bytes,
+            data: AlignedBytes::zeroed(rows * row_bytes),
+            scales: vec![f16::ZERO; rows * ng],
+            mins: vec![f16::ZERO; rows * ng],
+        };
+        let mut natural = vec![0u8; cols];
+        let mut laid = vec![0u8; cols];
+        let data = m.data.as_mut_slice();
+        for r in 0..rows {
+            fill(
+                r,
+                &mut natural,
+                &mut m.scales[r * ng..(r + 1) * ng],
+                &mut m.mins[r * ng..(r + 1) * ng],
+            )?;
+            let out = &mut data[r * row_bytes..(r + 1) * row_bytes];
+            if bits == 4 {
+                to_layout(&shape, &natural, &mut laid);
+                pack_nibbles(&shape, &laid, out);
+            } else {
+                to_layout(&shape, &natural, out);
+            }
+        }
+        Ok(m)
+    }
+
+    fn check_raw(
+        format: &'static str,
+        rows: usize,
+        cols: usize,
+        block: usize,
+        raw: &[u8],
+    ) -> Result<(), KernelError> {
+        check_shape(rows, cols)?;
+        let expected = rows * (cols / G) * block;
+        if raw.len() != expected {
+            return Err(KernelError::RawLength {
+                format,
+                rows,
+                cols,
+                expected,
+                got: raw.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// A min of `k * d` for a block scale `d`, erroring if it leaves the f16 range.
+    fn scaled_min(
+        rows: usize,
+        cols: usize,
+        r: usize,
+        g: usize,
+        d: f16,
+        k: f32,
+    ) -> Result<f16, KernelError> {
+        let v = k * d.to_f32();
+        let h = f16::from_f32(v);
+        if d.is_finite() && !h.is_finite() {
+            return Err(KernelError::F16Range {
+                rows,
+                cols,
+                row: r,
+                group: g,
+                what: "min",
+                value: v,
+            });
+        }
+        Ok(h)
+    }
+
+    /// Import ggml Q4_0 blocks (18 bytes: f16 d, 16 bytes of nibbles; element
+    /// `j < 16` is the low nibble of byte `j`, `j >= 16` the high nibble of byte
+    /// `j - 16`; w = d*(q-8)). Lossless: scale = d, min = -8d.
+    pub fn from_ggml_q4_0(rows: usize, cols: usize, raw: &[u8]) -> Result<Self, KernelError> {
+        Self::check_raw("q4_0", rows, cols, 18, raw)?;
+        let ng = cols / G;
+        Self::build(rows, cols, 4, |r, u, sc, mn| {
+            for g in 0..ng {
+                let b = &raw[(r * ng + g) * 18..][..18];
+                let d = rd_f16(b);
+                sc[g] = d;
+                mn[g] = Self::scaled_min(rows, cols, r, g, d, -8.0)?;
+                for j in 0..16 {
+                    u[g * G + j] = b[2 + j] & 0xF;
+                    u[g * G + 16 + j] = b[2 + j] >> 4;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Import ggml Q4_1 blocks (20 bytes: f16 d, f16 m, 16 bytes of nibbles;
+    /// w = d*q + m). Lossless: scale = d, min = m.
+    pub fn from_ggml_q4_1(rows: usize, cols: usize, raw: &[u8]) -> Result<Self, KernelError> {
+        Self::check_raw("q4_1", rows, cols, 20, raw)?;
+        let ng = cols / G;
+        Self::build(rows, cols, 4, |r, u, sc, mn| {
+            for g in 0..ng {
+                let b = &raw[(r * ng + g) * 20..][..20];
+                sc[g] = rd_f16(b);
+                mn[g] = rd_f16(&b[2..]);
+                for j in 0..16 {
+                    u[g * G + j] = b[4 + j] & 0xF;
+                    u[g * G + 16 + j] = b[4 + j] >> 4;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Import ggml Q8_0 blocks (34 bytes: f16 d, 32 x i8 q; w = d*q). Lossless:
+    /// u = q + 128, scale = d, min = -128d.
+    pub fn from_ggml_q8_0(rows: usize, cols: usize, raw: &[u8]) -> Result<Self, KernelError> {
+        Self::check_raw("q8_0", rows, cols, 34, raw)?;
+        let ng = cols / G;
+        Self::build(rows, cols, 8, |r, u, sc, mn| {
+            for g in 0..ng {
+                let b = &raw[(r * ng + g) * 34..][..34];
+                let d = rd_f16(b);
+                sc[g] = d;
+                mn[g] = Self::scaled_min(rows, cols, r, g, d, -128.0)?;
+                for j in 0..G {
+                    u[g * G + j] = (b[2 + j] as i8 as i16 + 128) as u8;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn check_f32(rows: usize, cols: usize, w: &[f32]) -> Result<(), KernelError> {
+        check_shape(rows, cols)?;
+        if w.len() != rows * cols {
+            return Err(KernelError::DataLength {
+                rows,
+                cols,
+                expected: rows * cols,
+                got: w.len(),
+            });
+        }
+        if let Some(p) = w.iter().position(|v| !v.is_finite()) {
+            return Err(KernelError::NonFinite {
+                rows,
+                cols,
+                row: p / cols,
+                col: p % cols,
+                value: w[p],
+            });
+        }
+        Ok(())
+    }
+
+    /// Quantize f32 weights to 4 bits with a per-group affine map (like Q4_1):
+    /// min is the group minimum rounded down to f16, scale the smallest f16 with
+    /// `min + 15*scale >= max`, `u = round((w - min)/scale)`. Every element is
+    /// then within `scale/2` (plus f32 rounding) of its dequantized value.
+    pub fn quantize_q4(rows: usize, cols: usize, w: &[f32]) -> Result<Self, KernelError> {
+        Self::check_f32(rows, cols, w)?;
+        let ng = cols / G;
+        Self::build(rows, cols, 4, |r, u, sc, mn| {
+            for g in 0..ng {
+                let x = &w[r * cols + g * G..][..G];
+                let lo = x.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let range_err = |what, value| KernelError::F16Range {
+                    rows,
+                    cols,
+                    row: r,
+                    group: g,
+                    what,
+                    value,
+                };
+                let min_h = f16_floor(lo);
+                if !min_h.is_finite() {
+                    return Err(range_err("min", lo));
+                }
+                let min = min_h.to_f32();
+                let scale_h = f16_ceil((hi - min) / 15.0);
+                if !scale_h.is_finite() {
+                    return Err(range_err("scale", (hi - min) / 15.0));
+                }
+                let scale = scale_h.to_f32();
+                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                for (i, &v) in x.iter().enumerate() {
+                    u[g * G + i] = ((v - min) * inv).round().clamp(0.0, 15.0) as u8;
+                }
+                sc[g] = scale_h;
+                mn[g] = min_h;
+            }
+            Ok(())
+        })
+    }
+
+    /// Quantize f32 weights to 8 bits symmetrically per group (like Q8_0):
+    /// scale = amax/127 rounded up to f16, q = round(w/scale) in -127..=127,
+    /// stored as u = q + 128 with min = -128*scale.
+    pub fn quantize_q8(rows: usize, cols: usize, w: &[f32]) -> Result<Self, KernelError> {
+        Self::check_f32(rows, cols, w)?;
+        let ng = cols / G;
+        Self::build(rows, cols, 8, |r, u, sc, mn| {
+            for g in 0..ng {
+                let x = &w[r * cols + g * G..][..G];
+                let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                let d_h = f16_ceil(amax / 127.0);
+                let min_h = f16::from_f32(-128.0 * d_h.to_f32());
+                if !min_h.is_finite() {
+                    return Err(KernelError::F16Range {
+                        rows,
+                        cols,
+                        row: r,
+                        group: g,
+                        what: "min",
+                        value: -128.0 * d_h.to_f32(),
+                    });
+                }
+                let d = d_h.to_f32();
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                for (i, &v) in x.iter().enumerate() {
+                    let q = (v * inv).round().clamp(-127.0, 127.0) as i32;
+                    u[g * G + i] = (q + 128) as u8;
+                }
+                sc[g] = d_h;
+                mn[g] = min_h;
+            }
+            Ok(())
+        })
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns (a multiple of 32).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bits per weight: 4 or 8.
+    pub fn bits(&self) -> u8 {
+        self.bits
+    }
+
+    /// Bytes of quantized data, scales and mins held.
+    pub fn size_bytes(&self) -> usize {
+        self.data.len() + 2 * (self.scales.len() + self.mins.len())
+    }
+
+    /// The unsigned quantized value of row `r`, column `c`.
+    fn u_at(&self, r: usize, c: usize) -> u8 {
+        let p = elem_pos(&self.shape, c / G, c % G);
+        let row = self.row_data(r);
+        if self.bits == 8 {
+            row[p]
+        } else {
+            let (b, hi) = nibble_pos(&self.shape, p);
+            if hi { row[b] >> 4 } else { row[b] & 0xF }
+        }
+    }
+
+    /// Write row `r` as f32 (`scale*u + min`, natural column order) into `out[..cols]`.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert!(
+            r < self.rows,
+            "dequantize_row: row {r} out of range (rows {})",
+            self.rows
+        );
+        assert!(
+            out.len() >= self.cols,
+            "dequantize_row: out has {} values, need cols {}",
+            out.len(),
+            self.cols
+        );
+        let ng = self.shape.groups;
+        for g in 0..ng {
+            let s = self.scales[r * ng + g].to_f32();
+            let m = self.mins[r * ng + g].to_f32();
+            for i in 0..G {
+                let c = g * G + i;
+                out[c] = s * self.u_at(r, c) as f32 + m;
+            }
+        }
+    }
+
+    /// A copy of rows `range`.
+    pub fn slice_rows(&self, range: Range<usize>) -> QMatrix {
+        assert!(
+            range.start <= range.end && range.end <= self.rows,
+            "slice_rows: range {range:?} out of bounds for {} rows",
+            self.rows
+        );
+        let n = range.end - range.start;
+        let ng = self.shape.groups;
+        let mut data = AlignedBytes::zeroed(n * self.row_bytes);
+        data.as_mut_slice().copy_from_slice(
+            &self.data.as_slice()[range.start * self.row_bytes..range.end * self.row_bytes],
+        );
+        QMatrix {
+            rows: n,
+            data,
+            scales: self.scales[range.start * ng..range.end * ng].to_vec(),
+            mins: self.mins[range.start * ng..range.end * ng].to_vec(),
+            cols: self.cols,
+            bits: self.bits,
+            shape: self.shape,
+            row_bytes: self.row_bytes,
+        }
+    }
+
+    /// Stack matrices with equal cols and bits vertically (e.g. gate+up).
+    pub fn concat_rows(parts: &[QMatrix]) -> Result<QMatrix, KernelError> {
+        let first = parts.first().ok_or(KernelError::ConcatEmpty)?;
+        for (index, p) in parts.iter().enumerate() {
+            if p.cols != first.cols || p.bits != first.bits {
+                return Err(KernelError::ConcatMismatch {
+                    index,
+                    rows: p.rows,
+                    cols: p.cols,
+                    bits: p.bits,
+                    want_cols: first.cols,
+                    want_bits: first.bits,
+                });
+            }
+        }
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        check_shape(rows, first.cols)?;
+        let mut data = AlignedBytes::zeroed(rows * first.row_bytes);
+        let mut at = 0;
+        let (mut scales, mut mins) = (Vec::new(), Vec::new());
+        for p in parts {
+            let bytes = p.data.as_slice();
+            data.as_mut_slice()[at..at + bytes.len()].copy_from_slice(bytes);
+            at += bytes.len();
+            scales.extend_from_slice(&p.scales);
+            mins.extend_from_slice(&p.mins);
+        }
+        Ok(QMatrix {
+            rows,
+            data,
+            scales,
+            mins,
+            cols: first.cols,
+            bits: first.bits,
+            shape: first.shape,
+            row_bytes: first.row_bytes,
+        })
+    }
+
+    /// Row shape (chunks and tail).
+    pub(crate) fn shape(&self) -> &RowShape {
+        &self.shape
+    }
+
+    /// The packed bytes of row `r`.
+    #[inline]
+    pub(crate) fn row_data(&self, r: usize) -> &[u8] {
+        &self.data.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// The f16 scales of row `r`.
+    #[inline]
+    pub(crate) fn row_scales(&self, r: usize) -> &[f16] {
+        let ng = self.shape.groups;
+        &self.scales[r * ng..(r + 1) * ng]
+    }
+
+    /// The f16 mins of row `r`.
+    #[inline]
+    pub(crate) fn row_mins(&self, r: usize) -> &[f16] {
+        let ng = self.shape.groups;
+        &self.mins[r * ng..(r + 1) * ng]
+    }
+}
