@@ -1,0 +1,251 @@
+//! The transformer forward pass, one part at a time: token embedding, a
+//! decoder layer over a batch of rows (each row one token of some sequence at
+//! some position), and the final norm + output head. Every matmul runs A8×W4
+//! (or A8×W8) through `cardinal-kernels`; the residual stream stays in f32.
+//! A row attends to its own sequence's C8 cache, which already holds every
+//! earlier position, including earlier rows of the same batch.
+
+use cardinal_kernels::{self as k, AttnState, Isa, Pool, QActs, Rope};
+
+use crate::config::ModelConfig;
+use crate::kv::{KV_BLOCK, SeqKv};
+use crate::model::{Layer, Linear, Model};
+
+/// One row of a batch: which cache (index into the caches slice) and which position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchRow {
+    pub seq: usize,
+    pub pos: usize,
+}
+
+/// Reusable scratch buffers, one per stage, so steady-state decoding does
+/// not allocate.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    acts: QActs,
+    xn: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gu: Vec<f32>,
+    h: Vec<f32>,
+    part: Vec<f32>,
+    rope: Option<(usize, u32, Rope)>,
+}
+
+impl Workspace {
+    /// An empty workspace; buffers grow on first use.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn rope(&mut self, cfg: &ModelConfig) -> &Rope {
+        let key = (cfg.head_dim, cfg.rope_theta.to_bits());
+        if self.rope.as_ref().map(|r| (r.0, r.1)) != Some(key) {
+            self.rope = Some((key.0, key.1, Rope::new(cfg.head_dim, cfg.rope_theta)));
+        }
+        &self.rope.as_ref().expect("set above").2
+    }
+}
+
+fn resize(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+/// `out[m x lin.rows()] = acts · linᵀ`, part by part.
+pub fn linear(pool: &Pool, isa: Isa, lin: &Linear, acts: &QActs, out: &mut [f32], part: &mut Vec<f32>) {
+    let m = acts.m();
+    if let [only] = lin.parts() {
+        k::matmul(pool, isa, only, acts, &mut out[..m * lin.rows()]);
+        return;
+    }
+    let mut off = 0;
+    for p in lin.parts() {
+        resize(part, m * p.rows());
+        k::matmul(pool, isa, p, acts, &mut part[..m * p.rows()]);
+        for i in 0..m {
+            out[i * lin.rows() + off..i * lin.rows() + off + p.rows()]
+                .copy_from_slice(&part[i * p.rows()..(i + 1) * p.rows()]);
+        }
+        off += p.rows();
+    }
+}
+
+/// Writes the scaled embedding of each token into consecutive rows of `out`.
+pub fn embed(model: &Model, tokens: &[u32], out: &mut [f32]) {
+    let h = model.cfg.hidden;
+    for (i, &t) in tokens.iter().enumerate() {
+        let row = &mut out[i * h..(i + 1) * h];
+        model.embedding.dequantize_row(t as usize, row);
+        if model.cfg.embedding_multiplier != 1.0 {
+            row.iter_mut().for_each(|v| *v *= model.cfg.embedding_multiplier);
+        }
+    }
+}
+
+/// A raw pointer that may cross to pool threads; users write disjoint ranges.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: only used to write disjoint, in-bounds ranges from pool threads
+// while the owning slice is exclusively borrowed by the caller.
+unsafe impl Sync for SyncPtr {}
+// SAFETY: as above.
+unsafe impl Send for SyncPtr {}
+
+/// Runs decoder layer `layer` (local index `local` in the caches) over the
+/// rows of `x` (`rows.len() x hidden`), updating `x` in place. Each row's
+/// cache must have capacity for its position.
+pub fn forward_layer(
+    pool: &Pool,
+    isa: Isa,
+    cfg: &ModelConfig,
+    layer: &Layer,
+    local: usize,
+    x: &mut [f32],
+    rows: &[BatchRow],
+    caches: &mut [&mut SeqKv],
+    ws: &mut Workspace,
+) {
+    let n = rows.len();
+    let hd = cfg.hidden;
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+    let qkv_w = qd + 2 * kvd;
+    resize(&mut ws.xn, n * hd);
+    resize(&mut ws.qkv, n * qkv_w);
+    resize(&mut ws.attn, n * qd);
+    resize(&mut ws.proj, n * hd);
+    resize(&mut ws.gu, n * 2 * cfg.ffn);
+    resize(&mut ws.h, n * cfg.ffn);
+
+    // Attention block.
+    for i in 0..n {
+        k::rmsnorm(isa, &x[i * hd..(i + 1) * hd], &layer.attn_norm, cfg.rms_eps, &mut ws.xn[i * hd..(i + 1) * hd]);
+    }
+    ws.acts.quantize(isa, &ws.xn[..n * hd], n, hd);
+    linear(pool, isa, &layer.wqkv, &ws.acts, &mut ws.qkv, &mut ws.part);
+    ws.rope(cfg);
+    let rope = &ws.rope.as_ref().expect("rope set").2;
+    for (i, r) in rows.iter().enumerate() {
+        let row = &mut ws.qkv[i * qkv_w..(i + 1) * qkv_w];
+        let (q, kv) = row.split_at_mut(qd);
+        let (kk, vv) = kv.split_at_mut(kvd);
+        rope.apply(q, cfg.n_heads, r.pos);
+        rope.apply(kk, cfg.n_kv_heads, r.pos);
+        caches[r.seq].write(local, r.pos, kk, vv);
+    }
+    attention(pool, isa, cfg, local, rows, caches, &ws.qkv, &mut ws.attn);
+    ws.acts.quantize(isa, &ws.attn[..n * qd], n, qd);
+    linear(pool, isa, &layer.wo, &ws.acts, &mut ws.proj, &mut ws.part);
+    for i in 0..n {
+        k::add_scaled(isa, &mut x[i * hd..(i + 1) * hd], &ws.proj[i * hd..(i + 1) * hd], cfg.residual_multiplier);
+    }
+
+    // MLP block.
+    for i in 0..n {
+        k::rmsnorm(isa, &x[i * hd..(i + 1) * hd], &layer.ffn_norm, cfg.rms_eps, &mut ws.xn[i * hd..(i + 1) * hd]);
+    }
+    ws.acts.quantize(isa, &ws.xn[..n * hd], n, hd);
+    linear(pool, isa, &layer.w_gate_up, &ws.acts, &mut ws.gu, &mut ws.part);
+    let f = cfg.ffn;
+    for i in 0..n {
+        let gu = &ws.gu[i * 2 * f..(i + 1) * 2 * f];
+        k::swiglu(isa, &gu[..f], &gu[f..], &mut ws.h[i * f..(i + 1) * f]);
+    }
+    ws.acts.quantize(isa, &ws.h[..n * f], n, f);
+    linear(pool, isa, &layer.w_down, &ws.acts, &mut ws.proj, &mut ws.part);
+    for i in 0..n {
+        k::add_scaled(isa, &mut x[i * hd..(i + 1) * hd], &ws.proj[i * hd..(i + 1) * hd], cfg.residual_multiplier);
+    }
+}
+
+/// Causal GQA attention for every (row, query head), split across the pool.
+fn attention(
+    pool: &Pool,
+    isa: Isa,
+    cfg: &ModelConfig,
+    local: usize,
+    rows: &[BatchRow],
+    caches: &[&mut SeqKv],
+    qkv: &[f32],
+    out: &mut [f32],
+) {
+    let (qd, kvd, hdim) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+    let qkv_w = qd + 2 * kvd;
+    let group = cfg.n_heads / cfg.n_kv_heads;
+    let tasks = rows.len() * cfg.n_heads;
+    let out_ptr = SyncPtr(out.as_mut_ptr());
+    assert!(out.len() >= rows.len() * qd);
+    let caches: &[&mut SeqKv] = caches;
+    let work = |t: usize, nt: usize| {
+        let p = out_ptr;
+        let mut st = AttnState::new(hdim);
+        let mut task = t;
+        while task < tasks {
+            let (i, h) = (task / cfg.n_heads, task % cfg.n_heads);
+            let r = rows[i];
+            let q = &qkv[i * qkv_w + h * hdim..i * qkv_w + (h + 1) * hdim];
+            let kvh = h / group;
+            st.reset();
+            let n_tok = r.pos + 1;
+            for (b, block) in caches[r.seq].blocks(local).iter().enumerate() {
+                let start = b * KV_BLOCK;
+                if start >= n_tok {
+                    break;
+                }
+                let len = (n_tok - start).min(KV_BLOCK);
+                let base = kvh * KV_BLOCK * hdim;
+                let sb = kvh * KV_BLOCK;
+                k::attend(
+                    isa,
+                    q,
+                    &block.k[base..base + len * hdim],
+                    &block.k_scale[sb..sb + len],
+                    &block.v[base..base + len * hdim],
+                    &block.v_scale[sb..sb + len],
+                    cfg.attention_scale,
+                    &mut st,
+                );
+            }
+            // SAFETY: task (i, h) owns out[i*qd + h*hdim .. +hdim]; tasks are
+            // distinct across threads (strided by nt), the range is in bounds
+            // (asserted above), and `out` is exclusively borrowed for this call.
+            let dst = unsafe { std::slice::from_raw_parts_mut(p.0.add(i * qd + h * hdim), hdim) };
+            k::attend_finish(&st, dst);
+            task += nt;
+        }
+    };
+    if tasks >= 2 * pool.threads() && rows.iter().map(|r| r.pos).max().unwrap_or(0) >= 64 {
+        pool.run(&work);
+    } else {
+        work(0, 1);
+    }
+}
+
+/// Final norm and output head for the given rows of `x`; writes
+/// `rows.len() x vocab` logits, already divided by `logits_scaling`.
+pub fn forward_head(
+    pool: &Pool,
+    isa: Isa,
+    model: &Model,
+    x: &[f32],
+    rows: &[usize],
+    logits: &mut Vec<f32>,
+    ws: &mut Workspace,
+) {
+    let cfg = &model.cfg;
+    let hd = cfg.hidden;
+    let n = rows.len();
+    resize(&mut ws.xn, n * hd);
+    for (j, &i) in rows.iter().enumerate() {
+        k::rmsnorm(isa, &x[i * hd..(i + 1) * hd], &model.final_norm, cfg.rms_eps, &mut ws.xn[j * hd..(j + 1) * hd]);
+    }
+    ws.acts.quantize(isa, &ws.xn[..n * hd], n, hd);
+    logits.resize(n * cfg.vocab, 0.0);
+    k::matmul(pool, isa, &model.head, &ws.acts, &mut logits[..n * cfg.vocab]);
+    if cfg.logits_scaling != 1.0 {
+        let inv = 1.0 / cfg.logits_scaling;
+        logits.iter_mut().for_each(|v| *v *= inv);
+    }
+}

@@ -1,0 +1,332 @@
+//! GGUF loading: reads the header with candle-core's hardened reader, maps
+//! `llama` and `granite` metadata onto [`ModelConfig`], and repacks each
+//! tensor (F32, F16, Q8_0, Q4_0, Q4_1) into the kernels' layout. Every read
+//! is bounds-checked against the file size before any allocation, and every
+//! error names the file, the tensor and the rule it broke.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use cardinal_kernels::QMatrix;
+use half::f16;
+
+use crate::config::{Arch, MAX_DIM, ModelConfig};
+use crate::model::{Layer, Linear, Model};
+use crate::{ModelError, Result};
+
+/// An opened GGUF file: its header, ready to load tensors from.
+pub struct GgufFile {
+    path: PathBuf,
+    file: BufReader<File>,
+    file_len: u64,
+    content: Content,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile").field("path", &self.path).finish()
+    }
+}
+
+impl GgufFile {
+    /// Opens and parses the header of `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let f = File::open(path).map_err(|source| ModelError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file_len = f
+            .metadata()
+            .map_err(|source| ModelError::Io {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        let mut file = BufReader::new(f);
+        let mut magic = [0u8; 4];
+        if file.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
+            return Err(ModelError::file(
+                path,
+                "not a GGUF file (the first 4 bytes are not \"GGUF\")",
+            ));
+        }
+        file.seek(SeekFrom::Start(0)).map_err(|source| ModelError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let content = Content::read(&mut file)
+            .map_err(|e| ModelError::file(path, format!("invalid GGUF header: {e}")))?;
+        Ok(GgufFile {
+            path: path.to_owned(),
+            file,
+            file_len,
+            content,
+        })
+    }
+
+    /// The metadata key/value pairs.
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    fn err(&self, msg: impl Into<String>) -> ModelError {
+        ModelError::file(&self.path, msg)
+    }
+
+    fn md_u32(&self, key: &str) -> Result<usize> {
+        let v = self
+            .metadata()
+            .get(key)
+            .ok_or_else(|| self.err(format!("missing metadata key {key}")))?;
+        let n = v
+            .to_u32()
+            .map(|x| x as usize)
+            .or_else(|_| v.to_u64().map(|x| x as usize))
+            .or_else(|_| v.to_i32().map(|x| x.max(0) as usize))
+            .map_err(|e| self.err(format!("metadata {key}: {e}")))?;
+        Ok(n)
+    }
+
+    fn md_f32(&self, key: &str) -> Result<Option<f32>> {
+        match self.metadata().get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_f32()
+                .or_else(|_| v.to_f64().map(|x| x as f32))
+                .map(Some)
+                .map_err(|e| self.err(format!("metadata {key}: {e}"))),
+        }
+    }
+
+    /// Reads the model configuration from the metadata.
+    pub fn config(&self) -> Result<ModelConfig> {
+        let arch_name = self
+            .metadata()
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok().cloned())
+            .ok_or_else(|| self.err("missing metadata key general.architecture"))?;
+        let arch = match arch_name.as_str() {
+            "llama" => Arch::Llama,
+            "granite" => Arch::Granite,
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "{}: architecture \"{other}\" (supported: llama, granite)",
+                    self.path.display()
+                )));
+            }
+        };
+        let a = &arch_name;
+        let n_layers = self.md_u32(&format!("{a}.block_count"))?;
+        let hidden = self.md_u32(&format!("{a}.embedding_length"))?;
+        let ffn = self.md_u32(&format!("{a}.feed_forward_length"))?;
+        let n_heads = self.md_u32(&format!("{a}.attention.head_count"))?;
+        let n_kv_heads = self
+            .md_u32(&format!("{a}.attention.head_count_kv"))
+            .unwrap_or(n_heads);
+        if n_heads == 0 || n_heads > MAX_DIM {
+            return Err(self.err(format!("attention.head_count = {n_heads} is out of range")));
+        }
+        let head_dim = self
+            .md_u32(&format!("{a}.rope.dimension_count"))
+            .unwrap_or(hidden / n_heads);
+        let ctx_len = self.md_u32(&format!("{a}.context_length")).unwrap_or(2048);
+        let vocab = match self.md_u32(&format!("{a}.vocab_size")) {
+            Ok(v) => v,
+            Err(_) => self
+                .content
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .ok_or_else(|| self.err("missing tensor token_embd.weight"))?,
+        };
+        let rope_theta = self.md_f32(&format!("{a}.rope.freq_base"))?.unwrap_or(10000.0);
+        let rms_eps = self
+            .md_f32(&format!("{a}.attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5);
+        let granite = arch == Arch::Granite;
+        let opt = |key: &str, default: f32| -> Result<f32> {
+            Ok(if granite {
+                self.md_f32(&format!("{a}.{key}"))?.unwrap_or(default)
+            } else {
+                default
+            })
+        };
+        let attention_scale = match (granite, self.md_f32(&format!("{a}.attention.scale"))?) {
+            (true, Some(s)) if s != 0.0 => s,
+            _ => 1.0 / (head_dim as f32).sqrt(),
+        };
+        let cfg = ModelConfig {
+            arch,
+            n_layers,
+            hidden,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ffn,
+            vocab,
+            rope_theta,
+            rms_eps,
+            ctx_len,
+            embedding_multiplier: opt("embedding_scale", 1.0)?,
+            attention_scale,
+            residual_multiplier: opt("residual_scale", 1.0)?,
+            logits_scaling: opt("logit_scale", 1.0)?,
+            tied_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
+        };
+        cfg.validate()
+            .map_err(|e| self.err(format!("invalid model metadata: {e}")))?;
+        Ok(cfg)
+    }
+
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| self.err(format!("missing tensor {name}")))
+    }
+
+    /// Reads the raw bytes of a tensor after checking its type, shape and
+    /// extent against the file.
+    fn raw(&mut self, name: &str, dims: &[usize]) -> Result<(GgmlDType, Vec<u8>)> {
+        let info = self.info(name)?;
+        let dtype = info.ggml_dtype;
+        let shape = info.shape.dims().to_vec();
+        let offset = info.offset;
+        if shape != dims {
+            return Err(self.err(format!("tensor {name}: shape {shape:?}, expected {dims:?}")));
+        }
+        let elems: usize = dims.iter().product();
+        let (block, bytes_per_block) = match dtype {
+            GgmlDType::F32 => (1, 4),
+            GgmlDType::F16 => (1, 2),
+            GgmlDType::Q8_0 => (32, 34),
+            GgmlDType::Q4_0 => (32, 18),
+            GgmlDType::Q4_1 => (32, 20),
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "{}: tensor {name} has type {other:?} (supported: F32, F16, Q8_0, Q4_0, Q4_1)",
+                    self.path.display()
+                )));
+            }
+        };
+        if elems % block != 0 {
+            return Err(self.err(format!(
+                "tensor {name}: {elems} elements is not a multiple of the {dtype:?} block of {block}"
+            )));
+        }
+        let size = (elems / block) as u64 * bytes_per_block;
+        let start = self.content.tensor_data_offset.checked_add(offset);
+        let end = start.and_then(|s| s.checked_add(size));
+        match (start, end) {
+            (Some(s), Some(e)) if e <= self.file_len => {
+                self.file
+                    .seek(SeekFrom::Start(s))
+                    .and_then(|_| {
+                        let mut buf = vec![0u8; size as usize];
+                        self.file.read_exact(&mut buf).map(|_| buf)
+                    })
+                    .map(|buf| (dtype, buf))
+                    .map_err(|source| ModelError::Io {
+                        path: self.path.clone(),
+                        source,
+                    })
+            }
+            _ => Err(self.err(format!(
+                "tensor {name}: data at offset {offset} with {size} bytes runs past the end of the file ({} bytes); the file is truncated or corrupt",
+                self.file_len
+            ))),
+        }
+    }
+
+    /// Loads a 2-D weight as an int4/int8 matrix: Q4_0, Q4_1 and Q8_0 are
+    /// repacked losslessly; F32/F16 are quantized to int8.
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<QMatrix> {
+        let (dtype, raw) = self.raw(name, &[rows, cols])?;
+        let m = match dtype {
+            GgmlDType::Q4_0 => QMatrix::from_ggml_q4_0(rows, cols, &raw),
+            GgmlDType::Q4_1 => QMatrix::from_ggml_q4_1(rows, cols, &raw),
+            GgmlDType::Q8_0 => QMatrix::from_ggml_q8_0(rows, cols, &raw),
+            _ => QMatrix::quantize_q8(rows, cols, &floats(dtype, &raw)),
+        };
+        m.map_err(|e| self.err(format!("tensor {name}: {e}")))
+    }
+
+    /// Loads a 1-D F32/F16 vector.
+    fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let (dtype, raw) = self.raw(name, &[len])?;
+        match dtype {
+            GgmlDType::F32 | GgmlDType::F16 => Ok(floats(dtype, &raw)),
+            other => Err(self.err(format!("tensor {name}: type {other:?}, expected F32 or F16"))),
+        }
+    }
+
+    /// Loads the whole model.
+    pub fn load_model(&mut self, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+        let cfg = self.config()?;
+        let (h, qd, kvd, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
+        let total = cfg.n_layers + 2;
+        progress(0, total);
+        let embedding = Arc::new(self.matrix("token_embd.weight", cfg.vocab, h)?);
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let wqkv = Linear::stack(
+                &n("attn_qkv"),
+                vec![
+                    self.matrix(&n("attn_q"), qd, h)?,
+                    self.matrix(&n("attn_k"), kvd, h)?,
+                    self.matrix(&n("attn_v"), kvd, h)?,
+                ],
+            )?;
+            let wo = Linear::stack(&n("attn_output"), vec![self.matrix(&n("attn_output"), h, qd)?])?;
+            let w_gate_up = Linear::stack(
+                &n("ffn_gate_up"),
+                vec![self.matrix(&n("ffn_gate"), f, h)?, self.matrix(&n("ffn_up"), f, h)?],
+            )?;
+            let w_down = Linear::stack(&n("ffn_down"), vec![self.matrix(&n("ffn_down"), h, f)?])?;
+            layers.push(Layer {
+                attn_norm: self.vector(&n("attn_norm"), h)?,
+                wqkv,
+                wo,
+                ffn_norm: self.vector(&n("ffn_norm"), h)?,
+                w_gate_up,
+                w_down,
+            });
+            progress(i + 2, total);
+        }
+        let final_norm = self.vector("output_norm.weight", h)?;
+        let head = if cfg.tied_embeddings {
+            embedding.clone()
+        } else {
+            Arc::new(self.matrix("output.weight", cfg.vocab, h)?)
+        };
+        progress(total, total);
+        let model = Model {
+            cfg,
+            embedding,
+            layers,
+            final_norm,
+            head,
+        };
+        model.validate().map_err(|e| self.err(e.to_string()))?;
+        Ok(model)
+    }
+}
+
+fn floats(dtype: GgmlDType, raw: &[u8]) -> Vec<f32> {
+    match dtype {
+        GgmlDType::F16 => raw
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    }
+}

@@ -1,0 +1,210 @@
+//! The C8 key/value cache: int8 values with one f32 scale per token per KV
+//! head, stored in fixed-size blocks of [`KV_BLOCK`] tokens. Every block is
+//! charged to a [`KvBudget`] (a card's memory) when allocated and returned to
+//! it when the sequence's cache is dropped, so finished and cancelled
+//! sequences can never leak cache memory.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::config::ModelConfig;
+
+/// Tokens per cache block.
+pub const KV_BLOCK: usize = 16;
+
+/// The cache budget was exhausted.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("KV cache exhausted on {owner}: need {need} more bytes, {used} of {limit} bytes in use")]
+pub struct KvExhausted {
+    pub owner: String,
+    pub need: usize,
+    pub used: usize,
+    pub limit: usize,
+}
+
+/// A byte budget shared by every sequence cache on one card.
+#[derive(Debug)]
+pub struct KvBudget {
+    owner: String,
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl KvBudget {
+    /// A budget of `limit` bytes, named `owner` in errors (e.g. "card 3").
+    pub fn new(owner: impl Into<String>, limit: usize) -> Arc<Self> {
+        Arc::new(KvBudget {
+            owner: owner.into(),
+            limit,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// A budget that never runs out (tests, single-card CLI without a plan).
+    pub fn unlimited() -> Arc<Self> {
+        Self::new("host", usize::MAX)
+    }
+
+    /// Bytes currently allocated.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// The limit in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn charge(&self, bytes: usize) -> Result<(), KvExhausted> {
+        let mut cur = self.used.load(Ordering::Acquire);
+        loop {
+            let next = cur.checked_add(bytes).filter(|&n| n <= self.limit);
+            let Some(next) = next else {
+                return Err(KvExhausted {
+                    owner: self.owner.clone(),
+                    need: bytes,
+                    used: cur,
+                    limit: self.limit,
+                });
+            };
+            match self
+                .used
+                .compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// One block of one layer: `[kv_head][KV_BLOCK][head_dim]` int8 values for
+/// K and V, and `[kv_head][KV_BLOCK]` scales.
+#[derive(Debug)]
+pub struct KvBlock {
+    pub k: Vec<i8>,
+    pub v: Vec<i8>,
+    pub k_scale: Vec<f32>,
+    pub v_scale: Vec<f32>,
+}
+
+/// The geometry of a cache, from the model config.
+#[derive(Clone, Copy, Debug)]
+pub struct KvShape {
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvShape {
+    /// From a model config.
+    pub fn of(cfg: &ModelConfig) -> Self {
+        KvShape {
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        }
+    }
+
+    /// Bytes of one block of one layer.
+    pub fn block_bytes(&self) -> usize {
+        2 * KV_BLOCK * self.n_kv_heads * (self.head_dim + 4)
+    }
+}
+
+/// The cache of one sequence for a contiguous range of layers (the layers
+/// one card holds).
+#[derive(Debug)]
+pub struct SeqKv {
+    shape: KvShape,
+    /// `layers[l]` holds the blocks of local layer `l`.
+    layers: Vec<Vec<KvBlock>>,
+    budget: Arc<KvBudget>,
+    charged: usize,
+}
+
+impl SeqKv {
+    /// An empty cache for `n_layers` layers charged to `budget`.
+    pub fn new(shape: KvShape, n_layers: usize, budget: Arc<KvBudget>) -> Self {
+        SeqKv {
+            shape,
+            layers: (0..n_layers).map(|_| Vec::new()).collect(),
+            budget,
+            charged: 0,
+        }
+    }
+
+    /// Tokens that fit without allocating.
+    pub fn capacity(&self) -> usize {
+        self.layers.first().map_or(usize::MAX, |l| l.len() * KV_BLOCK)
+    }
+
+    /// Bytes charged to the budget.
+    pub fn bytes(&self) -> usize {
+        self.charged
+    }
+
+    /// Bytes needed to grow to hold `tokens` tokens.
+    pub fn bytes_to_reserve(&self, tokens: usize) -> usize {
+        let have = self.layers.first().map_or(0, Vec::len);
+        let want = tokens.div_ceil(KV_BLOCK);
+        want.saturating_sub(have) * self.layers.len() * self.shape.block_bytes()
+    }
+
+    /// Makes room for `tokens` tokens in every layer, charging the budget.
+    pub fn reserve(&mut self, tokens: usize) -> Result<(), KvExhausted> {
+        let need = self.bytes_to_reserve(tokens);
+        if need == 0 {
+            return Ok(());
+        }
+        self.budget.charge(need)?;
+        self.charged += need;
+        let want = tokens.div_ceil(KV_BLOCK);
+        let s = self.shape;
+        for layer in &mut self.layers {
+            while layer.len() < want {
+                layer.push(KvBlock {
+                    k: vec![0; s.n_kv_heads * KV_BLOCK * s.head_dim],
+                    v: vec![0; s.n_kv_heads * KV_BLOCK * s.head_dim],
+                    k_scale: vec![0.0; s.n_kv_heads * KV_BLOCK],
+                    v_scale: vec![0.0; s.n_kv_heads * KV_BLOCK],
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the K and V vectors (all KV heads, `kv_dim` values each) of the
+    /// token at `pos` in local layer `layer`. The capacity must have been reserved.
+    pub fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let s = self.shape;
+        let block = &mut self.layers[layer][pos / KV_BLOCK];
+        let t = pos % KV_BLOCK;
+        for h in 0..s.n_kv_heads {
+            let src = h * s.head_dim..(h + 1) * s.head_dim;
+            let dst = (h * KV_BLOCK + t) * s.head_dim;
+            block.k_scale[h * KV_BLOCK + t] =
+                cardinal_kernels::quantize_kv(&k[src.clone()], &mut block.k[dst..dst + s.head_dim]);
+            block.v_scale[h * KV_BLOCK + t] =
+                cardinal_kernels::quantize_kv(&v[src], &mut block.v[dst..dst + s.head_dim]);
+        }
+    }
+
+    /// The blocks of local layer `layer`.
+    pub fn blocks(&self, layer: usize) -> &[KvBlock] {
+        &self.layers[layer]
+    }
+
+    /// The geometry.
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+}
+
+impl Drop for SeqKv {
+    fn drop(&mut self) {
+        self.budget.release(self.charged);
+    }
+}

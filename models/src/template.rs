@@ -1,0 +1,1 @@
+//! Placeholder for the template module (being written).
