@@ -1,2 +1,61 @@
-//! The `cardinal-loadtest` binary.
-fn main() {}
+//! The `cardinal-loadtest` binary: parses flags, installs the Ctrl-C
+//! handler (first press: stop and print the partial report; second: exit at
+//! once), runs the load test, prints the table on stdout, writes `--out`
+//! files, and prints the SUMMARY line last.
+//!
+//! Exit codes: 0 run complete, 1 could not start, 2 stopped after too many
+//! consecutive errors, 130 interrupted.
+
+use cardinal_loadtest::progress::ProgressMode;
+use cardinal_loadtest::report::RunStatus;
+use cardinal_loadtest::{Args, run};
+use clap::Parser;
+use std::io::Write;
+use std::process::ExitCode;
+use tokio::sync::watch;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let mode = ProgressMode::from_arg(args.progress);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ninterrupted: finishing with a partial report (Ctrl-C again to quit now)");
+            let _ = stop_tx.send(true);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    let out_dir = args.out.clone();
+    let report = match run::run(args.clone(), stop_rx, mode).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            cardinal_loadtest::run::failed_report(args, format!("{e:#}"))
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    if !report.levels.is_empty() {
+        let _ = write!(stdout, "\n{}{}", report.table(), report.details());
+    }
+    if let Some(dir) = out_dir {
+        match report.write_dir(&dir) {
+            Ok(files) => {
+                let _ = writeln!(stdout, "wrote {}", files.join(", "));
+            }
+            Err(e) => {
+                let _ = writeln!(stdout, "could not write --out files: {e:#}");
+            }
+        }
+    }
+    let _ = writeln!(stdout, "{}", report.summary_line());
+    let _ = stdout.flush();
+    match report.status {
+        RunStatus::Complete => ExitCode::SUCCESS,
+        RunStatus::Failed => ExitCode::from(1),
+        RunStatus::Aborted => ExitCode::from(2),
+        RunStatus::Interrupted => ExitCode::from(130),
+    }
+}
