@@ -45,6 +45,85 @@ impl Out {
     }
 }
 
+/// Raw pointers to one activation row's data, for SIMD kernels.
+#[derive(Clone, Copy)]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+pub(crate) struct ActRow {
+    /// int8 values in element layout (`cols`).
+    pub q: *const i8,
+    /// Per-group scale `d` (`groups`).
+    pub d: *const f32,
+    /// Per-group `d*Σq` (`groups`).
+    pub sd: *const f32,
+    /// Per-group `Σq` (`groups`).
+    pub sumq: *const i32,
+}
+
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+impl ActRow {
+    /// Pointers into row `i` of `a`.
+    pub(crate) fn new(a: &QActs, i: usize) -> ActRow {
+        ActRow {
+            q: a.row_q(i).as_ptr(),
+            d: a.row_scales(i).as_ptr(),
+            sd: a.row_sd(i).as_ptr(),
+            sumq: a.row_sumq(i).as_ptr(),
+        }
+    }
+}
+
+/// Raw pointers to one weight row's data, for SIMD kernels.
+#[derive(Clone, Copy)]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+pub(crate) struct WRow {
+    /// Packed bytes (`cols/2` or `cols`).
+    pub data: *const u8,
+    /// f16 scales (`groups`).
+    pub sc: *const half::f16,
+    /// f16 mins (`groups`).
+    pub mn: *const half::f16,
+}
+
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+impl WRow {
+    /// Pointers into row `r` of `w`.
+    pub(crate) fn new(w: &QMatrix, r: usize) -> WRow {
+        WRow {
+            data: w.row_data(r).as_ptr(),
+            sc: w.row_scales(r).as_ptr(),
+            mn: w.row_mins(r).as_ptr(),
+        }
+    }
+}
+
+/// Call `tile(i0, M)` for activation-row tiles of at most `max` rows covering
+/// `0..m`, largest first. Kernels use it to monomorphise their tile sizes.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+#[inline(always)]
+pub(crate) fn tiles(m: usize, max: usize, mut tile: impl FnMut(usize, usize)) {
+    let mut i0 = 0;
+    while i0 < m {
+        let n = (m - i0).min(max);
+        tile(i0, n);
+        i0 += n;
+    }
+}
+
 fn check(w: &QMatrix, a: &QActs, out: &[f32], what: &str) {
     assert_eq!(
         a.cols(),

@@ -1,0 +1,199 @@
+//! Every available ISA's matmul against the scalar reference: on random data
+//! within a summation-order tolerance, and bit-exactly on data where every f32
+//! operation is exact (so the integer dot products are proven identical).
+
+mod common;
+
+use cardinal_kernels::{GROUP, Isa, Pool, QActs, QMatrix, matmul, matmul_rows};
+use common::{Rng, dequantize, random_matrix};
+
+const COLS: [usize; 7] = [32, 64, 96, 256, 576, 1536, 32 * 27];
+
+/// Condition number style bound: Σ over groups of |term|, computed in f64 from
+/// the dequantized activation and weight (the exact value of each group term).
+fn abs_terms(w: &[f32], x: &[f32]) -> f64 {
+    w.chunks(GROUP)
+        .zip(x.chunks(GROUP))
+        .map(|(a, b)| {
+            a.iter()
+                .zip(b)
+                .map(|(&p, &q)| p as f64 * q as f64)
+                .sum::<f64>()
+                .abs()
+        })
+        .sum::<f64>()
+        + w.iter()
+            .zip(x)
+            .map(|(&p, &q)| (p as f64 * q as f64).abs())
+            .sum::<f64>()
+            * 1e-3
+}
+
+fn check_isa_vs_scalar(isa: Isa, rows: usize, cols: usize, m: usize, kind: usize, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let w = random_matrix(&mut rng, rows, cols, kind);
+    let x = rng.vec_normal(m * cols, 1.0);
+    let mut a_ref = QActs::new();
+    a_ref.quantize(Isa::Scalar, &x, m, cols);
+    let mut a = QActs::new();
+    a.quantize(isa, &x, m, cols);
+    let mut want = vec![0.0; m * rows];
+    matmul_rows(Isa::Scalar, &w, &a_ref, 0..rows, &mut want);
+    let mut got = vec![f32::NAN; m * rows];
+    matmul_rows(isa, &w, &a, 0..rows, &mut got);
+    let wd = dequantize(&w);
+    let groups = cols / GROUP;
+    // Each group term s*(d*isum) + m*sd carries ~3 roundings; the scalar sum and
+    // the SIMD sum (lane-parallel, then a tree) each add at most `groups`
+    // roundings of partial sums bounded by Σ|terms|. So |got - want| <=
+    // 2 * (groups + 4) * 2^-24 * Σ|terms| (a standard γ_n bound).
+    let eps = f32::EPSILON as f64 / 2.0;
+    for i in 0..m {
+        let mut xq = vec![0.0; cols];
+        a_ref.dequantize_row(i, &mut xq);
+        for r in 0..rows {
+            let k = i * rows + r;
+            let bound =
+                2.0 * (groups as f64 + 4.0) * eps * abs_terms(&wd[r * cols..(r + 1) * cols], &xq);
+            let diff = (got[k] as f64 - want[k] as f64).abs();
+            assert!(
+                diff <= bound,
+                "{isa} bits {} {rows}x{cols} m {m} row {r} act {i}: got {} want {} diff {diff:e} bound {bound:e}",
+                w.bits(),
+                got[k],
+                want[k]
+            );
+        }
+    }
+}
+
+#[test]
+fn all_isas_match_scalar_on_random_data() {
+    let mut seed = 1;
+    for isa in Isa::all_available() {
+        for &cols in &COLS {
+            for rows in (1..=17).chain([49]) {
+                for kind in 0..3 {
+                    let m = 1 + (rows + kind) % 5;
+                    check_isa_vs_scalar(isa, rows, cols, m, kind, seed);
+                    seed += 1;
+                }
+            }
+            for m in [1, 2, 3, 4, 5, 16] {
+                for kind in 0..3 {
+                    check_isa_vs_scalar(isa, 9, cols, m, kind, seed);
+                    seed += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Weights with scale 1 and min -8 (or -128) and integer activations with
+/// amax 127 make every product and partial sum an integer below 2^24, so all
+/// ISAs must agree bit for bit: this pins the integer parts exactly.
+fn exact_case(isa: Isa, rows: usize, cols: usize, m: usize, bits: u8, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let groups = cols / GROUP;
+    let w = if bits == 4 {
+        let mut raw = Vec::new();
+        for _ in 0..rows * groups {
+            raw.extend_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+            raw.extend(rng.bytes(16));
+        }
+        QMatrix::from_ggml_q4_0(rows, cols, &raw).unwrap()
+    } else {
+        let mut raw = Vec::new();
+        for _ in 0..rows * groups {
+            raw.extend_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+            raw.extend(rng.bytes(32));
+        }
+        QMatrix::from_ggml_q8_0(rows, cols, &raw).unwrap()
+    };
+    let mut x: Vec<f32> = (0..m * cols)
+        .map(|_| rng.below(255) as f32 - 127.0)
+        .collect();
+    for g in 0..m * groups {
+        x[g * GROUP] = if g % 2 == 0 { 127.0 } else { -127.0 };
+    }
+    let mut a = QActs::new();
+    a.quantize(Isa::Scalar, &x, m, cols);
+    let mut want = vec![0.0; m * rows];
+    matmul_rows(Isa::Scalar, &w, &a, 0..rows, &mut want);
+    let wd = dequantize(&w);
+    for i in 0..m {
+        for r in 0..rows {
+            let exact: f64 = (0..cols)
+                .map(|c| wd[r * cols + c] as f64 * x[i * cols + c] as f64)
+                .sum();
+            assert_eq!(want[i * rows + r] as f64, exact, "scalar not exact");
+        }
+    }
+    let mut a2 = QActs::new();
+    a2.quantize(isa, &x, m, cols);
+    let mut got = vec![f32::NAN; m * rows];
+    matmul_rows(isa, &w, &a2, 0..rows, &mut got);
+    assert_eq!(got, want, "{isa} {bits}-bit {rows}x{cols} m {m}");
+}
+
+#[test]
+fn all_isas_exact_on_integer_data() {
+    let mut seed = 1000;
+    for isa in Isa::all_available() {
+        for &cols in &COLS {
+            for bits in [4, 8] {
+                for (rows, m) in [(1, 1), (3, 2), (7, 5), (17, 16), (49, 3)] {
+                    exact_case(isa, rows, cols, m, bits, seed);
+                    seed += 1;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn pooled_matmul_equals_matmul_rows() {
+    let mut rng = Rng::new(77);
+    for threads in [1, 2, 3] {
+        let pool = Pool::new(threads);
+        for isa in Isa::all_available() {
+            for (rows, cols, m) in [
+                (1, 32, 1),
+                (33, 64, 2),
+                (600, 576, 1),
+                (1537, 576, 3),
+                (256, 1536, 16),
+            ] {
+                let w = random_matrix(&mut rng, rows, cols, rows);
+                let x = rng.vec_normal(m * cols, 1.0);
+                let mut a = QActs::new();
+                a.quantize(isa, &x, m, cols);
+                let mut want = vec![0.0; m * rows];
+                matmul_rows(isa, &w, &a, 0..rows, &mut want);
+                let mut got = vec![f32::NAN; m * rows];
+                matmul(&pool, isa, &w, &a, &mut got);
+                assert_eq!(got, want, "{isa} threads {threads} {rows}x{cols} m {m}");
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_rows_writes_only_its_rows() {
+    let mut rng = Rng::new(5);
+    let (rows, cols, m) = (40, 96, 3);
+    let w = random_matrix(&mut rng, rows, cols, 1);
+    let x = rng.vec_normal(m * cols, 1.0);
+    for isa in Isa::all_available() {
+        let mut a = QActs::new();
+        a.quantize(isa, &x, m, cols);
+        let mut out = vec![-7.0; m * rows];
+        matmul_rows(isa, &w, &a, 10..25, &mut out);
+        for i in 0..m {
+            for r in 0..rows {
+                let v = out[i * rows + r];
+                assert_eq!(v == -7.0, !(10..25).contains(&r), "{isa} i {i} r {r}");
+            }
+        }
+    }
+}
