@@ -101,6 +101,11 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>, mode: ProgressMode) ->
             let lm = workload::calibrate(&target, args.seed).await;
             if !lm.measured {
                 notes.push("the server has no working POST /tokenize: synthetic prompt lengths are approximated at one token per word".to_string());
+            } else if args.requests > workload::MAX_TOKENIZED_PER_LEVEL {
+                notes.push(format!(
+                    "prompt lengths were checked with /tokenize for the first {} prompts of each level; later ones use the fitted line of {:.3} tokens/word + {:.1}",
+                    workload::MAX_TOKENIZED_PER_LEVEL, lm.tokens_per_word, lm.intercept
+                ));
             }
             Source::Synthetic(lm)
         }

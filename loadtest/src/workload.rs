@@ -15,258 +15,32 @@ use std::path::Path;
 pub const MAX_PROMPTS_PER_LEVEL: usize = 4096;
 /// Prompts per level whose length is checked with `/tokenize`; later ones
 /// use the measured tokens-per-word ratio.
-pub const MAX_TOKENIZED_PER_LEVEL: usize = 512;
+pub const MAX_TOKENIZED_PER_LEVEL: usize = 64;
 
 /// Short, common English words: almost every tokenizer maps " word" to one
 /// token, which makes the one-token-per-word estimate close when the server
-/// has no `/tokenize`.
-const WORDS: &[&str] = &[
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "you",
-    "that",
-    "it",
-    "he",
-    "was",
-    "for",
-    "on",
-    "are",
-    "as",
-    "with",
-    "his",
-    "they",
-    "at",
-    "be",
-    "this",
-    "have",
-    "from",
-    "or",
-    "one",
-    "had",
-    "by",
-    "word",
-    "but",
-    "not",
-    "what",
-    "all",
-    "were",
-    "we",
-    "when",
-    "your",
-    "can",
-    "said",
-    "there",
-    "use",
-    "an",
-    "each",
-    "which",
-    "she",
-    "do",
-    "how",
-    "their",
-    "if",
-    "will",
-    "up",
-    "other",
-    "about",
-    "out",
-    "many",
-    "then",
-    "them",
-    "these",
-    "so",
-    "some",
-    "her",
-    "would",
-    "make",
-    "like",
-    "him",
-    "into",
-    "time",
-    "has",
-    "look",
-    "two",
-    "more",
-    "write",
-    "go",
-    "see",
-    "number",
-    "no",
-    "way",
-    "could",
-    "people",
-    "my",
-    "than",
-    "first",
-    "water",
-    "been",
-    "call",
-    "who",
-    "oil",
-    "its",
-    "now",
-    "find",
-    "long",
-    "down",
-    "day",
-    "did",
-    "get",
-    "come",
-    "made",
-    "may",
-    "part",
-    "over",
-    "new",
-    "sound",
-    "take",
-    "only",
-    "little",
-    "work",
-    "know",
-    "place",
-    "year",
-    "live",
-    "me",
-    "back",
-    "give",
-    "most",
-    "very",
-    "after",
-    "thing",
-    "our",
-    "just",
-    "name",
-    "good",
-    "man",
-    "think",
-    "say",
-    "great",
-    "where",
-    "help",
-    "through",
-    "much",
-    "before",
-    "line",
-    "right",
-    "too",
-    "mean",
-    "old",
-    "any",
-    "same",
-    "tell",
-    "boy",
-    "follow",
-    "came",
-    "want",
-    "show",
-    "also",
-    "around",
-    "form",
-    "three",
-    "small",
-    "set",
-    "put",
-    "end",
-    "does",
-    "another",
-    "well",
-    "large",
-    "must",
-    "big",
-    "even",
-    "such",
-    "because",
-    "turn",
-    "here",
-    "why",
-    "ask",
-    "went",
-    "men",
-    "read",
-    "need",
-    "land",
-    "different",
-    "home",
-    "us",
-    "move",
-    "try",
-    "kind",
-    "hand",
-    "picture",
-    "again",
-    "change",
-    "off",
-    "play",
-    "spell",
-    "air",
-    "away",
-    "animal",
-    "house",
-    "point",
-    "page",
-    "letter",
-    "mother",
-    "answer",
-    "found",
-    "study",
-    "still",
-    "learn",
-    "should",
-    "world",
-    "high",
-    "every",
-    "near",
-    "add",
-    "food",
-    "between",
-    "own",
-    "below",
-    "country",
-    "plant",
-    "last",
-    "school",
-    "father",
-    "keep",
-    "tree",
-    "never",
-    "start",
-    "city",
-    "earth",
-    "eye",
-    "light",
-    "thought",
-    "head",
-    "under",
-    "story",
-    "saw",
-    "left",
-    "few",
-    "while",
-    "along",
-    "might",
-    "close",
-    "something",
-    "seem",
-    "next",
-    "hard",
-    "open",
-    "example",
-    "begin",
-    "life",
-    "always",
-    "those",
-    "both",
-    "paper",
-    "together",
-    "got",
-    "group",
-    "often",
-    "run",
-];
+/// has no `/tokenize`, and the fitted line below close when it has.
+const WORDS_TEXT: &str = "\
+    the of and to in is you that it he was for on are as with his they at be this have \
+    from or one had by word but not what all were we when your can said there use an each \
+    which she do how their if will up other about out many then them these so some her \
+    would make like him into time has look two more write go see number no way could \
+    people my than first water been call who oil its now find long down day did get come \
+    made may part over new sound take only little work know place year live me back give \
+    most very after thing our just name good man think say great where help through much \
+    before line right too mean old any same tell boy follow came want show also around \
+    form three small set put end does another well large must big even such because turn \
+    here why ask went men read need land different home us move try kind hand picture \
+    again change off play spell air away animal house point page letter mother answer \
+    found study still learn should world high every near add food between own below \
+    country plant last school father keep tree never start city earth eye light thought \
+    head under story saw left few while along might close something seem next hard open \
+    example begin life always those both paper together got group often run";
+
+fn vocab() -> &'static [&'static str] {
+    static V: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    V.get_or_init(|| WORDS_TEXT.split_whitespace().collect())
+}
 
 /// What a request asks the model.
 #[derive(Debug, Clone, PartialEq)]
@@ -313,31 +87,57 @@ impl Prompt {
     }
 }
 
-/// How prompt text length maps to tokens.
+/// How prompt text length maps to tokens: tokens ≈ intercept + slope·words.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LengthModel {
-    /// Tokens per word of [`WORDS`] text.
+    /// Tokens per word of the built-in vocabulary.
     pub tokens_per_word: f64,
+    /// Tokens the tokenizer adds regardless of length (for example BOS).
+    pub intercept: f64,
     /// The server's `/tokenize` works, so lengths are measured, not estimated.
     pub measured: bool,
 }
 
-fn words(rng: &mut Rng, n: usize) -> Vec<&'static str> {
-    (0..n).map(|_| WORDS[rng.below(WORDS.len())]).collect()
+impl LengthModel {
+    /// Estimated tokens of `words` words.
+    pub fn tokens(&self, words: usize) -> u64 {
+        (self.intercept + self.tokens_per_word * words as f64)
+            .round()
+            .max(0.0) as u64
+    }
+
+    /// Words needed for about `tokens` tokens (at least one).
+    pub fn words(&self, tokens: u64) -> usize {
+        ((tokens as f64 - self.intercept) / self.tokens_per_word)
+            .round()
+            .max(1.0) as usize
+    }
 }
 
-/// Measures tokens per word with the server's tokenizer, or falls back to
-/// the one-token-per-word estimate.
+fn words(rng: &mut Rng, n: usize) -> Vec<&'static str> {
+    let v = vocab();
+    (0..n).map(|_| v[rng.below(v.len())]).collect()
+}
+
+/// Fits the length line with the server's tokenizer (two samples of 50 and
+/// 250 words), or falls back to the one-token-per-word estimate.
 pub async fn calibrate(target: &Target, seed: u64) -> LengthModel {
     let mut rng = Rng::derived(seed, 0xCA11);
-    let sample = words(&mut rng, 200).join(" ");
-    match target.tokenize(&sample).await {
-        Some(n) if n > 0 => LengthModel {
-            tokens_per_word: n as f64 / 200.0,
-            measured: true,
-        },
+    let sample = words(&mut rng, 250);
+    let short = target.tokenize(&sample[..50].join(" ")).await;
+    let long = target.tokenize(&sample.join(" ")).await;
+    match (short, long) {
+        (Some(a), Some(b)) if b > a => {
+            let slope = (b - a) as f64 / 200.0;
+            LengthModel {
+                tokens_per_word: slope,
+                intercept: a as f64 - 50.0 * slope,
+                measured: true,
+            }
+        }
         _ => LengthModel {
             tokens_per_word: 1.0,
+            intercept: 0.0,
             measured: false,
         },
     }
@@ -354,8 +154,8 @@ async fn fit(
     lm: LengthModel,
     check: bool,
 ) -> (String, u64) {
-    let est = |n: usize| (n as f64 * lm.tokens_per_word).round() as u64;
-    let mut n = ((want as f64 / lm.tokens_per_word).round() as usize).clamp(1, pool.len());
+    let est = |n: usize| lm.tokens(n);
+    let mut n = lm.words(want).clamp(1, pool.len());
     if !(lm.measured && check) {
         return (pool[..n].join(" "), est(n));
     }
@@ -404,7 +204,7 @@ pub async fn synthetic(
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         let want = rng.normal(dist.mean, dist.stddev).round().max(1.0) as u64;
-        let pool_len = (want as f64 / lm.tokens_per_word * 1.5).ceil() as usize + 16;
+        let pool_len = lm.words(want) * 3 / 2 + 16;
         let pool = words(&mut rng, pool_len);
         let (text, tokens) = fit(target, &pool, want, lm, i < MAX_TOKENIZED_PER_LEVEL).await;
         out.push(Prompt {
