@@ -1,1 +1,826 @@
-//! Placeholder for the tokenizer module (being written).
+//! The text side of a model: this module owns turning text into token ids and
+//! back. It builds a byte-level BPE tokenizer (Hugging Face `tokenizers`) from
+//! GGUF metadata or from a Hugging Face `tokenizer.json`, knows the model's
+//! BOS/EOS ids, whether it wants a BOS, which ids are special, and its chat
+//! template source. [`IncrementalDecoder`] turns a stream of generated ids into
+//! text pieces that never split a UTF-8 character.
+//!
+//! Special tokens: GGUF tokens of type 3 (control) and Hugging Face added
+//! tokens marked `special` are matched whole only when `parse_special` is
+//! true (templated prompts); in raw text they are tokenized as plain text.
+//!
+//! End-of-generation rule ([`Tokenizer::eos_ids`]): the declared EOS id comes
+//! first, then the GGUF `eot`/`eom` ids (or the ids of `generation_config.json`
+//! for Hugging Face), then every special token whose text is one of
+//! [`END_TOKEN_NAMES`] (for SmolLM2 this gives `[2 <|im_end|>, 0 <|endoftext|>]`),
+//! without duplicates. This mirrors llama.cpp's end-of-generation set.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::quantized::gguf_file::Value;
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::error::{ModelError, Result};
+
+/// Special-token texts that end a generation (see the module docs).
+pub const END_TOKEN_NAMES: &[&str] = &[
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<|return|>",
+    "<EOT>",
+    "</s>",
+    "<｜end▁of▁sentence｜>",
+];
+
+/// GGUF `tokenizer.ggml.token_type` of a control (special) token.
+const TOKEN_TYPE_CONTROL: i64 = 3;
+/// GGUF `tokenizer.ggml.token_type` of a user-defined token (always matched whole).
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+/// The Llama 3 pre-tokenizer regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
+const REGEX_LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The Qwen2 pre-tokenizer regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`).
+const REGEX_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A model's tokenizer. Cheap to clone (the tables are shared).
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Matches special tokens whole (templated prompts).
+    parse: tokenizers::Tokenizer,
+    /// The same tokenizer with special-token matching off, built on first use.
+    plain: OnceLock<tokenizers::Tokenizer>,
+    vocab_size: usize,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+    add_bos: bool,
+    special: Vec<bool>,
+    chat_template: Option<String>,
+    /// The decoder is plain byte-level: ids map to raw bytes.
+    byte_level: bool,
+    source: String,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let i = &self.inner;
+        f.debug_struct("Tokenizer")
+            .field("source", &i.source)
+            .field("vocab_size", &i.vocab_size)
+            .field("bos", &i.bos)
+            .field("eos", &i.eos)
+            .field("add_bos", &i.add_bos)
+            .field("chat_template", &i.chat_template.is_some())
+            .finish()
+    }
+}
+
+fn tk_err(what: &str, e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer(format!("{what}: {e}"))
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer from GGUF metadata (`tokenizer.ggml.*`).
+    ///
+    /// `tokenizer.ggml.model` must be `gpt2` (byte-level BPE) and
+    /// `tokenizer.ggml.pre` one of `smollm`/`starcoder`/`refact` (digits split
+    /// one by one, then the GPT-2 regex), `gpt2`, `llama3`/`llama-bpe`/
+    /// `llama-v3`/`smaug-bpe` or `qwen2`. Only `smollm` is checked against
+    /// reference ids in this crate's tests; the others follow llama.cpp.
+    pub fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<Self> {
+        let model = md_str(md, "tokenizer.ggml.model")?.ok_or_else(|| {
+            ModelError::Invalid("GGUF metadata has no `tokenizer.ggml.model`".into())
+        })?;
+        if model != "gpt2" {
+            return Err(ModelError::Unsupported(format!(
+                "GGUF tokenizer model `{model}` (tokenizer.ggml.model): only `gpt2` byte-level BPE \
+                 is supported; use a Hugging Face directory with tokenizer.json instead"
+            )));
+        }
+        let pre = md_str(md, "tokenizer.ggml.pre")?.ok_or_else(|| {
+            ModelError::Unsupported(
+                "GGUF metadata has no `tokenizer.ggml.pre`, so the pre-tokenizer is unknown".into(),
+            )
+        })?;
+        let family = PreFamily::from_name(pre)?;
+
+        let tokens = md_str_array(md, "tokenizer.ggml.tokens")?;
+        if tokens.is_empty() || tokens.len() > u32::MAX as usize {
+            return Err(ModelError::Invalid(format!(
+                "`tokenizer.ggml.tokens` has {} entries (need 1 to {})",
+                tokens.len(),
+                u32::MAX
+            )));
+        }
+        let types = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => int_array(v, "tokenizer.ggml.token_type")?,
+            None => vec![1; tokens.len()],
+        };
+        if types.len() != tokens.len() {
+            return Err(ModelError::Invalid(format!(
+                "`tokenizer.ggml.token_type` has {} entries but `tokenizer.ggml.tokens` has {}",
+                types.len(),
+                tokens.len()
+            )));
+        }
+        let merges = md_str_array(md, "tokenizer.ggml.merges")?
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| {
+                        ModelError::Invalid(format!(
+                            "`tokenizer.ggml.merges[{i}]` = {m:?} is not two tokens separated by a space"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(family == PreFamily::Llama3)
+            .build()
+            .map_err(|e| tk_err("building the BPE model from GGUF metadata", e))?;
+        let mut tok = tokenizers::Tokenizer::new(bpe);
+        family.configure(&mut tok)?;
+        tok.with_decoder(Some(ByteLevelDecoder::default()));
+
+        let n = tokens.len();
+        let mut special = vec![false; n];
+        let mut control = Vec::new();
+        let mut user = Vec::new();
+        for (i, (t, &ty)) in tokens.iter().zip(&types).enumerate() {
+            if t.is_empty() {
+                continue;
+            }
+            if ty == TOKEN_TYPE_CONTROL {
+                special[i] = true;
+                control.push(AddedToken::from(t.clone(), true));
+            } else if ty == TOKEN_TYPE_USER_DEFINED {
+                user.push(AddedToken::from(t.clone(), false).normalized(false));
+            }
+        }
+        tok.add_special_tokens(control)
+            .map_err(|e| tk_err("registering control tokens", e))?;
+        tok.add_tokens(user)
+            .map_err(|e| tk_err("registering user-defined tokens", e))?;
+
+        let id_in_range = |key: &str| -> Result<Option<u32>> {
+            match md_u32(md, key)? {
+                Some(id) if (id as usize) < n => Ok(Some(id)),
+                Some(id) => Err(ModelError::Invalid(format!(
+                    "`{key}` = {id} is out of range (the vocabulary has {n} tokens)"
+                ))),
+                None => Ok(None),
+            }
+        };
+        let bos = id_in_range("tokenizer.ggml.bos_token_id")?;
+        let mut eos = Vec::new();
+        for key in [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ] {
+            if let Some(id) = id_in_range(key)? {
+                push_unique(&mut eos, id);
+            }
+        }
+        for (i, t) in tokens.iter().enumerate() {
+            if special[i] && END_TOKEN_NAMES.contains(&t.as_str()) {
+                push_unique(&mut eos, i as u32);
+            }
+        }
+        let add_bos = match md.get("tokenizer.ggml.add_bos_token") {
+            Some(v) => v.to_bool().map_err(|_| {
+                ModelError::Invalid(format!("`tokenizer.ggml.add_bos_token` is not a bool: {v:?}"))
+            })?,
+            None => family == PreFamily::Llama3,
+        } && bos.is_some();
+        let chat_template = md_str(md, "tokenizer.chat_template")?.map(str::to_string);
+
+        Ok(Self::assemble(Inner {
+            parse: tok,
+            plain: OnceLock::new(),
+            vocab_size: n,
+            bos,
+            eos,
+            add_bos,
+            special,
+            chat_template,
+            byte_level: true,
+            source: format!("gguf gpt2/{pre}"),
+        }))
+    }
+
+    /// Builds the tokenizer from a Hugging Face directory: `tokenizer.json`
+    /// (required), plus `tokenizer_config.json` for `bos_token`, `eos_token`,
+    /// `add_bos_token` and `chat_template` (strings or `{"content": ..}`
+    /// objects), `chat_template.jinja`/`chat_template.json` when the config has
+    /// no template, and `generation_config.json` for extra EOS ids.
+    ///
+    /// When `add_bos_token` is absent, the model wants a BOS if the file's
+    /// post-processor would add one. Padding and truncation are turned off.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        if !tj.is_file() {
+            return Err(ModelError::file(&tj, "missing: a Hugging Face model directory needs tokenizer.json"));
+        }
+        let mut tok = tokenizers::Tokenizer::from_file(&tj).map_err(|e| ModelError::file(&tj, e.to_string()))?;
+        tok.with_padding(None);
+        tok.with_truncation(None).map_err(|e| ModelError::file(&tj, e.to_string()))?;
+
+        let config = read_json_opt(&dir.join("tokenizer_config.json"))?;
+        let gen_config = read_json_opt(&dir.join("generation_config.json"))?;
+        let token_of = |key: &str| -> Option<String> {
+            let v = config.as_ref()?.get(key)?;
+            match v {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+                _ => None,
+            }
+        };
+        let id_of = |name: &str, key: &str| -> Result<u32> {
+            tok.token_to_id(name).ok_or_else(|| {
+                ModelError::file(
+                    dir.join("tokenizer_config.json"),
+                    format!("{key} {name:?} is not in the vocabulary of tokenizer.json"),
+                )
+            })
+        };
+        let bos = token_of("bos_token").map(|s| id_of(&s, "bos_token")).transpose()?;
+        let mut eos = Vec::new();
+        if let Some(s) = token_of("eos_token") {
+            eos.push(id_of(&s, "eos_token")?);
+        }
+        let vocab_size = tok.get_vocab_size(true);
+        if let Some(v) = gen_config.as_ref().and_then(|g| g.get("eos_token_id")) {
+            let ids: Vec<u64> = match v {
+                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).collect(),
+                other => other.as_u64().into_iter().collect(),
+            };
+            for id in ids {
+                if id < vocab_size as u64 {
+                    push_unique(&mut eos, id as u32);
+                }
+            }
+        }
+        let added = tok.get_added_tokens_decoder();
+        let mut special = vec![false; vocab_size];
+        let mut added_sorted: Vec<_> = added.iter().collect();
+        added_sorted.sort_by_key(|(id, _)| **id);
+        for (&id, t) in added_sorted {
+            if t.special && (id as usize) < vocab_size {
+                special[id as usize] = true;
+                if END_TOKEN_NAMES.contains(&t.content.as_str()) {
+                    push_unique(&mut eos, id);
+                }
+            }
+        }
+        let add_bos = match config.as_ref().and_then(|c| c.get("add_bos_token")) {
+            Some(serde_json::Value::Bool(b)) => *b,
+            _ => match bos {
+                Some(b) => {
+                    let probe = tok.encode_fast("", true).map_err(|e| ModelError::file(&tj, e.to_string()))?;
+                    probe.get_ids().first() == Some(&b)
+                }
+                None => false,
+            },
+        } && bos.is_some();
+
+        let chat_template = hf_chat_template(dir, config.as_ref())?;
+        let byte_level = matches!(tok.get_decoder(), Some(DecoderWrapper::ByteLevel(_)));
+        Ok(Self::assemble(Inner {
+            parse: tok,
+            plain: OnceLock::new(),
+            vocab_size,
+            bos,
+            eos,
+            add_bos,
+            special,
+            chat_template,
+            byte_level,
+            source: format!("hf {}", dir.display()),
+        }))
+    }
+
+    fn assemble(inner: Inner) -> Self {
+        tracing::debug!(
+            source = %inner.source,
+            vocab = inner.vocab_size,
+            bos = ?inner.bos,
+            eos = ?inner.eos,
+            add_bos = inner.add_bos,
+            "tokenizer ready"
+        );
+        Tokenizer { inner: Arc::new(inner) }
+    }
+
+    fn plain(&self) -> &tokenizers::Tokenizer {
+        self.inner.plain.get_or_init(|| {
+            let mut t = self.inner.parse.clone();
+            t.set_encode_special_tokens(true);
+            t
+        })
+    }
+
+    /// Token ids of `text`. With `parse_special`, special-token texts such as
+    /// `<|im_start|>` become their ids (for templated prompts); without, they
+    /// are tokenized as plain text (for user input). Never adds a BOS: check
+    /// [`Tokenizer::add_bos`] and prepend [`Tokenizer::bos_id`] yourself.
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        let t = if parse_special { &self.inner.parse } else { self.plain() };
+        let enc = t
+            .encode_fast(text, false)
+            .map_err(|e| tk_err(&format!("encoding {} bytes of text", text.len()), e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text of `ids`; special tokens are left out with `skip_special`.
+    /// Invalid UTF-8 (e.g. half a character at the end) becomes U+FFFD.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        for &id in ids {
+            self.check_id(id)?;
+        }
+        self.inner
+            .parse
+            .decode(ids, skip_special)
+            .map_err(|e| tk_err(&format!("decoding {} ids", ids.len()), e))
+    }
+
+    fn check_id(&self, id: u32) -> Result<()> {
+        if (id as usize) < self.inner.vocab_size {
+            Ok(())
+        } else {
+            Err(ModelError::Tokenizer(format!(
+                "token id {id} is out of range: the vocabulary has {} tokens",
+                self.inner.vocab_size
+            )))
+        }
+    }
+
+    /// Number of token ids (including added and special tokens).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.vocab_size
+    }
+
+    /// The BOS id, if the model declares one (whether or not it wants it).
+    pub fn bos_id(&self) -> Option<u32> {
+        self.inner.bos
+    }
+
+    /// Ids that end a generation, declared EOS first (see the module docs).
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.inner.eos
+    }
+
+    /// Whether prompts should start with [`Tokenizer::bos_id`] (false for
+    /// SmolLM2). Applies to raw prompts; a chat template that already emits
+    /// the BOS text makes it appear through `encode(.., true)` instead.
+    pub fn add_bos(&self) -> bool {
+        self.inner.add_bos
+    }
+
+    /// The vocabulary entry of `id`: the literal text for special tokens (e.g.
+    /// `<|im_end|>`), the byte-level form for ordinary ones (`Ġthe`); use
+    /// [`Tokenizer::decode`] for text.
+    pub fn token_str(&self, id: u32) -> Option<String> {
+        self.inner.parse.id_to_token(id)
+    }
+
+    /// Whether `id` is a special (control) token.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.inner.special.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// The model's Jinja chat template source, if it has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.inner.chat_template.as_deref()
+    }
+
+    /// The underlying Hugging Face tokenizer (with special-token parsing on),
+    /// e.g. to save it as `tokenizer.json`.
+    pub fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner.parse
+    }
+
+    /// The raw bytes `id` stands for, for byte-level tokenizers (the same
+    /// mapping as the byte-level decoder: a token whose characters are not all
+    /// byte-level symbols counts as its UTF-8 text).
+    fn token_bytes(&self, id: u32, out: &mut Vec<u8>) {
+        let Some(tok) = self.inner.parse.id_to_token(id) else {
+            return;
+        };
+        let table = char_to_byte();
+        let start = out.len();
+        for c in tok.chars() {
+            match table.get(&c) {
+                Some(&b) => out.push(b),
+                None => {
+                    out.truncate(start);
+                    out.extend_from_slice(tok.as_bytes());
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// How a GGUF `tokenizer.ggml.pre` splits text before BPE.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PreFamily {
+    /// Digits one by one, then the GPT-2 regex (smollm, starcoder, refact).
+    StarCoder,
+    /// The GPT-2 regex.
+    Gpt2,
+    /// The Llama 3 regex, BPE `ignore_merges`, BOS by default.
+    Llama3,
+    /// NFC, then the Qwen2 regex.
+    Qwen2,
+}
+
+impl PreFamily {
+    fn from_name(pre: &str) -> Result<Self> {
+        Ok(match pre {
+            "smollm" | "starcoder" | "refact" => PreFamily::StarCoder,
+            "gpt2" | "gpt-2" => PreFamily::Gpt2,
+            "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" => PreFamily::Llama3,
+            "qwen2" => PreFamily::Qwen2,
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "GGUF pre-tokenizer `{other}` (tokenizer.ggml.pre); supported: smollm, starcoder, \
+                     refact, gpt2, llama3, llama-bpe, llama-v3, smaug-bpe, qwen2"
+                )));
+            }
+        })
+    }
+
+    fn configure(self, tok: &mut tokenizers::Tokenizer) -> Result<()> {
+        let split = |re: &str| -> Result<PreTokenizerWrapper> {
+            Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
+                .map(Into::into)
+                .map_err(|e| tk_err("compiling the pre-tokenizer regex", e))
+        };
+        match self {
+            PreFamily::StarCoder => {
+                tok.with_pre_tokenizer(Some(Sequence::new(vec![
+                    Digits::new(true).into(),
+                    ByteLevel::new(false, true, true).into(),
+                ])));
+            }
+            PreFamily::Gpt2 => {
+                tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+            }
+            PreFamily::Llama3 => {
+                tok.with_pre_tokenizer(Some(Sequence::new(vec![
+                    split(REGEX_LLAMA3)?,
+                    ByteLevel::new(false, true, false).into(),
+                ])));
+            }
+            PreFamily::Qwen2 => {
+                tok.with_normalizer(Some(NFC))
+                    .map_err(|e| tk_err("setting the NFC normalizer", e))?;
+                tok.with_pre_tokenizer(Some(Sequence::new(vec![
+                    split(REGEX_QWEN2)?,
+                    ByteLevel::new(false, false, false).into(),
+                ])));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn push_unique(v: &mut Vec<u32>, id: u32) {
+    if !v.contains(&id) {
+        v.push(id);
+    }
+}
+
+fn md_str<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<Option<&'a str>> {
+    match md.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(ModelError::Invalid(format!("GGUF `{key}` is not a string: {}", short(v)))),
+    }
+}
+
+fn md_str_array(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>> {
+    let v = md
+        .get(key)
+        .ok_or_else(|| ModelError::Invalid(format!("GGUF metadata has no `{key}`")))?;
+    let Value::Array(items) = v else {
+        return Err(ModelError::Invalid(format!("GGUF `{key}` is not an array: {}", short(v))));
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, x)| match x {
+            Value::String(s) => Ok(s.clone()),
+            other => Err(ModelError::Invalid(format!(
+                "GGUF `{key}[{i}]` is not a string: {}",
+                short(other)
+            ))),
+        })
+        .collect()
+}
+
+fn int_of(v: &Value) -> Option<i64> {
+    Some(match v {
+        Value::U8(x) => i64::from(*x),
+        Value::I8(x) => i64::from(*x),
+        Value::U16(x) => i64::from(*x),
+        Value::I16(x) => i64::from(*x),
+        Value::U32(x) => i64::from(*x),
+        Value::I32(x) => i64::from(*x),
+        Value::U64(x) => i64::try_from(*x).ok()?,
+        Value::I64(x) => *x,
+        _ => return None,
+    })
+}
+
+fn int_array(v: &Value, key: &str) -> Result<Vec<i64>> {
+    let Value::Array(items) = v else {
+        return Err(ModelError::Invalid(format!("GGUF `{key}` is not an array: {}", short(v))));
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            int_of(x).ok_or_else(|| {
+                ModelError::Invalid(format!("GGUF `{key}[{i}]` is not an integer: {}", short(x)))
+            })
+        })
+        .collect()
+}
+
+/// A token id; negative values (some converters write -1) mean "none".
+fn md_u32(md: &HashMap<String, Value>, key: &str) -> Result<Option<u32>> {
+    let Some(v) = md.get(key) else { return Ok(None) };
+    let x = int_of(v)
+        .ok_or_else(|| ModelError::Invalid(format!("GGUF `{key}` is not an integer: {}", short(v))))?;
+    if x < 0 {
+        return Ok(None);
+    }
+    u32::try_from(x)
+        .map(Some)
+        .map_err(|_| ModelError::Invalid(format!("GGUF `{key}` = {x} does not fit a token id (max {})", u32::MAX)))
+}
+
+/// A short description of a metadata value for error messages.
+fn short(v: &Value) -> String {
+    match v {
+        Value::Array(a) => format!("an array of {} values", a.len()),
+        Value::String(s) if s.len() > 40 => format!("a string of {} bytes", s.len()),
+        other => format!("{other:?}"),
+    }
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| ModelError::file(path, format!("not valid JSON: {e}"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The chat template of a Hugging Face directory: `chat_template` in
+/// tokenizer_config.json (a string, or a list of `{name, template}` from which
+/// `default` is taken, else the first), else `chat_template.jinja`, else
+/// `chat_template.json`'s `chat_template`.
+fn hf_chat_template(dir: &Path, config: Option<&serde_json::Value>) -> Result<Option<String>> {
+    if let Some(v) = config.and_then(|c| c.get("chat_template")) {
+        match v {
+            serde_json::Value::String(s) => return Ok(Some(s.clone())),
+            serde_json::Value::Array(list) => {
+                let named = |want: Option<&str>| {
+                    list.iter().find_map(|e| {
+                        let name = e.get("name").and_then(|n| n.as_str());
+                        if want.is_none() || name == want {
+                            e.get("template").and_then(|t| t.as_str()).map(str::to_string)
+                        } else {
+                            None
+                        }
+                    })
+                };
+                if let Some(t) = named(Some("default")).or_else(|| named(None)) {
+                    return Ok(Some(t));
+                }
+            }
+            _ => {}
+        }
+    }
+    let jinja = dir.join("chat_template.jinja");
+    match std::fs::read_to_string(&jinja) {
+        Ok(s) => return Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(ModelError::Io { path: jinja, source }),
+    }
+    let json = read_json_opt(&dir.join("chat_template.json"))?;
+    Ok(json.and_then(|j| j.get("chat_template")?.as_str().map(str::to_string)))
+}
+
+/// GPT-2's byte-level alphabet, reversed: the printable character each byte
+/// is written as in the vocabulary, mapped back to the byte.
+fn char_to_byte() -> &'static HashMap<char, u8> {
+    static TABLE: OnceLock<HashMap<char, u8>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut map = HashMap::with_capacity(256);
+        let mut extra = 0u32;
+        for b in 0u32..256 {
+            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let cp = if printable {
+                b
+            } else {
+                extra += 1;
+                255 + extra
+            };
+            if let Some(c) = char::from_u32(cp) {
+                map.insert(c, b as u8);
+            }
+        }
+        map
+    })
+}
+
+/// Streaming detokenizer: push generated ids one at a time and get back only
+/// complete text, never half a UTF-8 character.
+///
+/// For byte-level tokenizers (all GGUF ones) each id is turned into its raw
+/// bytes and the longest valid UTF-8 prefix is emitted; an incomplete
+/// trailing sequence is held back until it completes, and bytes that can never
+/// be valid become U+FFFD exactly as in [`Tokenizer::decode`]. So the pieces
+/// concatenated always equal `decode(all ids)`. Other decoders use the
+/// prefix-offset method of vLLM/TGI (decode a small window twice, emit the
+/// growth once it no longer ends in U+FFFD).
+#[derive(Debug)]
+pub struct IncrementalDecoder {
+    tok: Tokenizer,
+    skip_special: bool,
+    state: DecodeState,
+}
+
+#[derive(Debug)]
+enum DecodeState {
+    Bytes { pending: Vec<u8> },
+    Window { ids: Vec<u32>, prefix: usize, read: usize },
+}
+
+impl IncrementalDecoder {
+    /// A decoder for `tok`; special tokens are dropped with `skip_special`.
+    pub fn new(tok: &Tokenizer, skip_special: bool) -> Self {
+        let state = if tok.inner.byte_level {
+            DecodeState::Bytes { pending: Vec::new() }
+        } else {
+            DecodeState::Window {
+                ids: Vec::new(),
+                prefix: 0,
+                read: 0,
+            }
+        };
+        IncrementalDecoder {
+            tok: tok.clone(),
+            skip_special,
+            state,
+        }
+    }
+
+    /// Adds one id; returns the text that became complete (often empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.tok.check_id(id)?;
+        if self.skip_special && self.tok.is_special(id) {
+            return Ok(String::new());
+        }
+        match &mut self.state {
+            DecodeState::Bytes { pending } => {
+                self.tok.token_bytes(id, pending);
+                Ok(take_utf8(pending, false))
+            }
+            DecodeState::Window { ids, prefix, read } => {
+                ids.push(id);
+                let before = self.tok.decode(&ids[*prefix..*read], self.skip_special)?;
+                let now = self.tok.decode(&ids[*prefix..], self.skip_special)?;
+                if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.is_char_boundary(before.len()) {
+                    let out = now[before.len()..].to_string();
+                    *prefix = *read;
+                    *read = ids.len();
+                    ids.drain(..*prefix);
+                    *read -= *prefix;
+                    *prefix = 0;
+                    Ok(out)
+                } else {
+                    Ok(String::new())
+                }
+            }
+        }
+    }
+
+    /// Flushes what is held back (an incomplete character becomes U+FFFD) and
+    /// resets the decoder for a new stream.
+    pub fn finish(&mut self) -> Result<String> {
+        match &mut self.state {
+            DecodeState::Bytes { pending } => Ok(take_utf8(pending, true)),
+            DecodeState::Window { ids, prefix, read } => {
+                let before = self.tok.decode(&ids[*prefix..*read], self.skip_special)?;
+                let now = self.tok.decode(&ids[*prefix..], self.skip_special)?;
+                let out = if now.len() > before.len() && now.is_char_boundary(before.len()) {
+                    now[before.len()..].to_string()
+                } else {
+                    String::new()
+                };
+                ids.clear();
+                *prefix = 0;
+                *read = 0;
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Removes and returns the complete UTF-8 text at the front of `buf`, with
+/// invalid bytes as U+FFFD (as `String::from_utf8_lossy` does). An incomplete
+/// sequence at the end stays in `buf` unless `flush`.
+fn take_utf8(buf: &mut Vec<u8>, flush: bool) -> String {
+    let mut out = String::new();
+    let mut pos = 0;
+    while pos < buf.len() {
+        match std::str::from_utf8(&buf[pos..]) {
+            Ok(s) => {
+                out.push_str(s);
+                pos = buf.len();
+            }
+            Err(e) => {
+                let valid = e.valid_up_to();
+                out.push_str(std::str::from_utf8(&buf[pos..pos + valid]).unwrap_or_default());
+                pos += valid;
+                match e.error_len() {
+                    Some(n) => {
+                        out.push('\u{FFFD}');
+                        pos += n;
+                    }
+                    None if flush => {
+                        out.push('\u{FFFD}');
+                        pos = buf.len();
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+    buf.drain(..pos);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_table_covers_all_bytes() {
+        let t = char_to_byte();
+        assert_eq!(t.len(), 256);
+        assert_eq!(t.get(&'Ġ'), Some(&b' '));
+        assert_eq!(t.get(&'Ċ'), Some(&b'\n'));
+        assert_eq!(t.get(&'a'), Some(&b'a'));
+    }
+
+    #[test]
+    fn take_utf8_holds_back_incomplete() {
+        let mut buf = "a😀".as_bytes()[..3].to_vec();
+        assert_eq!(take_utf8(&mut buf, false), "a");
+        assert_eq!(buf.len(), 2);
+        buf.extend_from_slice(&"😀".as_bytes()[2..]);
+        assert_eq!(take_utf8(&mut buf, false), "😀");
+        assert!(buf.is_empty());
+        let mut bad = vec![0xE4, b'A', 0xF0];
+        assert_eq!(take_utf8(&mut bad, false), "\u{FFFD}A");
+        assert_eq!(take_utf8(&mut bad, true), "\u{FFFD}");
+    }
+}
