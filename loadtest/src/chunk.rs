@@ -23,6 +23,30 @@ pub struct Usage {
     pub prompt_tokens: Option<u64>,
     /// `usage.completion_tokens`.
     pub completion_tokens: Option<u64>,
+    /// Numeric fields of Cardinal's optional `usage.cardinal` extension
+    /// object, flattened one level (`{"a":{"b":1}}` gives `a.b`).
+    pub extension: Vec<(String, f64)>,
+}
+
+/// Flattens the numeric fields of an extension object.
+fn numeric_fields(v: &Value) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    if let Value::Object(map) = v {
+        for (k, val) in map {
+            match val {
+                Value::Number(n) => out.extend(n.as_f64().map(|x| (k.clone(), x))),
+                Value::Object(inner) => {
+                    for (k2, v2) in inner {
+                        if let Some(x) = v2.as_f64() {
+                            out.push((format!("{k}.{k2}"), x));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
 }
 
 /// The facts the load generator needs from one chunk (or one non-streamed
@@ -75,6 +99,7 @@ pub fn parse_chunk(data: &str) -> Result<ChunkInfo, String> {
         info.usage = Some(Usage {
             prompt_tokens: u.get("prompt_tokens").and_then(Value::as_u64),
             completion_tokens: u.get("completion_tokens").and_then(Value::as_u64),
+            extension: u.get("cardinal").map(numeric_fields).unwrap_or_default(),
         });
     }
     match choices {
@@ -179,6 +204,14 @@ impl TokenCounter {
         }
     }
 
+    /// The `usage.cardinal` numeric fields of the last usage seen.
+    pub fn usage_extension(&self) -> Vec<(String, f64)> {
+        self.last_usage
+            .as_ref()
+            .map(|u| u.extension.clone())
+            .unwrap_or_default()
+    }
+
     /// Prompt tokens reported by the server.
     pub fn prompt_tokens(&self) -> Option<u64> {
         self.last_usage.as_ref().and_then(|u| u.prompt_tokens)
@@ -281,7 +314,9 @@ mod tests {
         assert_eq!(t.finish_reason.as_deref(), Some("length"));
         let u = parse_chunk(r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"cardinal":{"joules":1.0}}}"#).unwrap();
         assert!(u.choices_empty);
-        assert_eq!(u.usage.unwrap().completion_tokens, Some(7));
+        let usage = u.usage.unwrap();
+        assert_eq!(usage.completion_tokens, Some(7));
+        assert_eq!(usage.extension, vec![("joules".to_string(), 1.0)]);
         let e = parse_chunk(r#"{"error":{"message":"boom","type":"server_error"}}"#).unwrap();
         assert_eq!(e.error.as_deref(), Some("boom"));
         assert!(parse_chunk("not json").is_err());
@@ -298,6 +333,7 @@ mod tests {
             usage: ct.map(|n| Usage {
                 prompt_tokens: Some(9),
                 completion_tokens: Some(n),
+                ..Default::default()
             }),
             ..Default::default()
         };
@@ -310,6 +346,7 @@ mod tests {
             usage: Some(Usage {
                 prompt_tokens: Some(9),
                 completion_tokens: Some(5),
+                ..Default::default()
             }),
             ..Default::default()
         };
@@ -343,6 +380,7 @@ mod tests {
                 usage: Some(Usage {
                     prompt_tokens: None,
                     completion_tokens: Some(8),
+                    ..Default::default()
                 }),
                 ..Default::default()
             },

@@ -321,6 +321,7 @@ fn finish_record(counter: &TokenCounter, e2e: Duration) -> RequestRecord {
         input_tokens: counter.prompt_tokens(),
         continuous_usage: counter.continuous_usage,
         finish_reason: counter.finish_reason.clone(),
+        usage_extension: counter.usage_extension(),
         ..RequestRecord::default()
     }
 }
@@ -390,7 +391,7 @@ async fn read_stream(mut resp: reqwest::Response, start: Instant) -> RequestReco
         );
     }
     // Let the connection return to the pool if the body ends promptly.
-    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+    let _ = tokio::time::timeout(Duration::from_millis(50), async {
         while let Ok(Some(_)) = resp.chunk().await {}
     })
     .await;

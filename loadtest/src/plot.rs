@@ -17,6 +17,18 @@ type Point = (f64, Option<f64>, Option<f64>, String);
 /// A named series: legend text, colour, and the value it plots.
 type Series = (&'static str, RGBColor, fn(&Point) -> Option<f64>);
 
+/// Distinct, legible line colours for CDF levels (cycled).
+const LEVEL_COLOURS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(23, 190, 207),
+    RGBColor(127, 127, 127),
+];
+
 fn nice_max(v: f64) -> f64 {
     if v.is_finite() && v > 0.0 {
         v * 1.15
@@ -167,7 +179,7 @@ pub fn cdf(
                 continue;
             }
             any = true;
-            let color = Palette99::pick(i).to_rgba();
+            let color = LEVEL_COLOURS[i % LEVEL_COLOURS.len()];
             let mut line = vec![(pts[0].0, 0.0)];
             line.extend(pts.iter().copied());
             chart

@@ -113,7 +113,7 @@ impl LevelBar {
                 if let Some(b) = self.bar.take() {
                     b.set_position(done);
                     b.set_message(format!("errors={errors} out tok/s={tok_s:.1}"));
-                    b.finish();
+                    b.abandon();
                 }
             }
             ProgressMode::Plain => eprintln!("{} (level finished)", self.text(done, errors, tok_s)),

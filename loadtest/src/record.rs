@@ -83,6 +83,8 @@ pub struct RequestRecord {
     pub continuous_usage: bool,
     /// The finish reason.
     pub finish_reason: Option<String>,
+    /// Numeric fields of the server's `usage.cardinal` extension, if sent.
+    pub usage_extension: Vec<(String, f64)>,
 }
 
 impl RequestRecord {

@@ -244,6 +244,14 @@ impl Report {
                     .collect();
                 parts.push(format!("errors: {}", classes.join(" ")));
             }
+            if !s.usage_extension.is_empty() {
+                let fields: Vec<String> = s
+                    .usage_extension
+                    .iter()
+                    .map(|(k, f)| format!("{k}={:.4} ({:.5}/tok)", f.mean, f.per_output_token))
+                    .collect();
+                parts.push(format!("usage.cardinal per request: {}", fields.join(" ")));
+            }
             if l.cancelled > 0 {
                 parts.push(format!("{} cancelled", l.cancelled));
             }

@@ -222,6 +222,22 @@ pub struct Forcing {
     pub of: u64,
 }
 
+/// One numeric field of the `usage.cardinal` extension, over a level.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExtensionField {
+    /// Successful requests that carried it.
+    pub requests: u64,
+    /// Sum over those requests.
+    pub sum: f64,
+    /// Mean per request.
+    pub mean: f64,
+    /// Sum divided by the output tokens of those requests (for example
+    /// joules per token when the field is a request's joules).
+    pub per_output_token: f64,
+    #[serde(skip)]
+    tokens: u64,
+}
+
 /// Everything measured in one level.
 #[derive(Debug, Clone, Serialize)]
 pub struct LevelStats {
@@ -266,6 +282,8 @@ pub struct LevelStats {
     pub output_forcing: Option<Forcing>,
     /// The first few error details.
     pub error_samples: Vec<String>,
+    /// Cardinal's per-request `usage.cardinal` numbers, per field.
+    pub usage_extension: BTreeMap<String, ExtensionField>,
     /// CDF of TTFT, for plots.
     #[serde(skip)]
     pub ttft_cdf: Vec<(f64, f64)>,
@@ -291,6 +309,7 @@ pub struct LevelAccum {
     from_chunks: u64,
     continuous: bool,
     honoured: u64,
+    extension: BTreeMap<String, ExtensionField>,
 }
 
 impl LevelAccum {
@@ -329,6 +348,12 @@ impl LevelAccum {
         }
         if requested_output.is_some_and(|n| r.output_tokens == u64::from(n)) {
             self.honoured += 1;
+        }
+        for (k, v) in &r.usage_extension {
+            let f = self.extension.entry(k.clone()).or_default();
+            f.requests += 1;
+            f.sum += v;
+            f.tokens += r.output_tokens;
         }
     }
 
@@ -391,6 +416,20 @@ impl LevelAccum {
                 of: ok,
             }),
             error_samples: self.error_samples.clone(),
+            usage_extension: self
+                .extension
+                .iter()
+                .map(|(k, f)| {
+                    let mut f = f.clone();
+                    f.mean = f.sum / f.requests.max(1) as f64;
+                    f.per_output_token = if f.tokens > 0 {
+                        f.sum / f.tokens as f64
+                    } else {
+                        0.0
+                    };
+                    (k.clone(), f)
+                })
+                .collect(),
             ttft_cdf: self.ttft.cdf(),
             itl_cdf: self.itl.cdf(),
         }
@@ -482,6 +521,17 @@ mod tests {
         assert_eq!(s.token_count_source, "usage");
         let f = s.output_forcing.unwrap();
         assert_eq!((f.honoured, f.of), (3, 5));
+        assert!(s.usage_extension.is_empty());
+        let mut acc2 = LevelAccum::default();
+        let mut with_ext = rec(80, 500, &[20.0], 4);
+        with_ext.usage_extension = vec![("joules_cards".into(), 2.0)];
+        acc2.add(&with_ext, &slo, None);
+        acc2.add(&with_ext, &slo, None);
+        let e = &acc2.finish(1.0, &slo, None).usage_extension["joules_cards"];
+        assert_eq!(
+            (e.requests, e.sum, e.mean, e.per_output_token),
+            (2, 4.0, 2.0, 0.5)
+        );
         // No SLO: no goodput section; the non-streaming TTFT is the E2E.
         let none = acc.finish(2.0, &Slo::default(), None);
         assert!(none.goodput.is_none());

@@ -98,6 +98,11 @@ async fn chat_stream_matches_the_script() {
     assert_eq!(srv.joules_per_token_cards, Some(0.5));
     assert_eq!(srv.joules_per_token_host, Some(2.0));
     within(srv.ttft_mean_ms.unwrap(), 49.999, 50.001, "server TTFT");
+    // The per-request usage.cardinal extension is aggregated per field.
+    let ext = &s.usage_extension;
+    assert_eq!(ext["cards_modeled_joules"].per_output_token, 0.5);
+    assert_eq!(ext["host.joules"].requests, 8);
+    assert_eq!(ext["host.joules"].per_output_token, 2.0);
     assert!(srv.generation_tok_s.unwrap() > 0.0);
     // The request asked for usage, continuous usage and length forcing.
     let body = stub.bodies().pop().unwrap();

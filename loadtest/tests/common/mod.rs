@@ -417,6 +417,9 @@ async fn stream_completion(
     if include_usage && script.final_usage {
         let u = json!({"id": "cmpl-stub", "object": "chat.completion.chunk", "model": "stub-model",
                        "choices": [], "usage": usage(sent)});
+        let mut u = u;
+        u["usage"]["cardinal"] = json!({"cards_modeled_joules": sent as f64 * 0.5,
+                                        "host": {"joules": sent as f64 * 2.0, "source": "rapl"}});
         let _ = event(sock, &u).await;
     }
     let _ = chunk(sock, "data: [DONE]").await;
