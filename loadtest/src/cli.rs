@@ -158,7 +158,7 @@ fn positive_f64(s: &str) -> Result<f64, String> {
     }
 }
 
-/// `cardinal-loadtest`: load an OpenAI-compatible server and report latency,
+/// cardinal-loadtest: load an OpenAI-compatible server and report latency,
 /// throughput, goodput and (from Cardinal's /metrics) energy per token.
 #[derive(Debug, Clone, Parser, Serialize)]
 #[command(name = "cardinal-loadtest", version, after_long_help = MEASUREMENTS)]
@@ -182,7 +182,8 @@ pub struct Args {
     /// Fixed-concurrency levels, run one after another as a sweep: 1,4,16.
     #[arg(long, value_delimiter = ',', value_parser = positive_usize, default_value = "1")]
     pub concurrency: Vec<usize>,
-    /// Request-rate levels in requests/s (replaces the concurrency sweep): 2,5.
+    /// Request-rate levels in requests/s, run as a sweep instead of the
+    /// concurrency levels (--concurrency is then ignored): 2,5.
     #[arg(long, value_delimiter = ',', value_parser = positive_f64)]
     pub rate: Option<Vec<f64>>,
     /// Arrival process for --rate.

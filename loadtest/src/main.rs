@@ -7,7 +7,7 @@
 //! consecutive errors, 130 interrupted.
 
 use cardinal_loadtest::progress::ProgressMode;
-use cardinal_loadtest::report::RunStatus;
+use cardinal_loadtest::report::{RunStatus, summary_line};
 use cardinal_loadtest::{Args, run};
 use clap::Parser;
 use std::io::Write;
@@ -16,7 +16,19 @@ use tokio::sync::watch;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            println!("{}", summary_line(RunStatus::Failed, &[]));
+            return ExitCode::from(1);
+        }
+    };
     let mode = ProgressMode::from_arg(args.progress);
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {

@@ -255,7 +255,7 @@ impl Report {
             if l.cancelled > 0 {
                 parts.push(format!("{} cancelled", l.cancelled));
             }
-            parts.push(format!("ended by {:?}", l.stop_reason).to_lowercase());
+            parts.push(format!("ended by {}", l.stop_reason.name()));
             let _ = writeln!(out, "[{}] {}", l.label, parts.join("; "));
             for e in &s.error_samples {
                 let _ = writeln!(out, "    e.g. {e}");
@@ -326,61 +326,7 @@ impl Report {
     /// The last line printed: `SUMMARY key=value …`, one comma-separated
     /// value per level for per-level keys, `na` where a value is missing.
     pub fn summary_line(&self) -> String {
-        let list = |f: &dyn Fn(&LevelReport) -> Option<f64>, digits: usize| -> String {
-            if self.levels.is_empty() {
-                return "na".into();
-            }
-            self.levels
-                .iter()
-                .map(|l| match f(l) {
-                    Some(x) if x.is_finite() => format!("{x:.digits$}"),
-                    _ => "na".into(),
-                })
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let fields = [
-            format!("status={}", self.status.name()),
-            format!("levels={}", self.levels.len()),
-            format!("requests={}", self.total_requests()),
-            format!("errors={}", self.total_errors()),
-            format!("output_tok_s={}", list(&|l| Some(l.stats.output_tok_s), 2)),
-            format!("req_s={}", list(&|l| Some(l.stats.request_throughput), 3)),
-            format!(
-                "ttft_p50_ms={}",
-                list(&|l| pick(&l.stats.ttft_ms, |d| d.p50), 2)
-            ),
-            format!(
-                "ttft_p99_ms={}",
-                list(&|l| pick(&l.stats.ttft_ms, |d| d.p99), 2)
-            ),
-            format!(
-                "itl_p50_ms={}",
-                list(&|l| pick(&l.stats.itl_ms, |d| d.p50), 3)
-            ),
-            format!(
-                "itl_p99_ms={}",
-                list(&|l| pick(&l.stats.itl_ms, |d| d.p99), 3)
-            ),
-            format!(
-                "e2e_p50_ms={}",
-                list(&|l| pick(&l.stats.e2e_ms, |d| d.p50), 1)
-            ),
-            format!(
-                "goodput_req_s={}",
-                list(&|l| l.stats.goodput.as_ref().map(|g| g.req_s), 3)
-            ),
-            format!("server_tok_s={}", list(&|l| l.server.generation_tok_s, 2)),
-            format!(
-                "joules_per_token_cards={}",
-                list(&|l| l.server.joules_per_token_cards, 5)
-            ),
-            format!(
-                "joules_per_token_host={}",
-                list(&|l| l.server.joules_per_token_host, 5)
-            ),
-        ];
-        format!("SUMMARY {}", fields.join(" "))
+        summary_line(self.status, &self.levels)
     }
 
     /// Writes report.json, report.csv and the three SVG plots into `dir`.
@@ -412,4 +358,66 @@ impl Report {
         )?;
         Ok(written)
     }
+}
+
+/// The SUMMARY line for `status` and `levels` (also used when the flags do
+/// not even parse, with no levels).
+pub fn summary_line(status: RunStatus, levels: &[LevelReport]) -> String {
+    let list = |f: &dyn Fn(&LevelReport) -> Option<f64>, digits: usize| -> String {
+        if levels.is_empty() {
+            return "na".into();
+        }
+        levels
+            .iter()
+            .map(|l| match f(l) {
+                Some(x) if x.is_finite() => format!("{x:.digits$}"),
+                _ => "na".into(),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let requests: u64 = levels.iter().map(|l| l.stats.requests).sum();
+    let errors: u64 = levels.iter().map(|l| l.stats.errors.total).sum();
+    let fields = [
+        format!("status={}", status.name()),
+        format!("levels={}", levels.len()),
+        format!("requests={requests}"),
+        format!("errors={errors}"),
+        format!("output_tok_s={}", list(&|l| Some(l.stats.output_tok_s), 2)),
+        format!("req_s={}", list(&|l| Some(l.stats.request_throughput), 3)),
+        format!(
+            "ttft_p50_ms={}",
+            list(&|l| pick(&l.stats.ttft_ms, |d| d.p50), 2)
+        ),
+        format!(
+            "ttft_p99_ms={}",
+            list(&|l| pick(&l.stats.ttft_ms, |d| d.p99), 2)
+        ),
+        format!(
+            "itl_p50_ms={}",
+            list(&|l| pick(&l.stats.itl_ms, |d| d.p50), 3)
+        ),
+        format!(
+            "itl_p99_ms={}",
+            list(&|l| pick(&l.stats.itl_ms, |d| d.p99), 3)
+        ),
+        format!(
+            "e2e_p50_ms={}",
+            list(&|l| pick(&l.stats.e2e_ms, |d| d.p50), 1)
+        ),
+        format!(
+            "goodput_req_s={}",
+            list(&|l| l.stats.goodput.as_ref().map(|g| g.req_s), 3)
+        ),
+        format!("server_tok_s={}", list(&|l| l.server.generation_tok_s, 2)),
+        format!(
+            "joules_per_token_cards={}",
+            list(&|l| l.server.joules_per_token_cards, 5)
+        ),
+        format!(
+            "joules_per_token_host={}",
+            list(&|l| l.server.joules_per_token_host, 5)
+        ),
+    ];
+    format!("SUMMARY {}", fields.join(" "))
 }

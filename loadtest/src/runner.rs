@@ -71,6 +71,18 @@ pub enum StopReason {
     ConsecutiveErrors,
 }
 
+impl StopReason {
+    /// The snake_case name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            StopReason::Requests => "requests",
+            StopReason::Duration => "duration",
+            StopReason::Interrupted => "interrupted",
+            StopReason::ConsecutiveErrors => "consecutive_errors",
+        }
+    }
+}
+
 /// What a level produced.
 #[derive(Debug)]
 pub struct LevelRun {
