@@ -253,17 +253,19 @@ impl Target {
     /// Sends a short request with the current extension settings and, if
     /// the server rejects it with 400 or 422, retries without
     /// `continuous_usage_stats`, then without `min_tokens`/`ignore_eos`.
-    /// Returns notes for the report.
-    pub async fn probe_extensions(&mut self) -> Vec<String> {
-        let mut notes = Vec::new();
+    /// Returns the settings the server accepts (apply them with
+    /// [`Target::apply_probe`]) and notes for the report. `self` is not
+    /// changed, so the probe can be abandoned safely.
+    pub async fn probe_extensions(&self) -> Probe {
+        let mut t = self.clone();
+        t.max_tokens = t.max_tokens.map(|n| n.min(4));
         let prompt = Prompt {
             body: PromptBody::Text("Say hello.".to_string()),
             tokens: None,
         };
-        let saved_max = self.max_tokens;
-        self.max_tokens = self.max_tokens.map(|n| n.min(4));
+        let mut notes = Vec::new();
         loop {
-            let rec = self.send(&prompt).await;
+            let rec = t.send(&prompt).await;
             let rejected = rec
                 .error
                 .as_ref()
@@ -278,11 +280,11 @@ impl Target {
                 }
                 break;
             }
-            if self.continuous_usage {
-                self.continuous_usage = false;
+            if t.continuous_usage {
+                t.continuous_usage = false;
                 notes.push("server rejected stream_options.continuous_usage_stats; chunks count as one token each for ITL".into());
-            } else if self.force_length {
-                self.force_length = false;
+            } else if t.force_length {
+                t.force_length = false;
                 notes.push("server rejected min_tokens/ignore_eos: output length is not forced (max_tokens only)".into());
             } else {
                 notes.push(format!(
@@ -292,9 +294,29 @@ impl Target {
                 break;
             }
         }
-        self.max_tokens = saved_max;
-        notes
+        Probe {
+            continuous_usage: t.continuous_usage,
+            force_length: t.force_length,
+            notes,
+        }
     }
+
+    /// Adopts what the probe found the server accepts.
+    pub fn apply_probe(&mut self, p: &Probe) {
+        self.continuous_usage = p.continuous_usage;
+        self.force_length = p.force_length;
+    }
+}
+
+/// What [`Target::probe_extensions`] found.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// `continuous_usage_stats` accepted.
+    pub continuous_usage: bool,
+    /// `min_tokens`/`ignore_eos` accepted.
+    pub force_length: bool,
+    /// What the report should say.
+    pub notes: Vec<String>,
 }
 
 /// `RequestBuilder::json` needs reqwest's `json` feature; this does the same

@@ -9,7 +9,7 @@ use crate::client::Target;
 use crate::progress::ProgressMode;
 use crate::prom::server_side;
 use crate::report::{LevelReport, Report, RunStatus, TargetInfo, WarmupInfo};
-use crate::runner::{LevelKind, LevelPlan, StopReason, run_level};
+use crate::runner::{LevelKind, LevelPlan, StopReason, halted, run_level};
 use crate::workload::{self, LengthModel, MAX_PROMPTS_PER_LEVEL, Prompt, PromptBody};
 use anyhow::{Result, anyhow};
 use std::sync::Arc;
@@ -114,7 +114,14 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>, mode: ProgressMode) ->
         notes.push("--no-extensions: output length not forced (max_tokens only)".to_string());
     }
     if !args.no_extensions && !is_stopped(&stop) {
-        notes.extend(target.probe_extensions().await);
+        let mut stop_rx = stop.clone();
+        tokio::select! {
+            probe = target.probe_extensions() => {
+                target.apply_probe(&probe);
+                notes.extend(probe.notes);
+            }
+            _ = halted(&mut stop_rx) => {}
+        }
     }
     let requested_output = target.force_length.then_some(args.output_tokens);
     let slo = args.slo.unwrap_or_default();
