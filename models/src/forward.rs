@@ -224,26 +224,41 @@ fn attention(
 }
 
 /// Final norm and output head for the given rows of `x`; writes
-/// `rows.len() x vocab` logits, already divided by `logits_scaling`.
+/// `rows.len() x vocab` logits, already divided by `logits_scaling`. The head
+/// may be split row-wise into `heads` (shards in order, as on several cards).
 pub fn forward_head(
     pool: &Pool,
     isa: Isa,
-    model: &Model,
+    cfg: &ModelConfig,
+    final_norm: &[f32],
+    heads: &[&k::QMatrix],
     x: &[f32],
     rows: &[usize],
     logits: &mut Vec<f32>,
     ws: &mut Workspace,
 ) {
-    let cfg = &model.cfg;
     let hd = cfg.hidden;
     let n = rows.len();
     resize(&mut ws.xn, n * hd);
     for (j, &i) in rows.iter().enumerate() {
-        k::rmsnorm(isa, &x[i * hd..(i + 1) * hd], &model.final_norm, cfg.rms_eps, &mut ws.xn[j * hd..(j + 1) * hd]);
+        k::rmsnorm(isa, &x[i * hd..(i + 1) * hd], final_norm, cfg.rms_eps, &mut ws.xn[j * hd..(j + 1) * hd]);
     }
     ws.acts.quantize(isa, &ws.xn[..n * hd], n, hd);
-    logits.resize(n * cfg.vocab, 0.0);
-    k::matmul(pool, isa, &model.head, &ws.acts, &mut logits[..n * cfg.vocab]);
+    let vocab: usize = heads.iter().map(|h| h.rows()).sum();
+    logits.resize(n * vocab, 0.0);
+    if let [only] = heads {
+        k::matmul(pool, isa, only, &ws.acts, &mut logits[..n * vocab]);
+    } else {
+        let mut off = 0;
+        for h in heads {
+            resize(&mut ws.part, n * h.rows());
+            k::matmul(pool, isa, h, &ws.acts, &mut ws.part[..n * h.rows()]);
+            for i in 0..n {
+                logits[i * vocab + off..i * vocab + off + h.rows()].copy_from_slice(&ws.part[i * h.rows()..(i + 1) * h.rows()]);
+            }
+            off += h.rows();
+        }
+    }
     if cfg.logits_scaling != 1.0 {
         let inv = 1.0 / cfg.logits_scaling;
         logits.iter_mut().for_each(|v| *v *= inv);

@@ -95,7 +95,13 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
         head_dim,
         ffn: uint("intermediate_size")?,
         vocab: uint("vocab_size")?,
-        rope_theta: float_or("rope_theta", 10000.0)?,
+        rope_theta: match j.get("rope_parameters").and_then(|r| r.get("rope_theta")) {
+            Some(v) if j.get("rope_theta").is_none() => v
+                .as_f64()
+                .map(|x| x as f32)
+                .ok_or_else(|| ModelError::file(&path, "field \"rope_parameters.rope_theta\" must be a number"))?,
+            _ => float_or("rope_theta", 10000.0)?,
+        },
         rms_eps: float_or("rms_norm_eps", 1e-6)?,
         ctx_len: match j.get("max_position_embeddings") {
             None | Some(Json::Null) => 2048,

@@ -12,7 +12,7 @@ pub mod forward;
 pub mod gguf;
 pub mod hf;
 pub mod kv;
-// pub mod load; (enabled once tokenizer/template/fetch land)
+pub mod load;
 pub mod model;
 pub mod synthetic;
 pub mod template;
@@ -20,5 +20,5 @@ pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig};
 pub use error::{ModelError, Result};
-// pub use load::{LoadOptions, LoadedModel, ModelSource, load};
+pub use load::{LoadOptions, LoadedModel, ModelSource, load};
 pub use model::Model;

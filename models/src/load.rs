@@ -83,7 +83,7 @@ impl Default for LoadOptions {
 #[derive(Debug)]
 pub struct LoadedModel {
     pub name: String,
-    pub model: Model,
+    pub model: std::sync::Arc<Model>,
     /// None for synthetic models, which have no vocabulary text.
     pub tokenizer: Option<Tokenizer>,
     pub template: Option<ChatTemplate>,
@@ -131,7 +131,7 @@ pub fn load(source: &ModelSource, opts: &LoadOptions, log: &mut dyn FnMut(&str))
             let model = synthetic::load_model(n, opts.seed, &mut progress_logger(log))?;
             Ok(LoadedModel {
                 name,
-                model,
+                model: std::sync::Arc::new(model),
                 tokenizer: None,
                 template: None,
             })
@@ -144,7 +144,7 @@ pub fn load(source: &ModelSource, opts: &LoadOptions, log: &mut dyn FnMut(&str))
             let template = template_for(&tok)?;
             Ok(LoadedModel {
                 name,
-                model,
+                model: std::sync::Arc::new(model),
                 tokenizer: Some(tok),
                 template,
             })
@@ -180,7 +180,7 @@ fn load_gguf(name: String, path: &Path, log: &mut dyn FnMut(&str)) -> Result<Loa
     let template = template_for(&tok)?;
     Ok(LoadedModel {
         name,
-        model,
+        model: std::sync::Arc::new(model),
         tokenizer: Some(tok),
         template,
     })

@@ -21,7 +21,7 @@ pub const MAX_TEMPLATE_BYTES: usize = 1 << 20;
 pub const MAX_OUTPUT_BYTES: usize = 1 << 20;
 /// minijinja fuel per render: about one unit per instruction, plus one per 64
 /// bytes of data produced. SmolLM2's template uses about 1000 for a short chat.
-pub const FUEL_PER_RENDER: u64 = 4_000_000;
+pub const FUEL_PER_RENDER: u64 = 2_000_000;
 /// Maximum template recursion depth (a macro call counts for several levels).
 pub const RECURSION_LIMIT: usize = 200;
 

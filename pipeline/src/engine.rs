@@ -1,0 +1,526 @@
+//! The engine: a thread that owns the cards and runs continuous batching.
+//! Callers submit token ids and sampling parameters and get back a bounded
+//! stream of token events; dropping the stream cancels the sequence, which
+//! frees its KV blocks on every card before the next step. Admission
+//! reserves each sequence's whole KV need (prompt + max tokens) on every
+//! card, so a running sequence can never hit `KvExhausted`. Long prompts are
+//! prefilled in chunks so decoding sequences keep making progress.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cardinal_kernels::{Isa, Pool};
+use cardinal_models::forward::BatchRow;
+use cardinal_models::kv::SeqKv;
+use tokio::sync::mpsc;
+
+use crate::energy::HostEnergy;
+use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::stages::{Cards, StepScratch};
+
+/// A generation request, in token ids.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    /// EOS is ignored until this many tokens were generated.
+    pub min_tokens: usize,
+    pub ignore_eos: bool,
+    /// Token ids that end generation (the model's EOS ids).
+    pub stop_ids: Vec<u32>,
+    pub params: SamplingParams,
+    /// Number of alternatives to report per token (0 = none).
+    pub top_logprobs: usize,
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    /// "stop" or "length".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Figures of a finished sequence.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Finished {
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub queue_seconds: f64,
+    pub ttft_seconds: f64,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    /// Modeled card energy attributed to this sequence (its share of each step).
+    pub card_joules: f64,
+    /// Host energy attributed to this sequence.
+    pub host_joules: f64,
+}
+
+/// One event on a sequence's stream.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Token(Sampled),
+    Done(Finished),
+    Error(String),
+}
+
+/// Why a submission was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full ({0} requests waiting)")]
+    QueueFull(usize),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the prompt has {prompt} tokens and max_tokens is {max_tokens}: together they exceed the context limit of {limit} tokens")]
+    TooLong { prompt: usize, max_tokens: usize, limit: usize },
+    #[error("the request needs {need} bytes of KV cache on {card}, more than it has in total ({limit}); lower max_tokens or use more cards")]
+    NeverFits { need: usize, card: String, limit: usize },
+    #[error("the engine is not running: {0}")]
+    Stopped(String),
+}
+
+/// A sequence's event stream. Dropping it cancels the sequence.
+#[derive(Debug)]
+pub struct Stream {
+    rx: mpsc::Receiver<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Stream {
+    /// The next event (async).
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// The next event, blocking the thread (not for async contexts).
+    pub fn blocking_recv(&mut self) -> Option<Event> {
+        self.rx.blocking_recv()
+    }
+
+    /// Cancels the sequence without dropping the stream.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Release);
+    }
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub max_num_seqs: usize,
+    pub max_queue: usize,
+    /// Context limit in tokens (prompt + generated).
+    pub max_model_len: usize,
+    /// Prompt tokens prefilled per step (across sequences).
+    pub prefill_chunk: usize,
+    pub threads: usize,
+    pub isa: Isa,
+    /// Watts per busy core for the host energy estimate when RAPL is absent.
+    pub host_watts_per_core: f64,
+}
+
+/// Live figures, shared with metrics readers.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub steps: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub cancelled: AtomicU64,
+    /// Modeled card energy, microjoules.
+    pub card_energy_uj: AtomicU64,
+    /// Host energy, microjoules.
+    pub host_energy_uj: AtomicU64,
+    /// Modeled wall time of the cards, nanoseconds.
+    pub modeled_ns: AtomicU64,
+    /// Unix millis of the last completed step (or of the last idle tick).
+    pub last_progress_ms: AtomicU64,
+    /// Whether the step loop has failed (panicked).
+    pub failed: AtomicBool,
+    /// Whether there is work in flight.
+    pub busy: AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+enum Cmd {
+    Submit(Box<Pending>),
+    Shutdown,
+}
+
+struct Pending {
+    req: Request,
+    tx: mpsc::Sender<Event>,
+    cancel: Arc<AtomicBool>,
+    arrived: Instant,
+}
+
+/// Hook for tests: a step panics when this is set.
+pub static INJECT_STEP_PANIC: AtomicBool = AtomicBool::new(false);
+
+/// The engine handle. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Engine {
+    tx: SyncSender<Cmd>,
+    pub stats: Arc<EngineStats>,
+    pub cards: Arc<Cards>,
+    pub config: EngineConfig,
+    pub host_energy_source: crate::energy::EnergySource,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts the engine thread over `cards`.
+    pub fn start(cards: Cards, config: EngineConfig) -> Engine {
+        let cards = Arc::new(cards);
+        let stats = Arc::new(EngineStats::default());
+        stats.last_progress_ms.store(now_ms(), Ordering::Release);
+        let (tx, rx) = sync_channel(config.max_queue.max(1));
+        let host = HostEnergy::new(config.host_watts_per_core);
+        let host_energy_source = host.source();
+        let worker = Worker::new(cards.clone(), config.clone(), stats.clone(), host);
+        let thread = std::thread::Builder::new()
+            .name("cardinal-engine".into())
+            .spawn(move || worker.run(rx))
+            .expect("spawn engine thread");
+        Engine { tx, stats, cards, config, host_energy_source, thread: Mutex::new(Some(thread)) }
+    }
+
+    /// Submits a request; events arrive on the returned stream.
+    pub fn submit(&self, req: Request) -> Result<Stream, SubmitError> {
+        if self.stats.failed.load(Ordering::Acquire) {
+            return Err(SubmitError::Stopped("a step failed; see the server log".into()));
+        }
+        if req.prompt.is_empty() {
+            return Err(SubmitError::Invalid("the prompt is empty: at least one token is needed".into()));
+        }
+        let vocab = self.cards.model().cfg.vocab;
+        if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(SubmitError::Invalid(format!("token id {bad} is out of range: the vocabulary has {vocab} tokens")));
+        }
+        if req.max_tokens == 0 {
+            return Err(SubmitError::Invalid("max_tokens must be at least 1".into()));
+        }
+        req.params.validate().map_err(SubmitError::Invalid)?;
+        let limit = self.config.max_model_len;
+        if req.prompt.len() + req.max_tokens > limit {
+            return Err(SubmitError::TooLong { prompt: req.prompt.len(), max_tokens: req.max_tokens, limit });
+        }
+        let tokens = req.prompt.len() + req.max_tokens;
+        for (c, kv) in self.cards.cards.iter().zip(self.cards.new_seq_caches()) {
+            let need = kv.bytes_to_reserve(tokens);
+            if need > c.kv.limit() {
+                return Err(SubmitError::NeverFits { need, card: format!("card {}", c.id), limit: c.kv.limit() });
+            }
+        }
+        let waiting = self.stats.waiting.fetch_add(1, Ordering::AcqRel);
+        if waiting >= self.config.max_queue {
+            self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::QueueFull(waiting));
+        }
+        let (tx, rx) = mpsc::channel(req.max_tokens + 4);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let p = Pending { req, tx, cancel: cancel.clone(), arrived: Instant::now() };
+        match self.tx.try_send(Cmd::Submit(Box::new(p))) {
+            Ok(()) => Ok(Stream { rx, cancel }),
+            Err(e) => {
+                self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull(self.config.max_queue),
+                    TrySendError::Disconnected(_) => SubmitError::Stopped("the engine thread has exited".into()),
+                })
+            }
+        }
+    }
+
+    /// Stops the engine thread after the current step; in-flight sequences end.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Cmd::Shutdown);
+        if let Some(t) = self.thread.lock().map(|mut g| g.take()).ok().flatten() {
+            let _ = t.join();
+        }
+    }
+
+    /// Bytes of KV in use on each card.
+    pub fn kv_used(&self) -> Vec<usize> {
+        self.cards.cards.iter().map(|c| c.kv.used()).collect()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Seq {
+    p: Pending,
+    tokens: Vec<u32>,
+    /// Positions already in the cache.
+    computed: usize,
+    generated: usize,
+    sampler: Sampler,
+    caches: Vec<SeqKv>,
+    admitted: Instant,
+    first_token: Option<Instant>,
+    card_joules: f64,
+    host_joules: f64,
+}
+
+struct Worker {
+    cards: Arc<Cards>,
+    cfg: EngineConfig,
+    stats: Arc<EngineStats>,
+    host: HostEnergy,
+    pool: Pool,
+}
+
+impl Worker {
+    fn new(cards: Arc<Cards>, cfg: EngineConfig, stats: Arc<EngineStats>, host: HostEnergy) -> Self {
+        let pool = Pool::new(cfg.threads.max(1));
+        Worker { cards, cfg, stats, host, pool }
+    }
+
+    fn run(self, rx: Receiver<Cmd>) {
+        let mut waiting: VecDeque<Pending> = VecDeque::new();
+        let mut running: Vec<Seq> = Vec::new();
+        let mut scratch = StepScratch::default();
+        loop {
+            // Take new commands; block only when there is nothing to do.
+            let idle = running.is_empty() && waiting.is_empty();
+            self.stats.busy.store(!idle, Ordering::Release);
+            let first = if idle {
+                match rx.recv_timeout(Duration::from_millis(500)) {
+                    Ok(c) => Some(c),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        self.stats.last_progress_ms.store(now_ms(), Ordering::Release);
+                        continue;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                None
+            };
+            for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                match cmd {
+                    Cmd::Submit(p) => waiting.push_back(*p),
+                    Cmd::Shutdown => {
+                        for s in running.drain(..) {
+                            let _ = s.p.tx.try_send(Event::Error("the server is shutting down".into()));
+                        }
+                        return;
+                    }
+                }
+            }
+            self.drop_cancelled(&mut waiting, &mut running);
+            self.admit(&mut waiting, &mut running);
+            if running.is_empty() {
+                continue;
+            }
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step(&mut running, &mut scratch)));
+            if result.is_err() {
+                self.stats.failed.store(true, Ordering::Release);
+                for s in running.drain(..) {
+                    let _ = s.p.tx.try_send(Event::Error("internal error: an engine step failed".into()));
+                }
+                for p in waiting.drain(..) {
+                    let _ = p.tx.try_send(Event::Error("internal error: an engine step failed".into()));
+                }
+                self.stats.running.store(0, Ordering::Release);
+                self.stats.waiting.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    fn drop_cancelled(&self, waiting: &mut VecDeque<Pending>, running: &mut Vec<Seq>) {
+        let before = waiting.len() + running.len();
+        waiting.retain(|p| !p.cancel.load(Ordering::Acquire) && !p.tx.is_closed());
+        let removed_waiting = before - running.len() - waiting.len();
+        self.stats.waiting.fetch_sub(removed_waiting, Ordering::AcqRel);
+        // Dropping a Seq drops its caches, which returns their blocks to each card.
+        running.retain(|s| !s.p.cancel.load(Ordering::Acquire) && !s.p.tx.is_closed());
+        let removed = before - waiting.len() - running.len();
+        self.stats.cancelled.fetch_add(removed as u64, Ordering::Relaxed);
+        self.stats.running.store(running.len(), Ordering::Release);
+    }
+
+    fn admit(&self, waiting: &mut VecDeque<Pending>, running: &mut Vec<Seq>) {
+        while running.len() < self.cfg.max_num_seqs {
+            let Some(p) = waiting.front() else { break };
+            let mut caches = self.cards.new_seq_caches();
+            let need = p.req.prompt.len() + p.req.max_tokens;
+            if self.cards.reserve(&mut caches, need).is_err() {
+                break; // Wait for running sequences to free their blocks.
+            }
+            let p = waiting.pop_front().expect("front exists");
+            self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
+            let sampler = Sampler::new(p.req.params.clone(), &p.req.prompt);
+            running.push(Seq {
+                tokens: p.req.prompt.clone(),
+                computed: 0,
+                generated: 0,
+                sampler,
+                caches,
+                admitted: Instant::now(),
+                first_token: None,
+                card_joules: 0.0,
+                host_joules: 0.0,
+                p,
+            });
+        }
+        self.stats.running.store(running.len(), Ordering::Release);
+    }
+
+    /// One engine step over the running set.
+    fn step(&self, running: &mut Vec<Seq>, scratch: &mut StepScratch) {
+        if INJECT_STEP_PANIC.load(Ordering::Acquire) {
+            panic!("injected step panic (test hook)");
+        }
+        let host0 = self.host.joules();
+        // Rows: every decoding sequence gives one; prefilling ones share the chunk budget.
+        let mut tokens = Vec::new();
+        let mut rows = Vec::new();
+        let mut logit_rows = Vec::new();
+        let mut owners = Vec::new(); // (running index, rows contributed, needs logits)
+        let mut budget = self.cfg.prefill_chunk.max(1);
+        let mut decode_rows = 0usize;
+        let mut prefill_rows = 0usize;
+        let mut step_seqs = Vec::new();
+        for (si, s) in running.iter().enumerate() {
+            let pending = s.tokens.len() - s.computed;
+            let take = if pending == 1 {
+                1
+            } else {
+                let t = pending.min(budget);
+                budget -= t;
+                t
+            };
+            if take == 0 {
+                continue;
+            }
+            let slot = step_seqs.len();
+            step_seqs.push(si);
+            for j in 0..take {
+                let pos = s.computed + j;
+                tokens.push(s.tokens[pos]);
+                rows.push(BatchRow { seq: slot, pos });
+            }
+            let done_prompt = s.computed + take == s.tokens.len();
+            if done_prompt {
+                logit_rows.push(rows.len() - 1);
+            }
+            if pending == 1 { decode_rows += 1 } else { prefill_rows += take }
+            owners.push((si, take, done_prompt));
+        }
+        let n_cards = self.cards.cards.len();
+        let micro = running.len().div_ceil(n_cards).max(1);
+        let passes = decode_rows.div_ceil(micro) + prefill_rows;
+        let mut caches: Vec<&mut [SeqKv]> = Vec::with_capacity(step_seqs.len());
+        {
+            let mut it = step_seqs.iter().peekable();
+            for (si, s) in running.iter_mut().enumerate() {
+                if it.peek() == Some(&&si) {
+                    it.next();
+                    caches.push(&mut s.caches[..]);
+                }
+            }
+        }
+        let modeled = self.cards.run_step(&self.pool, self.cfg.isa, &tokens, &rows, &mut caches, &logit_rows, passes, scratch);
+        drop(caches);
+        // Energy of this step: cards are active while busy, idle otherwise.
+        let spec = &self.cards.spec;
+        let card_j: f64 = self
+            .cards
+            .cards
+            .iter()
+            .map(|c| {
+                let busy = (c.stage_seconds * passes as f64).min(modeled);
+                spec.active_watts * busy + spec.idle_watts * (modeled - busy)
+            })
+            .sum();
+        let host_j = (self.host.joules() - host0).max(0.0);
+        self.stats.card_energy_uj.fetch_add((card_j * 1e6) as u64, Ordering::Relaxed);
+        self.stats.host_energy_uj.fetch_add((host_j * 1e6) as u64, Ordering::Relaxed);
+        self.stats.modeled_ns.fetch_add((modeled * 1e9) as u64, Ordering::Relaxed);
+        self.stats.prompt_tokens.fetch_add(prefill_rows as u64, Ordering::Relaxed);
+        let total_rows = rows.len().max(1) as f64;
+
+        let vocab = self.cards.model().cfg.vocab;
+        let mut finished = Vec::new();
+        let mut li = 0;
+        let now = Instant::now();
+        for &(si, take, needs_logits) in &owners {
+            let s = &mut running[si];
+            s.computed += take;
+            s.card_joules += card_j * take as f64 / total_rows;
+            s.host_joules += host_j * take as f64 / total_rows;
+            if !needs_logits {
+                continue;
+            }
+            let logits = &mut scratch.logits[li * vocab..(li + 1) * vocab];
+            li += 1;
+            let sampled = s.sampler.sample(logits, s.p.req.top_logprobs);
+            let id = sampled.id;
+            s.sampler.observe(id);
+            s.tokens.push(id);
+            s.generated += 1;
+            s.first_token.get_or_insert(now);
+            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            let is_stop = !s.p.req.ignore_eos && s.generated > s.p.req.min_tokens.saturating_sub(1) && s.p.req.stop_ids.contains(&id);
+            let reason = if is_stop {
+                Some(FinishReason::Stop)
+            } else if s.generated >= s.p.req.max_tokens || s.tokens.len() >= self.cfg.max_model_len {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            // The channel holds max_tokens + 4 events, so this cannot be full;
+            // a closed channel means the client left, handled as a cancel.
+            let _ = s.p.tx.try_send(Event::Token(sampled));
+            if let Some(reason) = reason {
+                finished.push((si, reason));
+            }
+        }
+        for &(si, reason) in finished.iter().rev() {
+            let s = running.swap_remove(si);
+            let ttft = s.first_token.map_or(0.0, |t| (t - s.p.arrived).as_secs_f64());
+            let done = Finished {
+                reason,
+                prompt_tokens: s.p.req.prompt.len(),
+                completion_tokens: s.generated,
+                queue_seconds: (s.admitted - s.p.arrived).as_secs_f64(),
+                ttft_seconds: ttft,
+                prefill_seconds: s.first_token.map_or(0.0, |t| (t - s.admitted).as_secs_f64()),
+                decode_seconds: s.first_token.map_or(0.0, |t| (now - t).as_secs_f64()),
+                card_joules: s.card_joules,
+                host_joules: s.host_joules,
+            };
+            let _ = s.p.tx.try_send(Event::Done(done));
+        }
+        self.stats.running.store(running.len(), Ordering::Release);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_progress_ms.store(now_ms(), Ordering::Release);
+    }
+}

@@ -1,0 +1,218 @@
+//! The cards at run time: each [`Card`] owns its parts of the model, a KV
+//! budget (its memory minus its weights) and counters for modeled busy time,
+//! ops and link traffic. [`Cards::run_step`] pushes one batch of rows
+//! through every card in order; between cards the hidden state crosses a
+//! link as int8 (A8) and the link charges its modeled cost. The hidden state
+//! is rounded to A8 at every part boundary, card edge or not, so the tokens
+//! do not depend on how the model is partitioned.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cardinal_kernels::{Isa, Pool, QActs, QMatrix};
+use cardinal_models::forward::{self, BatchRow, Workspace};
+use cardinal_models::kv::{KvBudget, KvShape, SeqKv};
+use cardinal_models::Model;
+
+use crate::card::CardSpec;
+use crate::plan::{PartKind, Plan};
+
+/// Errors building cards from a plan.
+#[derive(Debug, thiserror::Error)]
+pub enum CardError {
+    #[error("card {card}: weights of {weights} bytes exceed its memory of {memory} bytes")]
+    OverBudget { card: usize, weights: u64, memory: u64 },
+    #[error("card {card}: {what} is not supported by the engine (only the planner models it)")]
+    Unsupported { card: usize, what: String },
+}
+
+/// Counters of one card, readable from other threads.
+#[derive(Debug, Default)]
+pub struct CardCounters {
+    /// Modeled busy time, nanoseconds.
+    pub busy_ns: AtomicU64,
+    /// Multiply-accumulates at int4 weights.
+    pub ops_int4: AtomicU64,
+    /// Multiply-accumulates at int8 weights.
+    pub ops_int8: AtomicU64,
+    /// Bytes sent on the outgoing link.
+    pub link_bytes: AtomicU64,
+    /// Messages sent on the outgoing link.
+    pub link_messages: AtomicU64,
+}
+
+/// One emulated card.
+#[derive(Debug)]
+pub struct Card {
+    pub id: usize,
+    pub parts: Vec<PartKind>,
+    pub layers: Range<usize>,
+    /// Head shard rows held by this card (and the tied embedding rows).
+    pub head: Option<Arc<QMatrix>>,
+    pub embedding: bool,
+    pub weight_bytes: u64,
+    pub params: u64,
+    pub kv: Arc<KvBudget>,
+    pub counters: CardCounters,
+    pub stage_seconds: f64,
+}
+
+/// All cards of an engine, in pipeline order.
+#[derive(Debug)]
+pub struct Cards {
+    pub cards: Vec<Card>,
+    pub spec: CardSpec,
+    model: Arc<Model>,
+}
+
+/// Per-step scratch: activations and one workspace.
+#[derive(Debug, Default)]
+pub struct StepScratch {
+    x: Vec<f32>,
+    ws: Workspace,
+    link: QActs,
+    pub logits: Vec<f32>,
+}
+
+impl Cards {
+    /// Builds the cards of `plan` over `model`.
+    pub fn new(model: Arc<Model>, plan: &Plan, spec: &CardSpec) -> Result<Self, CardError> {
+        let mut cards = Vec::new();
+        for cp in &plan.per_card {
+            let mut layers: Option<Range<usize>> = None;
+            let mut head = None;
+            let mut embedding = false;
+            for p in &cp.parts {
+                match *p {
+                    PartKind::Embedding => embedding = true,
+                    PartKind::Layer { layer, of: 1, .. } => {
+                        layers = Some(match layers {
+                            None => layer..layer + 1,
+                            Some(r) => r.start..layer + 1,
+                        })
+                    }
+                    PartKind::Layer { .. } => {
+                        return Err(CardError::Unsupported { card: cp.card, what: format!("layer shard {p}") });
+                    }
+                    PartKind::Head { shard, of } => {
+                        let v = model.head.rows();
+                        let rows = v * shard / of..v * (shard + 1) / of;
+                        head = Some(if of == 1 { model.head.clone() } else { Arc::new(model.head.slice_rows(rows)) });
+                        embedding |= model.cfg.tied_embeddings;
+                    }
+                }
+            }
+            let weight_bytes = cp.weight_bytes;
+            if weight_bytes > spec.memory_bytes {
+                return Err(CardError::OverBudget { card: cp.card, weights: weight_bytes, memory: spec.memory_bytes });
+            }
+            cards.push(Card {
+                id: cp.card,
+                parts: cp.parts.clone(),
+                layers: layers.unwrap_or(0..0),
+                head,
+                embedding,
+                weight_bytes,
+                params: cp.params,
+                kv: KvBudget::new(format!("card {}", cp.card), (spec.memory_bytes - weight_bytes) as usize),
+                counters: CardCounters::default(),
+                stage_seconds: spec.stage_seconds(cp.params),
+            });
+        }
+        Ok(Cards { cards, spec: spec.clone(), model })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Fresh, empty caches of one sequence: one per card.
+    pub fn new_seq_caches(&self) -> Vec<SeqKv> {
+        let shape = KvShape::of(&self.model.cfg);
+        self.cards.iter().map(|c| SeqKv::new(shape, c.layers.len(), c.kv.clone())).collect()
+    }
+
+    /// Bytes every card would need to hold `tokens` tokens more for a sequence.
+    pub fn reserve(&self, caches: &mut [SeqKv], tokens: usize) -> Result<(), cardinal_models::kv::KvExhausted> {
+        // Check all cards first so a failure leaves nothing half-reserved.
+        for (c, kv) in self.cards.iter().zip(caches.iter()) {
+            let need = kv.bytes_to_reserve(tokens);
+            if c.kv.used() + need > c.kv.limit() {
+                return Err(cardinal_models::kv::KvExhausted { owner: format!("card {}", c.id), need, used: c.kv.used(), limit: c.kv.limit() });
+            }
+        }
+        for kv in caches.iter_mut() {
+            kv.reserve(tokens)?;
+        }
+        Ok(())
+    }
+
+    /// Runs one step: `tokens[i]` at `rows[i]` (seq = index into `caches`),
+    /// producing logits for `logit_rows` into `scratch.logits`
+    /// (`logit_rows.len() x vocab`). `passes` is the number of micro-batch
+    /// passes this step stands for on real cards; returns the modeled
+    /// seconds the step takes through the pipeline.
+    pub fn run_step(
+        &self,
+        pool: &Pool,
+        isa: Isa,
+        tokens: &[u32],
+        rows: &[BatchRow],
+        caches: &mut [&mut [SeqKv]],
+        logit_rows: &[usize],
+        passes: usize,
+        scratch: &mut StepScratch,
+    ) -> f64 {
+        let m = &self.model;
+        let cfg = &m.cfg;
+        let h = cfg.hidden;
+        let n = rows.len();
+        scratch.x.resize(n * h, 0.0);
+        forward::embed(m, tokens, &mut scratch.x[..n * h]);
+        let mut link_seconds = 0.0;
+        let last = self.cards.len() - 1;
+        for (ci, card) in self.cards.iter().enumerate() {
+            if !card.layers.is_empty() {
+                let mut seq_caches: Vec<&mut SeqKv> = caches.iter_mut().map(|c| &mut c[ci]).collect();
+                for (local, li) in card.layers.clone().enumerate() {
+                    forward::forward_layer(pool, isa, cfg, &m.layers[li], local, &mut scratch.x[..n * h], rows, &mut seq_caches, &mut scratch.ws);
+                    a8_roundtrip(isa, &mut scratch.link, &mut scratch.x[..n * h], n, h);
+                    let macs = (n * cfg.layer_params()) as u64;
+                    card.counters.ops_int4.fetch_add(macs, Ordering::Relaxed);
+                }
+            }
+            // The next card receives the hidden states as int8 plus one scale per group.
+            if ci < last {
+                let bytes = (n * (h + 4 * h / 32)) as u64;
+                card.counters.link_bytes.fetch_add(bytes, Ordering::Relaxed);
+                card.counters.link_messages.fetch_add(1, Ordering::Relaxed);
+                link_seconds += self.spec.link_seconds(ci, bytes);
+            }
+            let busy = card.stage_seconds * passes as f64;
+            card.counters.busy_ns.fetch_add((busy * 1e9) as u64, Ordering::Relaxed);
+        }
+        if !logit_rows.is_empty() {
+            let heads: Vec<&QMatrix> = self.cards.iter().filter_map(|c| c.head.as_deref()).collect();
+            forward::forward_head(pool, isa, cfg, &m.final_norm, &heads, &scratch.x[..n * h], logit_rows, &mut scratch.logits, &mut scratch.ws);
+            for c in self.cards.iter().filter(|c| c.head.is_some()) {
+                let rows = c.head.as_ref().map_or(0, |q| q.rows());
+                c.counters.ops_int8.fetch_add((logit_rows.len() * rows * h) as u64, Ordering::Relaxed);
+            }
+        }
+        // Pipelined: the first pass crosses every stage, later passes follow
+        // at the pace of the slowest stage.
+        let chain: f64 = self.cards.iter().map(|c| c.stage_seconds).sum();
+        let slowest = self.cards.iter().map(|c| c.stage_seconds).fold(0.0, f64::max);
+        chain + link_seconds + passes.saturating_sub(1) as f64 * slowest
+    }
+}
+
+/// Rounds a batch of hidden states through A8 (int8 per group of 32) and back.
+fn a8_roundtrip(isa: Isa, q: &mut QActs, x: &mut [f32], n: usize, h: usize) {
+    q.quantize(isa, x, n, h);
+    for i in 0..n {
+        q.dequantize_row(i, &mut x[i * h..(i + 1) * h]);
+    }
+}

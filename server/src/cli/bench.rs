@@ -1,0 +1,248 @@
+//! `cardinal bench` and `cardinal perplexity`: speed of prefill and decode
+//! (single stream, or K concurrent streams) with measured CPU figures next
+//! to the modeled card figures, and perplexity over a text file by
+//! llama.cpp's method.
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use cardinal_kernels::Pool;
+use cardinal_models::forward::BatchRow;
+use cardinal_pipeline::energy::peak_rss_bytes;
+use cardinal_pipeline::stages::StepScratch;
+use cardinal_pipeline::{Event, Request, SamplingParams};
+
+use super::generate::log_stderr;
+use crate::setup::{self, Limits, ModelArgs, Runtime};
+
+/// Flags of `bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt tokens for the prefill measurement.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens generated per stream.
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Concurrent streams for the aggregate decode measurement.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Repetitions; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `perplexity`.
+#[derive(clap::Args, Debug)]
+#[command(long_about = "Perplexity by llama.cpp's method: tokenize the whole file without BOS; \
+split it into non-overlapping windows of --ctx tokens, dropping the tail; evaluate each window \
+from an empty cache; score only the second half of each window (each position from ctx/2 to \
+ctx-2 predicts the next token); PPL = exp(mean negative log-likelihood).")]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text file.
+    #[arg(long)]
+    pub file: std::path::PathBuf,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Stop after this many windows (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub max_chunks: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn synthetic_prompt(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
+    let mut rng = cardinal_models::synthetic::SplitMix::new(0xBE9C ^ salt);
+    // Skip the first 100 ids, where tokenizers keep their special tokens.
+    (0..n).map(|_| 100 + (rng.next_u64() % (vocab as u64 - 100)) as u32).collect()
+}
+
+struct Round {
+    prefill_tps: f64,
+    decode_tps: f64,
+    wall_tokens_per_s: f64,
+    modeled_tps: f64,
+    card_jpt: f64,
+    host_jpt: f64,
+}
+
+fn one_round(rt: &Runtime, a: &BenchArgs, salt: u64) -> Result<Round> {
+    let vocab = rt.loaded.model.cfg.vocab;
+    let st = &rt.engine.stats;
+    let (tok0, modeled0, card0, host0) = (
+        st.generated_tokens.load(Ordering::Acquire),
+        st.modeled_ns.load(Ordering::Acquire),
+        st.card_energy_uj.load(Ordering::Acquire),
+        st.host_energy_uj.load(Ordering::Acquire),
+    );
+    let t0 = Instant::now();
+    let mut streams = Vec::new();
+    for k in 0..a.concurrency {
+        let req = Request {
+            prompt: synthetic_prompt(a.prompt_tokens, vocab, salt * 1000 + k as u64),
+            max_tokens: a.gen_tokens,
+            min_tokens: 0,
+            ignore_eos: true,
+            stop_ids: Vec::new(),
+            params: SamplingParams::greedy(),
+            top_logprobs: 0,
+        };
+        streams.push(rt.engine.submit(req)?);
+    }
+    let mut fins = Vec::new();
+    for mut s in streams {
+        loop {
+            match s.blocking_recv().context("engine stopped")? {
+                Event::Token(_) => {}
+                Event::Done(f) => {
+                    fins.push(f);
+                    break;
+                }
+                Event::Error(e) => bail!("bench request failed: {e}"),
+            }
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let generated = (st.generated_tokens.load(Ordering::Acquire) - tok0) as f64;
+    let modeled = (st.modeled_ns.load(Ordering::Acquire) - modeled0) as f64 / 1e9;
+    let f = &fins[0];
+    let decode_tps = if a.concurrency == 1 {
+        (f.completion_tokens - 1) as f64 / f.decode_seconds.max(1e-9)
+    } else {
+        // Aggregate: tokens after each stream's first, over the span of decoding.
+        let decode_span = fins.iter().map(|f| f.ttft_seconds + f.decode_seconds).fold(0.0, f64::max)
+            - fins.iter().map(|f| f.ttft_seconds).fold(f64::MAX, f64::min);
+        fins.iter().map(|f| (f.completion_tokens - 1) as f64).sum::<f64>() / decode_span.max(1e-9)
+    };
+    Ok(Round {
+        prefill_tps: f.prompt_tokens as f64 / f.prefill_seconds.max(1e-9),
+        decode_tps,
+        wall_tokens_per_s: generated / wall,
+        modeled_tps: generated / modeled.max(1e-12),
+        card_jpt: (st.card_energy_uj.load(Ordering::Acquire) - card0) as f64 / 1e6 / generated,
+        host_jpt: (st.host_energy_uj.load(Ordering::Acquire) - host0) as f64 / 1e6 / generated,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `bench`.
+pub fn run(a: BenchArgs) -> Result<ExitCode> {
+    if a.concurrency == 0 || a.reps == 0 || a.gen_tokens < 2 || a.prompt_tokens == 0 {
+        bail!("--concurrency, --reps and --prompt-tokens must be at least 1, --generated-tokens at least 2");
+    }
+    let limits = Limits { max_num_seqs: a.concurrency, max_queue: a.concurrency.max(4), max_model_len: None };
+    let rt = setup::start(&a.model, &limits, &mut log_stderr)?;
+    // Warm-up: page in weights and grow buffers.
+    one_round(&rt, &BenchArgs { gen_tokens: 8, reps: 1, json: a.json, concurrency: 1, prompt_tokens: a.prompt_tokens, model: a.model.clone() }, 999)?;
+    let rounds: Vec<Round> = (0..a.reps).map(|r| one_round(&rt, &a, r as u64)).collect::<Result<_>>()?;
+    let m = |f: fn(&Round) -> f64| median(rounds.iter().map(f).collect());
+    let util: Vec<f64> = {
+        let modeled = rt.engine.stats.modeled_ns.load(Ordering::Acquire) as f64;
+        rt.engine.cards.cards.iter().map(|c| c.counters.busy_ns.load(Ordering::Acquire) as f64 / modeled.max(1.0)).collect()
+    };
+    let j = serde_json::json!({
+        "model": rt.loaded.name,
+        "cards": rt.plan.cards,
+        "concurrency": a.concurrency,
+        "prompt_tokens": a.prompt_tokens,
+        "gen_tokens": a.gen_tokens,
+        "prefill_tokens_per_second": m(|r| r.prefill_tps),
+        "decode_tokens_per_second": m(|r| r.decode_tps),
+        "measured_tokens_per_second": m(|r| r.wall_tokens_per_s),
+        "modeled_card_tokens_per_second": m(|r| r.modeled_tps),
+        "modeled_card_joules_per_token": m(|r| r.card_jpt),
+        "host_joules_per_token": m(|r| r.host_jpt),
+        "host_energy_source": rt.engine.host_energy_source.label(),
+        "card_utilization": util,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "isa": rt.isa.to_string(),
+        "threads": rt.threads,
+    });
+    if a.json {
+        println!("{j}");
+    } else {
+        println!("model {}  cards {}  isa {}  threads {}  concurrency {}", rt.loaded.name, rt.plan.cards, rt.isa, rt.threads, a.concurrency);
+        println!("prefill  {:>9.1} tok/s  ({} prompt tokens, median of {})", j["prefill_tokens_per_second"].as_f64().unwrap_or(0.0), a.prompt_tokens, a.reps);
+        println!("decode   {:>9.1} tok/s  ({} tokens per stream)", j["decode_tokens_per_second"].as_f64().unwrap_or(0.0), a.gen_tokens);
+        println!("measured {:>9.1} tok/s end to end on this CPU", j["measured_tokens_per_second"].as_f64().unwrap_or(0.0));
+        println!("modeled  {:>9.1} tok/s on the cards", j["modeled_card_tokens_per_second"].as_f64().unwrap_or(0.0));
+        println!("energy   {:.3} mJ/token modeled cards, {:.3} mJ/token host ({})", 1e3 * j["modeled_card_joules_per_token"].as_f64().unwrap_or(0.0), 1e3 * j["host_joules_per_token"].as_f64().unwrap_or(0.0), rt.engine.host_energy_source.label());
+        println!("util     {}", util.iter().map(|u| format!("{:.0}%", u * 100.0)).collect::<Vec<_>>().join(" "));
+        println!("peak RSS {:.1} MiB", peak_rss_bytes() as f64 / (1 << 20) as f64);
+    }
+    rt.engine.shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `perplexity` over the cards directly (no sampling).
+pub fn perplexity(a: PerplexityArgs) -> Result<ExitCode> {
+    if a.ctx < 4 {
+        bail!("--ctx {}: must be at least 4", a.ctx);
+    }
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let rt = setup::start(&a.model, &Limits { max_num_seqs: 1, max_queue: 1, max_model_len: None }, &mut log_stderr)?;
+    let ids = rt.loaded.tokenizer()?.encode(&text, false)?;
+    let mut chunks = ids.len() / a.ctx;
+    if chunks == 0 {
+        bail!("{}: {} tokens is fewer than one window of --ctx {}", a.file.display(), ids.len(), a.ctx);
+    }
+    if a.max_chunks > 0 {
+        chunks = chunks.min(a.max_chunks);
+    }
+    let cards = &rt.engine.cards;
+    let pool = Pool::new(rt.threads);
+    let mut scratch = StepScratch::default();
+    let vocab = rt.loaded.model.cfg.vocab;
+    let first = a.ctx / 2;
+    let (mut nll, mut count) = (0.0f64, 0usize);
+    let t0 = Instant::now();
+    for c in 0..chunks {
+        let toks = &ids[c * a.ctx..(c + 1) * a.ctx];
+        let mut caches = cards.new_seq_caches();
+        cards.reserve(&mut caches, a.ctx)?;
+        // Prefill in slices of 256 rows; logits only for scored positions.
+        let mut start = 0;
+        while start < a.ctx {
+            let end = (start + 256).min(a.ctx);
+            let rows: Vec<BatchRow> = (start..end).map(|pos| BatchRow { seq: 0, pos }).collect();
+            let logit_rows: Vec<usize> = (start..end).filter(|&p| p >= first && p < a.ctx - 1).map(|p| p - start).collect();
+            let mut cs = [&mut caches[..]];
+            cards.run_step(&pool, rt.isa, &toks[start..end], &rows, &mut cs, &logit_rows, end - start, &mut scratch);
+            for (j, &r) in logit_rows.iter().enumerate() {
+                let l = &scratch.logits[j * vocab..(j + 1) * vocab];
+                let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = max as f64 + l.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln();
+                let target = toks[start + r + 1] as usize;
+                nll += lse - l[target] as f64;
+                count += 1;
+            }
+            start = end;
+        }
+        if !a.json {
+            eprintln!("[{}/{}] running ppl = {:.4}", c + 1, chunks, (nll / count as f64).exp());
+        }
+    }
+    let ppl = (nll / count as f64).exp();
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        println!("{}", serde_json::json!({"perplexity": ppl, "chunks": chunks, "ctx": a.ctx, "scored_tokens": count, "tokens_per_second": (chunks * a.ctx) as f64 / secs}));
+    } else {
+        println!("perplexity {ppl:.4} over {chunks} windows of {} tokens ({count} scored), {:.1} tok/s", a.ctx, (chunks * a.ctx) as f64 / secs);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,136 @@
+//! Start-up shared by every subcommand: parse the model argument, load the
+//! model, plan its cards (the fewest that fit unless `--cards` is given),
+//! build the cards and start the engine.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use cardinal_kernels::Isa;
+use cardinal_models::{LoadOptions, LoadedModel, ModelSource};
+use cardinal_pipeline::plan::{self, Plan};
+use cardinal_pipeline::stages::Cards;
+use cardinal_pipeline::{CardSpec, Engine, EngineConfig};
+
+/// Flags shared by every subcommand that runs a model.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// A .gguf file, a Hugging Face directory (config.json + *.safetensors +
+    /// tokenizer.json), "smollm2-135m-instruct" (fetched on first use with
+    /// pip), or synthetic:tiny | synthetic:granite-3b | synthetic:granite-8b.
+    #[arg(long, env = "CARDINAL_MODEL", default_value = "smollm2-135m-instruct")]
+    pub model: String,
+    /// Number of emulated cards (default: the fewest that fit).
+    #[arg(long, env = "CARDINAL_CARDS")]
+    pub cards: Option<usize>,
+    /// TOML file overriding card spec fields (see ARCHITECTURE.md).
+    #[arg(long, env = "CARDINAL_CARD_SPEC")]
+    pub card_spec: Option<PathBuf>,
+    /// Card memory for weights and KV, MiB (overrides the spec file).
+    #[arg(long)]
+    pub card_memory_mib: Option<u64>,
+    /// Worker threads for the kernels (default: all cores).
+    #[arg(long, env = "CARDINAL_THREADS")]
+    pub threads: Option<usize>,
+    /// Seed for synthetic weights.
+    #[arg(long, default_value_t = 0)]
+    pub weight_seed: u64,
+    /// Quantize float checkpoints to int8 instead of int4.
+    #[arg(long)]
+    pub hf_int8: bool,
+}
+
+impl ModelArgs {
+    /// The card spec from defaults, the file and single flags.
+    pub fn spec(&self) -> Result<CardSpec> {
+        let mut spec = match &self.card_spec {
+            Some(p) => CardSpec::from_toml_file(p)?,
+            None => CardSpec::default(),
+        };
+        if let Some(m) = self.card_memory_mib {
+            spec.memory_bytes = m.checked_mul(1 << 20).context("--card-memory-mib is too large")?;
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Threads to use.
+    pub fn threads(&self) -> Result<usize> {
+        let all = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        match self.threads {
+            Some(0) => bail!("--threads 0: must be at least 1"),
+            Some(t) if t > 256 => bail!("--threads {t}: must be at most 256"),
+            Some(t) => Ok(t),
+            None => Ok(all),
+        }
+    }
+}
+
+/// A loaded model running on its cards.
+pub struct Runtime {
+    pub loaded: Arc<LoadedModel>,
+    pub plan: Plan,
+    pub engine: Arc<Engine>,
+    pub isa: Isa,
+    pub threads: usize,
+}
+
+/// Engine limits for a runtime.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_num_seqs: usize,
+    pub max_queue: usize,
+    pub max_model_len: Option<usize>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_num_seqs: 16, max_queue: 64, max_model_len: None }
+    }
+}
+
+/// Loads the model, plans the cards and starts the engine.
+pub fn start(args: &ModelArgs, limits: &Limits, log: &mut dyn FnMut(&str)) -> Result<Runtime> {
+    let isa = cardinal_kernels::init_isa()?;
+    let threads = args.threads()?;
+    let spec = args.spec()?;
+    let source = ModelSource::parse(&args.model)?;
+    let opts = LoadOptions {
+        seed: args.weight_seed,
+        hf_bits: if args.hf_int8 { cardinal_models::hf::LoadBits::Int8 } else { cardinal_models::hf::LoadBits::Int4 },
+    };
+    let loaded = cardinal_models::load(&source, &opts, log)?;
+    let cfg = &loaded.model.cfg;
+    let max_model_len = match limits.max_model_len {
+        Some(0) => bail!("--max-model-len 0: must be at least 1"),
+        Some(l) if l > cfg.ctx_len => bail!("--max-model-len {l} exceeds the model's context length of {}", cfg.ctx_len),
+        Some(l) => l,
+        None => cfg.ctx_len.min(8192),
+    };
+    if limits.max_num_seqs == 0 {
+        bail!("--max-num-seqs 0: must be at least 1");
+    }
+    // Plan for every running sequence at a typical context: a quarter of the
+    // limit, so cards hold weights plus a realistic cache (admission enforces
+    // the real per-request need at run time).
+    let parts = plan::parts_of_model(&loaded.model);
+    let plan_ctx = (max_model_len / 4).max(256).min(max_model_len);
+    let plan = plan::plan(&parts, &spec, limits.max_num_seqs, plan_ctx, args.cards)
+        .or_else(|e| if args.cards.is_none() { plan::plan(&parts, &spec, 1, 256.min(max_model_len), None) } else { Err(e) })?;
+    let loaded = Arc::new(loaded);
+    let model = loaded.model.clone();
+    let cards = Cards::new(model, &plan, &spec)?;
+    let engine = Engine::start(
+        cards,
+        EngineConfig {
+            max_num_seqs: limits.max_num_seqs,
+            max_queue: limits.max_queue,
+            max_model_len,
+            prefill_chunk: 256,
+            threads,
+            isa,
+            host_watts_per_core: 10.0,
+        },
+    );
+    Ok(Runtime { loaded, plan, engine: Arc::new(engine), isa, threads })
+}
