@@ -167,6 +167,62 @@ async fn completions_without_usage_counts_chunks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_server_and_non_streaming() {
+    // A server that rejects the vLLM extensions: the probe drops them, the
+    // run goes on with max_tokens only, and the report says so.
+    let script = Script {
+        ttft_ms: 10,
+        gap_ms: 10,
+        reject_extensions: true,
+        ..Script::default()
+    };
+    let stub = Stub::start(script.clone()).await;
+    let r = run_ok(args(
+        &stub.url,
+        &["--requests", "3", "--output-tokens", "11"],
+    ))
+    .await;
+    let s = &r.levels[0].stats;
+    assert_eq!((s.ok, s.errors.total), (3, 0));
+    assert!(s.output_forcing.is_none());
+    assert!(!r.target.as_ref().unwrap().length_forcing_sent);
+    assert!(
+        r.notes.iter().any(|n| n.contains("continuous_usage_stats")),
+        "{:?}",
+        r.notes
+    );
+    assert!(
+        r.notes.iter().any(|n| n.contains("not forced")),
+        "{:?}",
+        r.notes
+    );
+    let last = stub.bodies().pop().unwrap();
+    assert!(last.get("ignore_eos").is_none() && last["max_tokens"] == 11);
+    // Without streaming: E2E and usage counts, no TTFT or ITL.
+    let stub = Stub::start(script).await;
+    let r = run_ok(args(
+        &stub.url,
+        &[
+            "--requests",
+            "3",
+            "--no-stream",
+            "--no-extensions",
+            "--slo",
+            "ttft=10000",
+        ],
+    ))
+    .await;
+    let s = &r.levels[0].stats;
+    assert_eq!(s.ok, 3);
+    assert!(s.ttft_ms.is_none() && s.itl_ms.is_none());
+    within(s.e2e_ms.unwrap().p50, 60.0, 80.0, "E2E p50");
+    assert_eq!(s.output_tokens, 3 * 11);
+    assert_eq!(s.token_count_source, "usage");
+    assert_eq!(s.goodput.as_ref().unwrap().good_requests, 3);
+    assert!(stub.bodies()[0].get("stream_options").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_class_is_counted() {
     let script = Script {
         ttft_ms: 10,

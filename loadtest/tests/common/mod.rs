@@ -63,6 +63,9 @@ pub struct Script {
     /// Die when this many completion requests have arrived: that request
     /// and all in-flight ones are cut, later connections are refused.
     pub die_at_request: Option<usize>,
+    /// Answer 400 to requests carrying the vLLM extensions, as a strict
+    /// server would.
+    pub reject_extensions: bool,
 }
 
 impl Default for Script {
@@ -79,6 +82,7 @@ impl Default for Script {
             tokenize: true,
             metrics: true,
             die_at_request: None,
+            reject_extensions: false,
         }
     }
 }
@@ -298,10 +302,51 @@ async fn serve(
             state.bodies.lock().unwrap().push(v.clone());
             let behavior = script.behaviors[(n - 1) % script.behaviors.len()];
             let chat = path == "/v1/chat/completions";
-            stream_completion(&mut sock, &script, &state, &v, behavior, chat).await;
+            let extension = v.get("ignore_eos").is_some()
+                || v.get("min_tokens").is_some()
+                || v["stream_options"].get("continuous_usage_stats").is_some();
+            if script.reject_extensions && extension {
+                let b = json!({"error": {"message": "unknown field", "type": "invalid_request_error", "param": "ignore_eos", "code": 400}});
+                respond(
+                    &mut sock,
+                    "400 Bad Request",
+                    "application/json",
+                    &b.to_string(),
+                )
+                .await;
+            } else if v["stream"] == json!(false) {
+                whole_completion(&mut sock, &script, &state, &v, chat).await;
+            } else {
+                stream_completion(&mut sock, &script, &state, &v, behavior, chat).await;
+            }
         }
         _ => respond(&mut sock, "404 Not Found", "text/plain", "not found").await,
     }
+}
+
+async fn whole_completion(
+    sock: &mut TcpStream,
+    script: &Script,
+    state: &State,
+    req: &Value,
+    chat: bool,
+) {
+    tokio::time::sleep(Duration::from_millis(
+        script.ttft_ms + script.gap_ms * (script.chunks - 1),
+    ))
+    .await;
+    let n = script.output_tokens();
+    state.generation_tokens.fetch_add(n, Ordering::SeqCst);
+    let text = "tok ".repeat(n as usize);
+    let choice = if chat {
+        json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
+    } else {
+        json!({"index": 0, "text": text, "finish_reason": "length"})
+    };
+    let p = stub_token_count(&prompt_text(req));
+    let b = json!({"id": "cmpl-stub", "object": "chat.completion", "choices": [choice],
+                   "usage": {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}});
+    respond(sock, "200 OK", "application/json", &b.to_string()).await;
 }
 
 async fn stream_completion(
