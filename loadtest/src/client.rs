@@ -37,6 +37,8 @@ pub struct Target {
     pub continuous_usage: bool,
     /// Whole-request timeout.
     pub timeout: Duration,
+    /// The `/tokenize` body key.
+    tokenize_key: &'static str,
 }
 
 /// The error and its sources, joined by ": ".
@@ -81,6 +83,7 @@ impl Target {
             force_length: false,
             continuous_usage: false,
             timeout,
+            tokenize_key: "prompt",
         })
     }
 
@@ -126,12 +129,14 @@ impl Target {
             .ok_or_else(|| anyhow!("GET {url}: no model in `data`"))
     }
 
-    /// Token count of `text` from `POST /tokenize` (`{"prompt": …}` →
-    /// `{"count": n}` or `{"tokens": [...]}`); `None` if the server has no
+    /// Token count of `text` from `POST /tokenize`: the body is
+    /// `{"prompt": text}` (Cardinal, vLLM), or `{"content": text}` (llama.cpp)
+    /// once [`Target::detect_tokenize`] found that shape; the answer is
+    /// `{"count": n}` or `{"tokens": [...]}`. `None` if the server has no
     /// such endpoint or it fails.
     pub async fn tokenize(&self, text: &str) -> Option<u64> {
         let url = format!("{}/tokenize", self.base);
-        let body = json!({"model": self.model, "prompt": text, "add_special_tokens": false});
+        let body = json!({ self.tokenize_key: text });
         let fut = async {
             let resp = self
                 .auth(self.http.post(&url))
@@ -153,6 +158,19 @@ impl Target {
             .await
             .ok()
             .flatten()
+    }
+
+    /// Finds which `/tokenize` body the server takes, trying `prompt` then
+    /// `content`; returns whether one works.
+    pub async fn detect_tokenize(&mut self) -> bool {
+        for key in ["prompt", "content"] {
+            self.tokenize_key = key;
+            if self.tokenize("hello world").await.is_some() {
+                return true;
+            }
+        }
+        self.tokenize_key = "prompt";
+        false
     }
 
     /// Scrapes the metrics endpoint; `None` if absent or unreachable.

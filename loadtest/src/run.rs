@@ -98,7 +98,11 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>, mode: ProgressMode) ->
     let source = match &args.dataset {
         Some(path) => Source::Dataset(workload::load_dataset(path)?),
         None => {
-            let lm = workload::calibrate(&target, args.seed).await;
+            let lm = if target.detect_tokenize().await {
+                workload::calibrate(&target, args.seed).await
+            } else {
+                workload::LengthModel::ESTIMATE
+            };
             if !lm.measured {
                 notes.push("the server has no working POST /tokenize: synthetic prompt lengths are approximated at one token per word".to_string());
             } else if args.requests > workload::MAX_TOKENIZED_PER_LEVEL {

@@ -99,6 +99,13 @@ pub struct LengthModel {
 }
 
 impl LengthModel {
+    /// One token per word, not measured.
+    pub const ESTIMATE: LengthModel = LengthModel {
+        tokens_per_word: 1.0,
+        intercept: 0.0,
+        measured: false,
+    };
+
     /// Estimated tokens of `words` words.
     pub fn tokens(&self, words: usize) -> u64 {
         (self.intercept + self.tokens_per_word * words as f64)
@@ -135,11 +142,7 @@ pub async fn calibrate(target: &Target, seed: u64) -> LengthModel {
                 measured: true,
             }
         }
-        _ => LengthModel {
-            tokens_per_word: 1.0,
-            intercept: 0.0,
-            measured: false,
-        },
+        _ => LengthModel::ESTIMATE,
     }
 }
 
