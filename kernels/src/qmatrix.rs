@@ -332,6 +332,24 @@ impl QMatrix {
         self.data.len() + 2 * (self.scales.len() + self.mins.len())
     }
 
+    /// The `(scale, min)` of group `g` (columns `32g..32g+32`) of row `r`.
+    pub fn group_params(&self, r: usize, g: usize) -> (f32, f32) {
+        let ng = self.shape.groups;
+        assert!(
+            r < self.rows && g < ng,
+            "group_params: row {r} group {g} out of range"
+        );
+        (
+            self.scales[r * ng + g].to_f32(),
+            self.mins[r * ng + g].to_f32(),
+        )
+    }
+
+    /// The unsigned quantized value of row `r`, column `c` (0..=15 or 0..=255).
+    pub fn quant(&self, r: usize, c: usize) -> u8 {
+        self.u_at(r, c)
+    }
+
     /// The unsigned quantized value of row `r`, column `c`.
     fn u_at(&self, r: usize, c: usize) -> u8 {
         let p = elem_pos(&self.shape, c / G, c % G);

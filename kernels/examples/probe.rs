@@ -1,0 +1,70 @@
+//! Quick best-of-N matvec throughput probe (less noisy than criterion on a busy
+//! machine): `cargo run --release -p cardinal-kernels --example probe [isa] [m]`.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use cardinal_kernels::{Isa, QActs, QMatrix, matmul_rows};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let isa: Isa = args.get(1).map_or(Isa::best(), |s| s.parse().expect("isa"));
+    let m: usize = args.get(2).map_or(1, |s| s.parse().expect("m"));
+    let mut seed = 1u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let custom: Option<(usize, usize, u8)> = args.get(3).map(|s| {
+        let v: Vec<usize> = s
+            .split(',')
+            .map(|x| x.parse().expect("rows,cols,bits"))
+            .collect();
+        (v[0], v[1], v[2] as u8)
+    });
+    let default = [
+        (576, 576, 4),
+        (1536, 576, 4),
+        (576, 1536, 4),
+        (49152, 576, 8),
+        (4096, 4096, 4),
+        (14336, 4096, 4),
+        (4096, 14336, 4),
+    ];
+    let shapes: Vec<(usize, usize, u8)> = custom.map_or(default.to_vec(), |c| vec![c]);
+    for (rows, cols, bits) in shapes {
+        let (bsz, nq) = if bits == 4 { (18, 16) } else { (34, 32) };
+        let mut raw = Vec::with_capacity(rows * cols / 32 * bsz);
+        for _ in 0..rows * cols / 32 {
+            raw.extend_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+            raw.extend((0..nq).map(|_| next() as u8));
+        }
+        let w = if bits == 4 {
+            QMatrix::from_ggml_q4_0(rows, cols, &raw).unwrap()
+        } else {
+            QMatrix::from_ggml_q8_0(rows, cols, &raw).unwrap()
+        };
+        let x: Vec<f32> = (0..m * cols)
+            .map(|_| (next() % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let mut a = QActs::new();
+        a.quantize(isa, &x, m, cols);
+        let mut out = vec![0.0; m * rows];
+        let reps = (200_000_000 / w.size_bytes()).clamp(3, 2000);
+        let mut best = f64::MAX;
+        for _ in 0..7 {
+            let t = Instant::now();
+            for _ in 0..reps {
+                matmul_rows(isa, &w, black_box(&a), 0..rows, &mut out);
+            }
+            best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+        }
+        println!(
+            "{isa} m={m} {rows}x{cols} q{bits}: {:8.1} us  {:6.1} GB/s",
+            best * 1e6,
+            w.size_bytes() as f64 / best / 1e9
+        );
+    }
+}

@@ -1,0 +1,257 @@
+//! AVX-512 VNNI batched kernels (m > 1): each 16-group step of a weight row is
+//! loaded and nibble-expanded once, then multiplied with a tile of up to
+//! `MAX_TILE` activation rows, so the weights are read from memory once per call.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::{
+    combine, fold_halves, nibbles, pair_nibbles, pair_scales, reduce, single_nibbles, single_scales,
+};
+use crate::layout::{CG, CHUNK, G, RowShape};
+use crate::matmul::{ActRow, Out, WRow, tiles};
+use crate::{QActs, QMatrix};
+
+/// Activation rows processed per pass over a weight row.
+const MAX_TILE: usize = 4;
+
+/// Batched kernel for weight rows `rows`.
+///
+/// # Safety
+/// Same contract as `crate::matmul::run`; the CPU has the features enabled below.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
+    let shape = *w.shape();
+    let acts: Vec<ActRow> = (0..a.m()).map(|i| ActRow::new(a, i)).collect();
+    for r in rows {
+        let wr = WRow::new(w, r);
+        tiles(a.m(), MAX_TILE, |i0, n| {
+            let at = &acts[i0..i0 + n];
+            let mut y = [0.0f32; MAX_TILE];
+            // SAFETY: `wr` and `at` point at full rows of `w` and `a`, whose
+            // shapes match `shape` (checked by the caller); the CPU features are
+            // guaranteed by this function's contract.
+            unsafe {
+                match (w.bits(), n) {
+                    (4, 1) => row4::<1>(wr, &shape, at, &mut y),
+                    (4, 2) => row4::<2>(wr, &shape, at, &mut y),
+                    (4, 3) => row4::<3>(wr, &shape, at, &mut y),
+                    (4, _) => row4::<4>(wr, &shape, at, &mut y),
+                    (_, 1) => row8::<1>(wr, &shape, at, &mut y),
+                    (_, 2) => row8::<2>(wr, &shape, at, &mut y),
+                    (_, 3) => row8::<3>(wr, &shape, at, &mut y),
+                    (_, _) => row8::<4>(wr, &shape, at, &mut y),
+                }
+            }
+            for (k, &v) in y[..n].iter().enumerate() {
+                // SAFETY: i0 + k < m and r is in this call's rows (caller contract).
+                unsafe { out.write(i0 + k, r, v) };
+            }
+        });
+    }
+}
+
+/// Add the tail groups (after the chunks) of a 4-bit row to the accumulators.
+///
+/// # Safety
+/// As for [`row4`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn tail4<const M: usize>(
+    w: WRow,
+    shape: &RowShape,
+    act: &[ActRow; M],
+    facc: &mut [__m512; M],
+    macc: &mut [__m512; M],
+) {
+    let gt = shape.chunks * CG;
+    let mut t = 0;
+    // SAFETY: tail groups gt..groups are inside both rows (caller contract).
+    unsafe {
+        while t + 1 < shape.tail {
+            let g = gt + t;
+            let wz = pair_nibbles(w.data.add(g * G / 2));
+            for i in 0..M {
+                let qv = _mm512_loadu_si512(act[i].q.add(g * G).cast());
+                let v = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wz, qv);
+                let (ds, mt) = pair_scales(w, act[i], g);
+                facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), ds, facc[i]);
+                macc[i] = _mm512_add_ps(macc[i], _mm512_zextps128_ps512(mt));
+            }
+            t += 2;
+        }
+        if t < shape.tail {
+            let g = gt + t;
+            let wy = single_nibbles(w.data.add(g * G / 2));
+            for i in 0..M {
+                let qv = _mm256_loadu_si256(act[i].q.add(g * G).cast());
+                let v = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wy, qv);
+                let (ds, mt) = single_scales(w, act[i], g);
+                let f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), ds);
+                facc[i] = _mm512_add_ps(facc[i], _mm512_zextps256_ps512(f));
+                macc[i] = _mm512_add_ps(macc[i], _mm512_zextps128_ps512(mt));
+            }
+        }
+    }
+}
+
+/// One 4-bit weight row against `M` activation rows; results in `y[..M]`.
+///
+/// # Safety
+/// `w` and every `acts[..M]` point at complete rows of shape `shape`; CPU has the features.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+unsafe fn row4<const M: usize>(
+    w: WRow,
+    shape: &RowShape,
+    acts: &[ActRow],
+    y: &mut [f32; MAX_TILE],
+) {
+    let act: [ActRow; M] = std::array::from_fn(|i| acts[i]);
+    let zero = _mm512_setzero_si512();
+    let mut facc = [_mm512_setzero_ps(); M];
+    let mut macc = [_mm512_setzero_ps(); M];
+    // SAFETY: every offset below stays inside the rows: pair p covers bytes
+    // p*256..p*256+256 of the packed row and elements p*512..p*512+512 of the
+    // activation rows, groups p*16..p*16+16; the odd chunk and the tail are
+    // bounded by `shape` in the same way (layout in `crate::layout`).
+    unsafe {
+        for p in 0..shape.chunks / 2 {
+            let wp = w.data.add(p * CHUNK);
+            let (l0, h0) = nibbles(_mm512_loadu_si512(wp.cast()));
+            let (l1, h1) = nibbles(_mm512_loadu_si512(wp.add(64).cast()));
+            let (l2, h2) = nibbles(_mm512_loadu_si512(wp.add(128).cast()));
+            let (l3, h3) = nibbles(_mm512_loadu_si512(wp.add(192).cast()));
+            let g = p * 2 * CG;
+            let s = _mm512_cvtph_ps(_mm256_loadu_si256(w.sc.add(g).cast()));
+            let mv = _mm512_cvtph_ps(_mm256_loadu_si256(w.mn.add(g).cast()));
+            for i in 0..M {
+                let q = act[i].q.add(p * 2 * CHUNK);
+                let ld = |o: usize| _mm512_loadu_si512(q.add(o).cast());
+                let x = _mm512_dpbusd_epi32(zero, l0, ld(0));
+                let x = _mm512_dpbusd_epi32(x, h0, ld(128));
+                let x = _mm512_dpbusd_epi32(x, l1, ld(64));
+                let x = _mm512_dpbusd_epi32(x, h1, ld(192));
+                let z = _mm512_dpbusd_epi32(zero, l2, ld(256));
+                let z = _mm512_dpbusd_epi32(z, h2, ld(384));
+                let z = _mm512_dpbusd_epi32(z, l3, ld(320));
+                let z = _mm512_dpbusd_epi32(z, h3, ld(448));
+                let isum = _mm512_cvtepi32_ps(combine(x, z));
+                let ds = _mm512_mul_ps(s, _mm512_loadu_ps(act[i].d.add(g)));
+                facc[i] = _mm512_fmadd_ps(isum, ds, facc[i]);
+                macc[i] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(act[i].sd.add(g)), macc[i]);
+            }
+        }
+        if shape.chunks % 2 == 1 {
+            let c = shape.chunks - 1;
+            let wp = w.data.add(c * CHUNK / 2);
+            let (l0, h0) = nibbles(_mm512_loadu_si512(wp.cast()));
+            let (l1, h1) = nibbles(_mm512_loadu_si512(wp.add(64).cast()));
+            let g = c * CG;
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(w.sc.add(g).cast()));
+            let mv = _mm256_cvtph_ps(_mm_loadu_si128(w.mn.add(g).cast()));
+            for i in 0..M {
+                let q = act[i].q.add(c * CHUNK);
+                let ld = |o: usize| _mm512_loadu_si512(q.add(o).cast());
+                let x = _mm512_dpbusd_epi32(zero, l0, ld(0));
+                let x = _mm512_dpbusd_epi32(x, h0, ld(128));
+                let x = _mm512_dpbusd_epi32(x, l1, ld(64));
+                let x = _mm512_dpbusd_epi32(x, h1, ld(192));
+                let isum = _mm256_cvtepi32_ps(fold_halves(x));
+                let ds = _mm256_mul_ps(s, _mm256_loadu_ps(act[i].d.add(g)));
+                let f = _mm256_fmadd_ps(
+                    isum,
+                    ds,
+                    _mm256_mul_ps(mv, _mm256_loadu_ps(act[i].sd.add(g))),
+                );
+                facc[i] = _mm512_add_ps(facc[i], _mm512_zextps256_ps512(f));
+            }
+        }
+        tail4(w, shape, &act, &mut facc, &mut macc);
+    }
+    let acc: [__m512; M] = std::array::from_fn(|i| _mm512_add_ps(facc[i], macc[i]));
+    reduce(&acc, y);
+}
+
+/// One 8-bit weight row against `M` activation rows; results in `y[..M]`.
+///
+/// # Safety
+/// As for [`row4`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+unsafe fn row8<const M: usize>(
+    w: WRow,
+    shape: &RowShape,
+    acts: &[ActRow],
+    y: &mut [f32; MAX_TILE],
+) {
+    let act: [ActRow; M] = std::array::from_fn(|i| acts[i]);
+    let zero = _mm512_setzero_si512();
+    let mut facc = [_mm512_setzero_ps(); M];
+    let mut macc = [_mm512_setzero_ps(); M];
+    // SAFETY: pair p covers bytes (= elements) p*512..p*512+512 of both the
+    // weight and activation rows and groups p*16..p*16+16; the odd chunk and the
+    // tail groups are bounded by `shape` likewise.
+    unsafe {
+        for p in 0..shape.chunks / 2 {
+            let wp = w.data.add(p * 2 * CHUNK);
+            let wv: [__m512i; 8] =
+                std::array::from_fn(|k| _mm512_loadu_si512(wp.add(64 * k).cast()));
+            let g = p * 2 * CG;
+            let s = _mm512_cvtph_ps(_mm256_loadu_si256(w.sc.add(g).cast()));
+            let mv = _mm512_cvtph_ps(_mm256_loadu_si256(w.mn.add(g).cast()));
+            for i in 0..M {
+                let q = act[i].q.add(p * 2 * CHUNK);
+                let ld = |o: usize| _mm512_loadu_si512(q.add(o).cast());
+                let x = _mm512_dpbusd_epi32(zero, wv[0], ld(0));
+                let x = _mm512_dpbusd_epi32(x, wv[1], ld(64));
+                let x = _mm512_dpbusd_epi32(x, wv[2], ld(128));
+                let x = _mm512_dpbusd_epi32(x, wv[3], ld(192));
+                let z = _mm512_dpbusd_epi32(zero, wv[4], ld(256));
+                let z = _mm512_dpbusd_epi32(z, wv[5], ld(320));
+                let z = _mm512_dpbusd_epi32(z, wv[6], ld(384));
+                let z = _mm512_dpbusd_epi32(z, wv[7], ld(448));
+                let isum = _mm512_cvtepi32_ps(combine(x, z));
+                let ds = _mm512_mul_ps(s, _mm512_loadu_ps(act[i].d.add(g)));
+                facc[i] = _mm512_fmadd_ps(isum, ds, facc[i]);
+                macc[i] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(act[i].sd.add(g)), macc[i]);
+            }
+        }
+        if shape.chunks % 2 == 1 {
+            let c = shape.chunks - 1;
+            let wp = w.data.add(c * CHUNK);
+            let wv: [__m512i; 4] =
+                std::array::from_fn(|k| _mm512_loadu_si512(wp.add(64 * k).cast()));
+            let g = c * CG;
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(w.sc.add(g).cast()));
+            let mv = _mm256_cvtph_ps(_mm_loadu_si128(w.mn.add(g).cast()));
+            for i in 0..M {
+                let q = act[i].q.add(c * CHUNK);
+                let ld = |o: usize| _mm512_loadu_si512(q.add(o).cast());
+                let x = _mm512_dpbusd_epi32(zero, wv[0], ld(0));
+                let x = _mm512_dpbusd_epi32(x, wv[1], ld(64));
+                let x = _mm512_dpbusd_epi32(x, wv[2], ld(128));
+                let x = _mm512_dpbusd_epi32(x, wv[3], ld(192));
+                let isum = _mm256_cvtepi32_ps(fold_halves(x));
+                let ds = _mm256_mul_ps(s, _mm256_loadu_ps(act[i].d.add(g)));
+                let f = _mm256_fmadd_ps(
+                    isum,
+                    ds,
+                    _mm256_mul_ps(mv, _mm256_loadu_ps(act[i].sd.add(g))),
+                );
+                facc[i] = _mm512_add_ps(facc[i], _mm512_zextps256_ps512(f));
+            }
+        }
+        for g in shape.chunks * CG..shape.groups {
+            let wb = _mm256_loadu_si256(w.data.add(g * G).cast());
+            for i in 0..M {
+                let qv = _mm256_loadu_si256(act[i].q.add(g * G).cast());
+                let v = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wb, qv);
+                let (ds, mt) = single_scales(w, act[i], g);
+                let f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), ds);
+                facc[i] = _mm512_add_ps(facc[i], _mm512_zextps256_ps512(f));
+                macc[i] = _mm512_add_ps(macc[i], _mm512_zextps128_ps512(mt));
+            }
+        }
+    }
+    let acc: [__m512; M] = std::array::from_fn(|i| _mm512_add_ps(facc[i], macc[i]));
+    reduce(&acc, y);
+}
