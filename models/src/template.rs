@@ -65,8 +65,14 @@ impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             Kind::Jinja { env, bos, eos } => {
-                let len = env.get_template(TEMPLATE_NAME).map(|t| t.source().len()).unwrap_or(0);
-                write!(f, "ChatTemplate(jinja, {len} bytes, bos={bos:?}, eos={eos:?})")
+                let len = env
+                    .get_template(TEMPLATE_NAME)
+                    .map(|t| t.source().len())
+                    .unwrap_or(0);
+                write!(
+                    f,
+                    "ChatTemplate(jinja, {len} bytes, bos={bos:?}, eos={eos:?})"
+                )
             }
             Kind::ChatMl => write!(f, "ChatTemplate(chatml)"),
         }
@@ -190,7 +196,10 @@ impl std::io::Write for CappedWriter {
 
 /// A one-line description of a minijinja error with its line number.
 fn describe(e: &Error) -> String {
-    let what = e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string());
+    let what = e
+        .detail()
+        .map(str::to_string)
+        .unwrap_or_else(|| e.kind().to_string());
     match e.line() {
         Some(line) => format!("{what} (line {line})"),
         None => what,
@@ -223,7 +232,10 @@ fn render_error(e: &Error) -> ModelError {
 
 /// `raise_exception(msg)`: aborts rendering with `msg` (as HF templates use it).
 fn raise_exception(msg: String) -> std::result::Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, format!("{RAISE_MARKER}{msg}")))
+    Err(Error::new(
+        ErrorKind::InvalidOperation,
+        format!("{RAISE_MARKER}{msg}"),
+    ))
 }
 
 /// `strftime_now(format)`: the current UTC time, formatted like Python's
@@ -484,7 +496,11 @@ fn py_float(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     let sci = format!("{f:e}");
     let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
@@ -507,7 +523,11 @@ fn py_float(f: f64) -> String {
         format!("{sign}{body}")
     } else {
         let (first, rest) = digits.split_at(1.min(digits.len()));
-        let frac = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
         let esign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{first}{frac}e{esign}{:02}", exp.abs())
     }
@@ -537,8 +557,14 @@ mod tests {
 
     #[test]
     fn dates() {
-        assert_eq!(strftime("%Y-%m-%d %H:%M:%S %a %b %j", 0), "1970-01-01 00:00:00 Thu Jan 001");
-        assert_eq!(strftime("%d %B %Y %I%p %A", 1_709_251_199), "29 February 2024 11PM Thursday");
+        assert_eq!(
+            strftime("%Y-%m-%d %H:%M:%S %a %b %j", 0),
+            "1970-01-01 00:00:00 Thu Jan 001"
+        );
+        assert_eq!(
+            strftime("%d %B %Y %I%p %A", 1_709_251_199),
+            "29 February 2024 11PM Thursday"
+        );
         assert_eq!(days_from_civil(2024, 3, 1), 19_783);
     }
 

@@ -216,7 +216,9 @@ impl Tokenizer {
         }
         let add_bos = match md.get("tokenizer.ggml.add_bos_token") {
             Some(v) => v.to_bool().map_err(|_| {
-                ModelError::Invalid(format!("`tokenizer.ggml.add_bos_token` is not a bool: {v:?}"))
+                ModelError::Invalid(format!(
+                    "`tokenizer.ggml.add_bos_token` is not a bool: {v:?}"
+                ))
             })?,
             None => family == PreFamily::Llama3,
         } && bos.is_some();
@@ -247,11 +249,16 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
         if !tj.is_file() {
-            return Err(ModelError::file(&tj, "missing: a Hugging Face model directory needs tokenizer.json"));
+            return Err(ModelError::file(
+                &tj,
+                "missing: a Hugging Face model directory needs tokenizer.json",
+            ));
         }
-        let mut tok = tokenizers::Tokenizer::from_file(&tj).map_err(|e| ModelError::file(&tj, e.to_string()))?;
+        let mut tok = tokenizers::Tokenizer::from_file(&tj)
+            .map_err(|e| ModelError::file(&tj, e.to_string()))?;
         tok.with_padding(None);
-        tok.with_truncation(None).map_err(|e| ModelError::file(&tj, e.to_string()))?;
+        tok.with_truncation(None)
+            .map_err(|e| ModelError::file(&tj, e.to_string()))?;
 
         let config = read_json_opt(&dir.join("tokenizer_config.json"))?;
         let gen_config = read_json_opt(&dir.join("generation_config.json"))?;
@@ -271,7 +278,9 @@ impl Tokenizer {
                 )
             })
         };
-        let bos = token_of("bos_token").map(|s| id_of(&s, "bos_token")).transpose()?;
+        let bos = token_of("bos_token")
+            .map(|s| id_of(&s, "bos_token"))
+            .transpose()?;
         let mut eos = Vec::new();
         if let Some(s) = token_of("eos_token") {
             eos.push(id_of(&s, "eos_token")?);
@@ -304,7 +313,9 @@ impl Tokenizer {
             Some(serde_json::Value::Bool(b)) => *b,
             _ => match bos {
                 Some(b) => {
-                    let probe = tok.encode_fast("", true).map_err(|e| ModelError::file(&tj, e.to_string()))?;
+                    let probe = tok
+                        .encode_fast("", true)
+                        .map_err(|e| ModelError::file(&tj, e.to_string()))?;
                     probe.get_ids().first() == Some(&b)
                 }
                 None => false,
@@ -336,7 +347,9 @@ impl Tokenizer {
             add_bos = inner.add_bos,
             "tokenizer ready"
         );
-        Tokenizer { inner: Arc::new(inner) }
+        Tokenizer {
+            inner: Arc::new(inner),
+        }
     }
 
     fn plain(&self) -> &tokenizers::Tokenizer {
@@ -352,7 +365,11 @@ impl Tokenizer {
     /// are tokenized as plain text (for user input). Never adds a BOS: check
     /// [`Tokenizer::add_bos`] and prepend [`Tokenizer::bos_id`] yourself.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
-        let t = if parse_special { &self.inner.parse } else { self.plain() };
+        let t = if parse_special {
+            &self.inner.parse
+        } else {
+            self.plain()
+        };
         let enc = t
             .encode_fast(text, false)
             .map_err(|e| tk_err(&format!("encoding {} bytes of text", text.len()), e))?;
@@ -413,7 +430,11 @@ impl Tokenizer {
 
     /// Whether `id` is a special (control) token.
     pub fn is_special(&self, id: u32) -> bool {
-        self.inner.special.get(id as usize).copied().unwrap_or(false)
+        self.inner
+            .special
+            .get(id as usize)
+            .copied()
+            .unwrap_or(false)
     }
 
     /// The model's Jinja chat template source, if it has one.
@@ -480,9 +501,13 @@ impl PreFamily {
 
     fn configure(self, tok: &mut tokenizers::Tokenizer) -> Result<()> {
         let split = |re: &str| -> Result<PreTokenizerWrapper> {
-            Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
-                .map(Into::into)
-                .map_err(|e| tk_err("compiling the pre-tokenizer regex", e))
+            Split::new(
+                SplitPattern::Regex(re.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map(Into::into)
+            .map_err(|e| tk_err("compiling the pre-tokenizer regex", e))
         };
         match self {
             PreFamily::StarCoder => {
@@ -523,7 +548,10 @@ fn md_str<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<Option<&'a st
     match md.get(key) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(v) => Err(ModelError::Invalid(format!("GGUF `{key}` is not a string: {}", short(v)))),
+        Some(v) => Err(ModelError::Invalid(format!(
+            "GGUF `{key}` is not a string: {}",
+            short(v)
+        ))),
     }
 }
 
@@ -532,7 +560,10 @@ fn md_str_array(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>> {
         .get(key)
         .ok_or_else(|| ModelError::Invalid(format!("GGUF metadata has no `{key}`")))?;
     let Value::Array(items) = v else {
-        return Err(ModelError::Invalid(format!("GGUF `{key}` is not an array: {}", short(v))));
+        return Err(ModelError::Invalid(format!(
+            "GGUF `{key}` is not an array: {}",
+            short(v)
+        )));
     };
     items
         .iter()
@@ -563,7 +594,10 @@ fn int_of(v: &Value) -> Option<i64> {
 
 fn int_array(v: &Value, key: &str) -> Result<Vec<i64>> {
     let Value::Array(items) = v else {
-        return Err(ModelError::Invalid(format!("GGUF `{key}` is not an array: {}", short(v))));
+        return Err(ModelError::Invalid(format!(
+            "GGUF `{key}` is not an array: {}",
+            short(v)
+        )));
     };
     items
         .iter()
@@ -578,15 +612,21 @@ fn int_array(v: &Value, key: &str) -> Result<Vec<i64>> {
 
 /// A token id; negative values (some converters write -1) mean "none".
 fn md_u32(md: &HashMap<String, Value>, key: &str) -> Result<Option<u32>> {
-    let Some(v) = md.get(key) else { return Ok(None) };
-    let x = int_of(v)
-        .ok_or_else(|| ModelError::Invalid(format!("GGUF `{key}` is not an integer: {}", short(v))))?;
+    let Some(v) = md.get(key) else {
+        return Ok(None);
+    };
+    let x = int_of(v).ok_or_else(|| {
+        ModelError::Invalid(format!("GGUF `{key}` is not an integer: {}", short(v)))
+    })?;
     if x < 0 {
         return Ok(None);
     }
-    u32::try_from(x)
-        .map(Some)
-        .map_err(|_| ModelError::Invalid(format!("GGUF `{key}` = {x} does not fit a token id (max {})", u32::MAX)))
+    u32::try_from(x).map(Some).map_err(|_| {
+        ModelError::Invalid(format!(
+            "GGUF `{key}` = {x} does not fit a token id (max {})",
+            u32::MAX
+        ))
+    })
 }
 
 /// A short description of a metadata value for error messages.
@@ -624,7 +664,9 @@ fn hf_chat_template(dir: &Path, config: Option<&serde_json::Value>) -> Result<Op
                     list.iter().find_map(|e| {
                         let name = e.get("name").and_then(|n| n.as_str());
                         if want.is_none() || name == want {
-                            e.get("template").and_then(|t| t.as_str()).map(str::to_string)
+                            e.get("template")
+                                .and_then(|t| t.as_str())
+                                .map(str::to_string)
                         } else {
                             None
                         }
@@ -641,7 +683,12 @@ fn hf_chat_template(dir: &Path, config: Option<&serde_json::Value>) -> Result<Op
     match std::fs::read_to_string(&jinja) {
         Ok(s) => return Ok(Some(s)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(ModelError::Io { path: jinja, source }),
+        Err(source) => {
+            return Err(ModelError::Io {
+                path: jinja,
+                source,
+            });
+        }
     }
     let json = read_json_opt(&dir.join("chat_template.json"))?;
     Ok(json.and_then(|j| j.get("chat_template")?.as_str().map(str::to_string)))
@@ -655,7 +702,8 @@ fn char_to_byte() -> &'static HashMap<char, u8> {
         let mut map = HashMap::with_capacity(256);
         let mut extra = 0u32;
         for b in 0u32..256 {
-            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let printable =
+                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
             let cp = if printable {
                 b
             } else {
@@ -689,15 +737,23 @@ pub struct IncrementalDecoder {
 
 #[derive(Debug)]
 enum DecodeState {
-    Bytes { pending: Vec<u8> },
-    Window { ids: Vec<u32>, prefix: usize, read: usize },
+    Bytes {
+        pending: Vec<u8>,
+    },
+    Window {
+        ids: Vec<u32>,
+        prefix: usize,
+        read: usize,
+    },
 }
 
 impl IncrementalDecoder {
     /// A decoder for `tok`; special tokens are dropped with `skip_special`.
     pub fn new(tok: &Tokenizer, skip_special: bool) -> Self {
         let state = if tok.inner.byte_level {
-            DecodeState::Bytes { pending: Vec::new() }
+            DecodeState::Bytes {
+                pending: Vec::new(),
+            }
         } else {
             DecodeState::Window {
                 ids: Vec::new(),
@@ -727,7 +783,10 @@ impl IncrementalDecoder {
                 ids.push(id);
                 let before = self.tok.decode(&ids[*prefix..*read], self.skip_special)?;
                 let now = self.tok.decode(&ids[*prefix..], self.skip_special)?;
-                if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.is_char_boundary(before.len()) {
+                if now.len() > before.len()
+                    && !now.ends_with('\u{FFFD}')
+                    && now.is_char_boundary(before.len())
+                {
                     let out = now[before.len()..].to_string();
                     *prefix = *read;
                     *read = ids.len();
