@@ -5,8 +5,10 @@
 //! `strftime_now`, and a `tojson` that matches Python's `json.dumps`), and
 //! renders it in a sandbox: a fuel budget, a recursion limit and an output
 //! cap, so a hostile template fails fast instead of hanging or eating memory.
-//! Models without a template get ChatML ([`ChatTemplate::chatml`]).
+//! Models without a template get ChatML ([`ChatTemplate::chatml`]). It also
+//! finds the template source of a Hugging Face directory.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use minijinja::syntax::SyntaxConfig;
@@ -151,6 +153,56 @@ impl ChatTemplate {
             }
         }
     }
+}
+
+/// The chat template source of a Hugging Face directory: `chat_template` of
+/// its parsed `tokenizer_config.json` (a string, or a list of
+/// `{name, template}` from which `default` is taken, else the first), else the
+/// file `chat_template.jinja`, else `chat_template` in `chat_template.json`.
+pub fn hf_template_source(
+    dir: &Path,
+    config: Option<&serde_json::Value>,
+) -> Result<Option<String>> {
+    match config.and_then(|c| c.get("chat_template")) {
+        Some(serde_json::Value::String(s)) => return Ok(Some(s.clone())),
+        Some(serde_json::Value::Array(list)) => {
+            let template = |e: &serde_json::Value| e.get("template")?.as_str().map(str::to_string);
+            let default = list
+                .iter()
+                .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"));
+            if let Some(t) = default
+                .and_then(template)
+                .or_else(|| list.iter().find_map(template))
+            {
+                return Ok(Some(t));
+            }
+        }
+        _ => {}
+    }
+    let read = |name: &str| match std::fs::read_to_string(dir.join(name)) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ModelError::Io {
+            path: dir.join(name),
+            source,
+        }),
+    };
+    if let Some(s) = read("chat_template.jinja")? {
+        return Ok(Some(s));
+    }
+    let Some(text) = read("chat_template.json")? else {
+        return Ok(None);
+    };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        ModelError::file(
+            dir.join("chat_template.json"),
+            format!("not valid JSON: {e}"),
+        )
+    })?;
+    Ok(json
+        .get("chat_template")
+        .and_then(|t| t.as_str())
+        .map(str::to_string))
 }
 
 fn render_chatml(messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {

@@ -131,7 +131,7 @@ impl Tokenizer {
             )));
         }
         let types = match md.get("tokenizer.ggml.token_type") {
-            Some(v) => int_array(v, "tokenizer.ggml.token_type")?,
+            Some(v) => md_array(v, "tokenizer.ggml.token_type", "an integer", int_of)?,
             None => vec![1; tokens.len()],
         };
         if types.len() != tokens.len() {
@@ -297,16 +297,16 @@ impl Tokenizer {
                 }
             }
         }
-        let added = tok.get_added_tokens_decoder();
+        let mut added: Vec<_> = tok.get_added_tokens_decoder().into_iter().collect();
+        added.sort_by_key(|(id, _)| *id);
         let mut special = vec![false; vocab_size];
-        let mut added_sorted: Vec<_> = added.iter().collect();
-        added_sorted.sort_by_key(|(id, _)| **id);
-        for (&id, t) in added_sorted {
-            if t.special && (id as usize) < vocab_size {
-                special[id as usize] = true;
-                if END_TOKEN_NAMES.contains(&t.content.as_str()) {
-                    push_unique(&mut eos, id);
-                }
+        for (id, t) in added
+            .into_iter()
+            .filter(|(id, t)| t.special && (*id as usize) < vocab_size)
+        {
+            special[id as usize] = true;
+            if END_TOKEN_NAMES.contains(&t.content.as_str()) {
+                push_unique(&mut eos, id);
             }
         }
         let add_bos = match config.as_ref().and_then(|c| c.get("add_bos_token")) {
@@ -322,7 +322,7 @@ impl Tokenizer {
             },
         } && bos.is_some();
 
-        let chat_template = hf_chat_template(dir, config.as_ref())?;
+        let chat_template = crate::template::hf_template_source(dir, config.as_ref())?;
         let byte_level = matches!(tok.get_decoder(), Some(DecoderWrapper::ByteLevel(_)));
         Ok(Self::assemble(Inner {
             parse: tok,
@@ -339,17 +339,11 @@ impl Tokenizer {
     }
 
     fn assemble(inner: Inner) -> Self {
-        tracing::debug!(
-            source = %inner.source,
-            vocab = inner.vocab_size,
-            bos = ?inner.bos,
-            eos = ?inner.eos,
-            add_bos = inner.add_bos,
-            "tokenizer ready"
-        );
-        Tokenizer {
+        let tok = Tokenizer {
             inner: Arc::new(inner),
-        }
+        };
+        tracing::debug!(tokenizer = ?tok, "tokenizer ready");
+        tok
     }
 
     fn plain(&self) -> &tokenizers::Tokenizer {
@@ -559,23 +553,31 @@ fn md_str_array(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>> {
     let v = md
         .get(key)
         .ok_or_else(|| ModelError::Invalid(format!("GGUF metadata has no `{key}`")))?;
+    md_array(v, key, "a string", |x| match x {
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    })
+}
+
+/// The elements of array `v` (metadata `key`) converted by `f`.
+fn md_array<T>(
+    v: &Value,
+    key: &str,
+    what: &str,
+    f: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<T>> {
     let Value::Array(items) = v else {
         return Err(ModelError::Invalid(format!(
             "GGUF `{key}` is not an array: {}",
             short(v)
         )));
     };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, x)| match x {
-            Value::String(s) => Ok(s.clone()),
-            other => Err(ModelError::Invalid(format!(
-                "GGUF `{key}[{i}]` is not a string: {}",
-                short(other)
-            ))),
+    let conv = |(i, x): (usize, &Value)| {
+        f(x).ok_or_else(|| {
+            ModelError::Invalid(format!("GGUF `{key}[{i}]` is not {what}: {}", short(x)))
         })
-        .collect()
+    };
+    items.iter().enumerate().map(conv).collect()
 }
 
 fn int_of(v: &Value) -> Option<i64> {
@@ -590,24 +592,6 @@ fn int_of(v: &Value) -> Option<i64> {
         Value::I64(x) => *x,
         _ => return None,
     })
-}
-
-fn int_array(v: &Value, key: &str) -> Result<Vec<i64>> {
-    let Value::Array(items) = v else {
-        return Err(ModelError::Invalid(format!(
-            "GGUF `{key}` is not an array: {}",
-            short(v)
-        )));
-    };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, x)| {
-            int_of(x).ok_or_else(|| {
-                ModelError::Invalid(format!("GGUF `{key}[{i}]` is not an integer: {}", short(x)))
-            })
-        })
-        .collect()
 }
 
 /// A token id; negative values (some converters write -1) mean "none".
@@ -649,49 +633,6 @@ fn read_json_opt(path: &Path) -> Result<Option<serde_json::Value>> {
             source,
         }),
     }
-}
-
-/// The chat template of a Hugging Face directory: `chat_template` in
-/// tokenizer_config.json (a string, or a list of `{name, template}` from which
-/// `default` is taken, else the first), else `chat_template.jinja`, else
-/// `chat_template.json`'s `chat_template`.
-fn hf_chat_template(dir: &Path, config: Option<&serde_json::Value>) -> Result<Option<String>> {
-    if let Some(v) = config.and_then(|c| c.get("chat_template")) {
-        match v {
-            serde_json::Value::String(s) => return Ok(Some(s.clone())),
-            serde_json::Value::Array(list) => {
-                let named = |want: Option<&str>| {
-                    list.iter().find_map(|e| {
-                        let name = e.get("name").and_then(|n| n.as_str());
-                        if want.is_none() || name == want {
-                            e.get("template")
-                                .and_then(|t| t.as_str())
-                                .map(str::to_string)
-                        } else {
-                            None
-                        }
-                    })
-                };
-                if let Some(t) = named(Some("default")).or_else(|| named(None)) {
-                    return Ok(Some(t));
-                }
-            }
-            _ => {}
-        }
-    }
-    let jinja = dir.join("chat_template.jinja");
-    match std::fs::read_to_string(&jinja) {
-        Ok(s) => return Ok(Some(s)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(ModelError::Io {
-                path: jinja,
-                source,
-            });
-        }
-    }
-    let json = read_json_opt(&dir.join("chat_template.json"))?;
-    Ok(json.and_then(|j| j.get("chat_template")?.as_str().map(str::to_string)))
 }
 
 /// GPT-2's byte-level alphabet, reversed: the printable character each byte
@@ -737,29 +678,21 @@ pub struct IncrementalDecoder {
 
 #[derive(Debug)]
 enum DecodeState {
-    Bytes {
-        pending: Vec<u8>,
-    },
-    Window {
-        ids: Vec<u32>,
-        prefix: usize,
-        read: usize,
-    },
+    /// Raw bytes not yet emitted (an incomplete character).
+    Bytes(Vec<u8>),
+    /// The window of ids still needed; text of `ids[..read]` was emitted.
+    Window { ids: Vec<u32>, read: usize },
 }
 
 impl IncrementalDecoder {
     /// A decoder for `tok`; special tokens are dropped with `skip_special`.
     pub fn new(tok: &Tokenizer, skip_special: bool) -> Self {
-        let state = if tok.inner.byte_level {
-            DecodeState::Bytes {
-                pending: Vec::new(),
-            }
-        } else {
-            DecodeState::Window {
+        let state = match tok.inner.byte_level {
+            true => DecodeState::Bytes(Vec::new()),
+            false => DecodeState::Window {
                 ids: Vec::new(),
-                prefix: 0,
                 read: 0,
-            }
+            },
         };
         IncrementalDecoder {
             tok: tok.clone(),
@@ -775,28 +708,13 @@ impl IncrementalDecoder {
             return Ok(String::new());
         }
         match &mut self.state {
-            DecodeState::Bytes { pending } => {
+            DecodeState::Bytes(pending) => {
                 self.tok.token_bytes(id, pending);
                 Ok(take_utf8(pending, false))
             }
-            DecodeState::Window { ids, prefix, read } => {
+            DecodeState::Window { ids, read } => {
                 ids.push(id);
-                let before = self.tok.decode(&ids[*prefix..*read], self.skip_special)?;
-                let now = self.tok.decode(&ids[*prefix..], self.skip_special)?;
-                if now.len() > before.len()
-                    && !now.ends_with('\u{FFFD}')
-                    && now.is_char_boundary(before.len())
-                {
-                    let out = now[before.len()..].to_string();
-                    *prefix = *read;
-                    *read = ids.len();
-                    ids.drain(..*prefix);
-                    *read -= *prefix;
-                    *prefix = 0;
-                    Ok(out)
-                } else {
-                    Ok(String::new())
-                }
+                window_text(&self.tok, ids, read, self.skip_special, false)
             }
         }
     }
@@ -805,22 +723,38 @@ impl IncrementalDecoder {
     /// resets the decoder for a new stream.
     pub fn finish(&mut self) -> Result<String> {
         match &mut self.state {
-            DecodeState::Bytes { pending } => Ok(take_utf8(pending, true)),
-            DecodeState::Window { ids, prefix, read } => {
-                let before = self.tok.decode(&ids[*prefix..*read], self.skip_special)?;
-                let now = self.tok.decode(&ids[*prefix..], self.skip_special)?;
-                let out = if now.len() > before.len() && now.is_char_boundary(before.len()) {
-                    now[before.len()..].to_string()
-                } else {
-                    String::new()
-                };
-                ids.clear();
-                *prefix = 0;
-                *read = 0;
-                Ok(out)
+            DecodeState::Bytes(pending) => Ok(take_utf8(pending, true)),
+            DecodeState::Window { ids, read } => {
+                window_text(&self.tok, ids, read, self.skip_special, true)
             }
         }
     }
+}
+
+/// Prefix-offset step: the text `ids` add beyond `ids[..read]`, once it does
+/// not end in U+FFFD (or at `flush`); then the window slides forward.
+fn window_text(
+    tok: &Tokenizer,
+    ids: &mut Vec<u32>,
+    read: &mut usize,
+    skip: bool,
+    flush: bool,
+) -> Result<String> {
+    let before = tok.decode(&ids[..*read], skip)?;
+    let now = tok.decode(ids, skip)?;
+    let ready = now.len() > before.len() && now.is_char_boundary(before.len());
+    let out = match ready && (flush || !now.ends_with('\u{FFFD}')) {
+        true => now[before.len()..].to_string(),
+        false if flush => String::new(),
+        false => return Ok(String::new()),
+    };
+    if flush {
+        ids.clear();
+    } else {
+        ids.drain(..*read);
+    }
+    *read = ids.len();
+    Ok(out)
 }
 
 /// Removes and returns the complete UTF-8 text at the front of `buf`, with
@@ -855,31 +789,4 @@ fn take_utf8(buf: &mut Vec<u8>, flush: bool) -> String {
     }
     buf.drain(..pos);
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn byte_table_covers_all_bytes() {
-        let t = char_to_byte();
-        assert_eq!(t.len(), 256);
-        assert_eq!(t.get(&'Ġ'), Some(&b' '));
-        assert_eq!(t.get(&'Ċ'), Some(&b'\n'));
-        assert_eq!(t.get(&'a'), Some(&b'a'));
-    }
-
-    #[test]
-    fn take_utf8_holds_back_incomplete() {
-        let mut buf = "a😀".as_bytes()[..3].to_vec();
-        assert_eq!(take_utf8(&mut buf, false), "a");
-        assert_eq!(buf.len(), 2);
-        buf.extend_from_slice(&"😀".as_bytes()[2..]);
-        assert_eq!(take_utf8(&mut buf, false), "😀");
-        assert!(buf.is_empty());
-        let mut bad = vec![0xE4, b'A', 0xF0];
-        assert_eq!(take_utf8(&mut bad, false), "\u{FFFD}A");
-        assert_eq!(take_utf8(&mut bad, true), "\u{FFFD}");
-    }
 }

@@ -262,6 +262,80 @@ fn hf_dir_gives_the_same_ids() {
     assert!(err.contains("tokenizer.json"), "{err}");
 }
 
+#[test]
+fn hf_dir_variants_bos_probe_eos_and_templates() {
+    let t = tok();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&t.hf().to_string(false).unwrap()).unwrap();
+    // A decoder that is not plain byte-level sends IncrementalDecoder down
+    // its prefix-offset path; the text stays the same.
+    let byte_level = json["decoder"].clone();
+    json["decoder"] = serde_json::json!({"type": "Sequence", "decoders": [byte_level]});
+    // A post-processor that adds BOS: the model "wants" one, encode() still adds none.
+    let bos = serde_json::json!({"SpecialToken": {"id": "<|im_start|>", "type_id": 0}});
+    json["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}},
+    });
+    let dir = std::env::temp_dir().join(format!("cardinal-tok-hf2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    let config = serde_json::json!({
+        "bos_token": "<|im_start|>",
+        "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}],
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"eos_token_id": [2, 5]}"#,
+    )
+    .unwrap();
+    let a = Tokenizer::from_hf_dir(&dir).unwrap();
+    assert!(a.add_bos(), "BOS detected from the post-processor");
+    assert_eq!(a.bos_id(), Some(1));
+    assert_eq!(a.eos_ids(), &[2, 5, 0]);
+    assert_eq!(a.chat_template(), Some("D"));
+    check_all_fixtures(&a, "hf-window");
+    for e in fixtures() {
+        for key in ["templated_ids", "raw_prompt_ids", "greedy_ids"] {
+            let ids = ids(&e[key]);
+            assert_eq!(
+                stream(&a, &ids, true).concat(),
+                a.decode(&ids, true).unwrap(),
+                "window {key}"
+            );
+        }
+    }
+    let emoji = a.encode("🙂 漢字 👩‍👩‍👧‍👦", false).unwrap();
+    let pieces = stream(&a, &emoji, false);
+    assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+    assert_eq!(pieces.concat(), "🙂 漢字 👩‍👩‍👧‍👦");
+
+    // No config at all, template from chat_template.jinja.
+    std::fs::remove_file(dir.join("tokenizer_config.json")).unwrap();
+    std::fs::remove_file(dir.join("generation_config.json")).unwrap();
+    std::fs::write(dir.join("chat_template.jinja"), "J").unwrap();
+    let b = Tokenizer::from_hf_dir(&dir).unwrap();
+    assert_eq!(b.bos_id(), None);
+    assert!(!b.add_bos());
+    assert_eq!(b.eos_ids(), &[0, 2], "end-named special tokens by id");
+    assert_eq!(b.chat_template(), Some("J"));
+
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"eos_token": "<|nope|>"}"#,
+    )
+    .unwrap();
+    let err = Tokenizer::from_hf_dir(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("<|nope|>") && err.contains("tokenizer_config.json"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Streams `ids` through an incremental decoder; returns the pieces.
 fn stream(t: &Tokenizer, ids: &[u32], skip: bool) -> Vec<String> {
     let mut dec = IncrementalDecoder::new(t, skip);
