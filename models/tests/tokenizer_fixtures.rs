@@ -132,6 +132,15 @@ fn gguf_tokenizer_matches_all_fixtures() {
 }
 
 #[test]
+fn shareable_across_threads() {
+    fn send_sync<T: Send + Sync + Clone>() {}
+    fn send<T: Send>() {}
+    send_sync::<Tokenizer>();
+    send::<IncrementalDecoder>();
+    send_sync::<cardinal_models::template::ChatTemplate>();
+}
+
+#[test]
 fn gguf_metadata_facts_and_eos_rule() {
     let t = tok();
     assert_eq!(t.vocab_size(), 49152);
