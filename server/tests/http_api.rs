@@ -623,6 +623,10 @@ async fn metrics_after_traffic() {
             .starts_with("text/plain")
     );
     let t = r.text();
+    // For `promtool check metrics` (run by .ci/run): CARDINAL_METRICS_DUMP=path.
+    if let Ok(path) = std::env::var("CARDINAL_METRICS_DUMP") {
+        std::fs::write(path, &t).unwrap();
+    }
     for name in [
         "time_to_first_token_seconds_bucket",
         "inter_token_latency_seconds_bucket",
@@ -676,4 +680,124 @@ async fn metrics_after_traffic() {
     assert!(t.contains("le=\"2560\""), "vLLM TTFT buckets");
     assert!(t.contains("sliding window of the last 30 s"));
     assert!(t.contains("card=\"0\",kind=\"weights\""));
+}
+
+#[tokio::test]
+async fn queue_full_gets_429_with_retry_after() {
+    let a = app_with(ServeOptions {
+        max_num_seqs: 1,
+        max_queue: 1,
+        ..Default::default()
+    });
+    let body = json!({"prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": true});
+    let calls = (0..6).map(|_| post_json(&a.router, "/v1/completions", body.clone()));
+    let replies = futures_join(calls).await;
+    let rejected: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    assert!(!rejected.is_empty(), "some requests are shed");
+    assert!(replies.iter().all(|r| r.status == 200 || r.status == 429));
+    for r in &rejected {
+        assert_eq!(r.headers["retry-after"], "1");
+        assert_eq!(
+            r.assert_error(429, None)["error"]["code"],
+            "rate_limit_exceeded"
+        );
+    }
+    let t = call(&a.router, get("/metrics")).await.text();
+    assert!(t.contains(&format!(
+        "cardinal_requests_rejected_total{{model_name=\"tiny-granite\",reason=\"queue_full\"}} {}",
+        rejected.len()
+    )));
+}
+
+/// Runs futures concurrently on this task and collects their outputs in order.
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futs.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = handles.iter().map(|_| None).collect();
+    let mut handles: Vec<_> = handles.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (h, o) in handles.iter_mut().zip(out.iter_mut()) {
+            if let Some(f) = h {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *o = Some(v);
+                        *h = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+#[tokio::test]
+async fn request_timeout_ends_requests() {
+    let a = app_with(ServeOptions {
+        request_timeout: 0.002,
+        ..Default::default()
+    });
+    let body = json!({"prompt": [5, 6, 7], "max_tokens": 250, "ignore_eos": true});
+    let r = post_json(&a.router, "/v1/completions", body.clone()).await;
+    assert_eq!(
+        r.assert_error(504, None)["error"]["code"],
+        "request_timeout"
+    );
+    let mut b = body;
+    b["stream"] = json!(true);
+    let events = sse_data(&post_json(&a.router, "/v1/completions", b).await.text());
+    let n = events.len();
+    assert_eq!(events[n - 1], "[DONE]");
+    let e: Value = serde_json::from_str(&events[n - 2]).unwrap();
+    assert_eq!(
+        e["error"]["code"], "request_timeout",
+        "one error event, then [DONE]"
+    );
+    assert_eq!(events.iter().filter(|e| e.contains("\"error\"")).count(), 1);
+}
+
+#[tokio::test]
+async fn cors_only_with_allowed_origins_and_drain_refuses() {
+    let preflight = || {
+        Request::builder()
+            .method("OPTIONS")
+            .uri("/v1/chat/completions")
+            .header("origin", "http://ui.example")
+            .header("access-control-request-method", "POST")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let plain = app();
+    let r = call(&plain.router, preflight()).await;
+    assert!(
+        !r.headers.contains_key("access-control-allow-origin"),
+        "CORS is off by default"
+    );
+    let with = app_with(ServeOptions {
+        allowed_origins: vec!["http://ui.example".into()],
+        ..Default::default()
+    });
+    let r = call(&with.router, preflight()).await;
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "http://ui.example"
+    );
+    // Draining: the API answers 503, /health stays up.
+    plain.state.start_drain();
+    let r = post_json(
+        &plain.router,
+        "/v1/chat/completions",
+        json!({"messages": user("hi")}),
+    )
+    .await;
+    r.assert_error(503, None);
+    assert_eq!(r.headers["connection"], "close");
+    assert_eq!(call(&plain.router, get("/health")).await.status, 200);
+    assert_eq!(call(&plain.router, get("/ready")).await.status, 503);
 }
