@@ -262,9 +262,7 @@ mod tests {
 
     #[test]
     fn directed_f16() {
-        for v in [
-            0.0f32, 1e-9, -1e-9, 0.1, -0.1, 3.14159, -2.71828, 65504.0, 1e-5,
-        ] {
+        for v in [0.0f32, 1e-9, -1e-9, 0.1, -0.1, 3.3, -2.6, 65504.0, 1e-5] {
             let lo = f16_floor(v).to_f32();
             let hi = f16_ceil(v).to_f32();
             assert!(lo <= v && v <= hi, "{v}: {lo} {hi}");

@@ -194,3 +194,57 @@ fn matmul_rows_writes_only_its_rows() {
         }
     }
 }
+
+/// Against f32: y = Σ w·x with the dequantized weights and the ORIGINAL
+/// activations. The kernels use x' with |x' - x| <= d_g/2 per element, so
+/// |y_kernel - y| <= Σ_g d_g/2 · Σ_i |w_gi|, plus the kernel's f32 rounding
+/// (the γ bound of `check_isa_vs_scalar` for one evaluation) and the f64 sum.
+#[test]
+fn matmul_matches_f32_reference_within_activation_error() {
+    let mut rng = Rng::new(99);
+    let pool = Pool::new(2);
+    for isa in Isa::all_available() {
+        for (rows, cols, m, kind) in [
+            (7, 32, 1, 0),
+            (33, 576, 2, 1),
+            (64, 1536, 3, 2),
+            (17, 96, 16, 0),
+        ] {
+            let w = random_matrix(&mut rng, rows, cols, kind);
+            let wd = dequantize(&w);
+            let x = rng.vec_normal(m * cols, 2.0);
+            let mut a = QActs::new();
+            a.quantize(isa, &x, m, cols);
+            let mut y = vec![0.0; m * rows];
+            matmul(&pool, isa, &w, &a, &mut y);
+            for i in 0..m {
+                let d = a.row_scales(i);
+                for r in 0..rows {
+                    let wr = &wd[r * cols..(r + 1) * cols];
+                    let xr = &x[i * cols..(i + 1) * cols];
+                    let exact: f64 = wr.iter().zip(xr).map(|(&p, &q)| p as f64 * q as f64).sum();
+                    let quant_err: f64 = (0..cols)
+                        .map(|c| {
+                            (d[c / GROUP] as f64 / 2.0
+                                + 2.0 * f32::EPSILON as f64 * xr[c].abs() as f64)
+                                * wr[c].abs() as f64
+                        })
+                        .sum();
+                    let mag: f64 = wr
+                        .iter()
+                        .zip(xr)
+                        .map(|(&p, &q)| (p as f64 * q as f64).abs())
+                        .sum();
+                    let eps = f32::EPSILON as f64 / 2.0;
+                    let rounding = ((cols / GROUP) as f64 + 4.0) * eps * abs_terms(&w, r, &a, i);
+                    let bound = quant_err * (1.0 + 1e-9) + rounding + 1e-12 * mag;
+                    let got = y[i * rows + r] as f64;
+                    assert!(
+                        (got - exact).abs() <= bound,
+                        "{isa} {rows}x{cols} m {m} r {r} i {i}: got {got} exact {exact} bound {bound}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,15 +1,262 @@
-//! avx2 matmul kernel (placeholder delegating to the scalar kernel).
+//! AVX2 matmul kernel (for x86 CPUs without AVX-512 VNNI). `vpmaddubsw`
+//! multiplies unsigned weight bytes by signed activation bytes into i16 pair
+//! sums and `vpmaddwd` by ones widens them to i32, giving the same lane-per-group
+//! sums as `vpdpbusd` under the chunk layout (see `crate::layout`).
+//!
+//! Saturation: for 4-bit weights a pair sum is at most 2*15*127 = 3810, so the
+//! eight slices of a chunk are added in i16 (<= 30480) before one widening.
+//! 8-bit weights (u up to 255) would saturate `vpmaddubsw`, so they use the
+//! sign trick on v = u - 128: `maddubs(|v|, sign(q, v))` = v*q with pair sums
+//! <= 2*128*127 = 32512, widened per slice, and Σuq = Σvq + 128*Σq is restored
+//! exactly with the activations' integer Σq.
 
+use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::Out;
+use half::f16;
+
+use super::{ActRow, Out, WRow, tiles};
+use crate::layout::{CG, CHUNK, G, RowShape};
 use crate::{QActs, QMatrix};
 
-/// avx2 kernel for weight rows `rows`.
+/// Activation rows processed per pass over a weight row.
+const MAX_TILE: usize = 4;
+
+/// AVX2 kernel for weight rows `rows`.
 ///
 /// # Safety
-/// Same contract as `super::run`.
+/// Same contract as `super::run`; the CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
-    // SAFETY: forwarded contract.
-    unsafe { super::scalar::matmul_rows(w, a, rows, out) }
+    let shape = *w.shape();
+    let acts: Vec<ActRow> = (0..a.m()).map(|i| ActRow::new(a, i)).collect();
+    for r in rows {
+        let wr = WRow::new(w, r);
+        tiles(a.m(), MAX_TILE, |i0, n| {
+            let at = &acts[i0..i0 + n];
+            let mut y = [0.0f32; MAX_TILE];
+            // SAFETY: `wr` and `at` point at full rows of `w` and `a` with shape
+            // `shape` (checked by the caller); CPU features per this fn's contract.
+            unsafe {
+                match (w.bits(), n) {
+                    (4, 1) => row4::<1>(wr, &shape, at, &mut y),
+                    (4, 2) => row4::<2>(wr, &shape, at, &mut y),
+                    (4, 3) => row4::<3>(wr, &shape, at, &mut y),
+                    (4, _) => row4::<4>(wr, &shape, at, &mut y),
+                    (_, 1) => row8::<1>(wr, &shape, at, &mut y),
+                    (_, 2) => row8::<2>(wr, &shape, at, &mut y),
+                    (_, 3) => row8::<3>(wr, &shape, at, &mut y),
+                    (_, _) => row8::<4>(wr, &shape, at, &mut y),
+                }
+            }
+            for (k, &v) in y[..n].iter().enumerate() {
+                // SAFETY: i0 + k < m and r is in this call's rows (caller contract).
+                unsafe { out.write(i0 + k, r, v) };
+            }
+        });
+    }
+}
+
+/// Horizontal sum of 8 f32 lanes.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// One f16 as `[x, 0, 0, 0]`.
+///
+/// # Safety
+/// `p` is readable.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn f16x1(p: *const f16) -> __m128 {
+    // SAFETY: caller guarantees 2 readable bytes.
+    _mm_cvtph_ps(_mm_cvtsi32_si128(
+        unsafe { p.cast::<u16>().read_unaligned() } as i32,
+    ))
+}
+
+/// Tail group g: `s*d` broadcast to 8 lanes and `[m*sd, 0, 0, 0]` widened to 256 bits.
+///
+/// # Safety
+/// Group g exists in both rows.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn group_scales(w: WRow, a: ActRow, g: usize) -> (__m256, __m256) {
+    // SAFETY: g < groups for both rows (caller contract).
+    unsafe {
+        let ds = _mm_mul_ps(f16x1(w.sc.add(g)), _mm_load_ss(a.d.add(g)));
+        let mt = _mm_mul_ps(f16x1(w.mn.add(g)), _mm_load_ss(a.sd.add(g)));
+        (_mm256_broadcastss_ps(ds), _mm256_zextps128_ps256(mt))
+    }
+}
+
+/// i32 lane sums of `u8 x s8` products of 32 bytes, for 4-bit `u` (no saturation).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn dot4(u: __m256i, q: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), _mm256_set1_epi16(1))
+}
+
+/// One 4-bit weight row against `M` activation rows; results in `y[..M]`.
+///
+/// # Safety
+/// `w` and `acts[..M]` point at complete rows of shape `shape`; CPU has the features.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row4<const M: usize>(
+    w: WRow,
+    shape: &RowShape,
+    acts: &[ActRow],
+    y: &mut [f32; MAX_TILE],
+) {
+    let act: [ActRow; M] = std::array::from_fn(|i| acts[i]);
+    let mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); M];
+    // SAFETY: chunk c reads bytes c*128..c*128+128 of the packed row, elements
+    // c*256..c*256+256 of each activation row and groups c*8..c*8+8; the tail
+    // stays within `shape` the same way (see `crate::layout`).
+    unsafe {
+        for c in 0..shape.chunks {
+            let wp = w.data.add(c * CHUNK / 2);
+            let wv: [__m256i; 4] =
+                std::array::from_fn(|s| _mm256_loadu_si256(wp.add(32 * s).cast()));
+            let lo: [__m256i; 4] = std::array::from_fn(|s| _mm256_and_si256(wv[s], mask));
+            let hi: [__m256i; 4] =
+                std::array::from_fn(|s| _mm256_and_si256(_mm256_srli_epi16::<4>(wv[s]), mask));
+            let g = c * CG;
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(w.sc.add(g).cast()));
+            let mv = _mm256_cvtph_ps(_mm_loadu_si128(w.mn.add(g).cast()));
+            for i in 0..M {
+                let q = act[i].q.add(c * CHUNK);
+                let ld = |o: usize| _mm256_loadu_si256(q.add(32 * o).cast());
+                let p0 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo[0], ld(0)),
+                    _mm256_maddubs_epi16(hi[0], ld(4)),
+                );
+                let p1 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo[1], ld(1)),
+                    _mm256_maddubs_epi16(hi[1], ld(5)),
+                );
+                let p2 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo[2], ld(2)),
+                    _mm256_maddubs_epi16(hi[2], ld(6)),
+                );
+                let p3 = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo[3], ld(3)),
+                    _mm256_maddubs_epi16(hi[3], ld(7)),
+                );
+                let p = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+                let isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                let ds = _mm256_mul_ps(s, _mm256_loadu_ps(act[i].d.add(g)));
+                let t = _mm256_fmadd_ps(mv, _mm256_loadu_ps(act[i].sd.add(g)), acc[i]);
+                acc[i] = _mm256_fmadd_ps(isum, ds, t);
+            }
+        }
+        let gt = shape.chunks * CG;
+        let mut t = 0;
+        while t + 1 < shape.tail {
+            let g = gt + t;
+            let wb = _mm256_loadu_si256(w.data.add(g * G / 2).cast());
+            let lo = _mm256_and_si256(wb, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wb), mask);
+            for i in 0..M {
+                let q = act[i].q.add(g * G);
+                let va = dot4(lo, _mm256_loadu_si256(q.cast()));
+                let vb = dot4(hi, _mm256_loadu_si256(q.add(G).cast()));
+                let (dsa, mta) = group_scales(w, act[i], g);
+                let (dsb, mtb) = group_scales(w, act[i], g + 1);
+                let f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(va), dsa, _mm256_add_ps(mta, mtb));
+                acc[i] = _mm256_add_ps(acc[i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(vb), dsb, f));
+            }
+            t += 2;
+        }
+        if t < shape.tail {
+            let g = gt + t;
+            let x = _mm_loadu_si128(w.data.add(g * G / 2).cast());
+            let m128 = _mm_set1_epi8(0x0F);
+            let u = _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16::<4>(x), m128),
+                _mm_and_si128(x, m128),
+            );
+            for i in 0..M {
+                let v = dot4(u, _mm256_loadu_si256(act[i].q.add(g * G).cast()));
+                let (ds, mt) = group_scales(w, act[i], g);
+                acc[i] = _mm256_add_ps(acc[i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), ds, mt));
+            }
+        }
+    }
+    for i in 0..M {
+        y[i] = hsum_ps(acc[i]);
+    }
+}
+
+/// i32 lane sums of `v*q` for signed `v` (= u - 128) and q in -127..=127.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn dot_signed(v: __m256i, absv: __m256i, q: __m256i) -> __m256i {
+    _mm256_madd_epi16(
+        _mm256_maddubs_epi16(absv, _mm256_sign_epi8(q, v)),
+        _mm256_set1_epi16(1),
+    )
+}
+
+/// One 8-bit weight row against `M` activation rows; results in `y[..M]`.
+///
+/// # Safety
+/// As for [`row4`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row8<const M: usize>(
+    w: WRow,
+    shape: &RowShape,
+    acts: &[ActRow],
+    y: &mut [f32; MAX_TILE],
+) {
+    let act: [ActRow; M] = std::array::from_fn(|i| acts[i]);
+    let flip = _mm256_set1_epi8(-128);
+    let mut acc = [_mm256_setzero_ps(); M];
+    // SAFETY: chunk c reads bytes (= elements) c*256..c*256+256 of the weight
+    // and activation rows and groups c*8..c*8+8; tail groups stay within `shape`.
+    unsafe {
+        for c in 0..shape.chunks {
+            let wp = w.data.add(c * CHUNK);
+            let g = c * CG;
+            let mut isum = [_mm256_setzero_si256(); M];
+            for s in 0..CHUNK / 32 {
+                let v = _mm256_xor_si256(_mm256_loadu_si256(wp.add(32 * s).cast()), flip);
+                let absv = _mm256_abs_epi8(v);
+                for i in 0..M {
+                    let q = _mm256_loadu_si256(act[i].q.add(c * CHUNK + 32 * s).cast());
+                    isum[i] = _mm256_add_epi32(isum[i], dot_signed(v, absv, q));
+                }
+            }
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(w.sc.add(g).cast()));
+            let mv = _mm256_cvtph_ps(_mm_loadu_si128(w.mn.add(g).cast()));
+            for i in 0..M {
+                let sq = _mm256_slli_epi32::<7>(_mm256_loadu_si256(act[i].sumq.add(g).cast()));
+                let x = _mm256_cvtepi32_ps(_mm256_add_epi32(isum[i], sq));
+                let ds = _mm256_mul_ps(s, _mm256_loadu_ps(act[i].d.add(g)));
+                let t = _mm256_fmadd_ps(mv, _mm256_loadu_ps(act[i].sd.add(g)), acc[i]);
+                acc[i] = _mm256_fmadd_ps(x, ds, t);
+            }
+        }
+        for g in shape.chunks * CG..shape.groups {
+            let v = _mm256_xor_si256(_mm256_loadu_si256(w.data.add(g * G).cast()), flip);
+            let absv = _mm256_abs_epi8(v);
+            for i in 0..M {
+                let q = _mm256_loadu_si256(act[i].q.add(g * G).cast());
+                let corr = _mm256_zextsi128_si256(_mm_cvtsi32_si128(*act[i].sumq.add(g) << 7));
+                let x = _mm256_add_epi32(dot_signed(v, absv, q), corr);
+                let (ds, mt) = group_scales(w, act[i], g);
+                acc[i] = _mm256_add_ps(acc[i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), ds, mt));
+            }
+        }
+    }
+    for i in 0..M {
+        y[i] = hsum_ps(acc[i]);
+    }
 }

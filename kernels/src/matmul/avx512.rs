@@ -69,16 +69,6 @@ pub(crate) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
     }
 }
 
-/// Horizontal sum of 8 i32 lanes.
-#[target_feature(enable = "avx512f,avx512vl,avx2")]
-#[inline]
-pub(super) fn hsum_epi32_256(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
-    _mm_cvtsi128_si32(s)
-}
-
 /// Sum of lanes j and j+8 of a one-chunk accumulator: its 8 group sums.
 #[target_feature(enable = "avx512f,avx2")]
 #[inline]
