@@ -801,3 +801,25 @@ async fn cors_only_with_allowed_origins_and_drain_refuses() {
     assert_eq!(call(&plain.router, get("/health")).await.status, 200);
     assert_eq!(call(&plain.router, get("/ready")).await.status, 503);
 }
+
+#[tokio::test]
+async fn while_loading_only_health_and_metrics_answer() {
+    let state = cardinal_server::serve::AppState::loading(ServeOptions::default(), "m", 256);
+    let r = cardinal_server::serve::router(state.clone());
+    assert_eq!(call(&r, get("/health")).await.status, 200);
+    assert_eq!(call(&r, get("/metrics")).await.status, 200);
+    call(&r, get("/ready")).await.assert_error(503, None);
+    let reply = post_json(&r, "/v1/chat/completions", json!({"messages": user("hi")})).await;
+    reply.assert_error(503, None);
+    assert_eq!(reply.headers["retry-after"], "1");
+    // Once the model is set, it serves.
+    let rt = runtime(&ServeOptions::default());
+    assert!(state.set_runtime(rt));
+    let reply = post_json(
+        &r,
+        "/v1/chat/completions",
+        json!({"messages": user("hi"), "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}

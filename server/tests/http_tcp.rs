@@ -3,7 +3,9 @@
 //! mid-stream after which every card's KV returns to 0, a drain (new
 //! requests get 503 while in-flight streams finish, then the server
 //! returns), and an injected engine panic that ends a stream with one error
-//! event and makes /ready fail. One test function, so the process-wide panic
+//! event and makes /ready fail, and slow or oversized clients (unfinished
+//! headers, an unfinished body, huge headers, idle keep-alive) that are cut
+//! off. One test function, so the process-wide panic
 //! hook cannot disturb another test.
 
 mod http_support;
@@ -255,5 +257,70 @@ async fn over_tcp() {
     } else {
         eprintln!("the stream finished before the injected panic took effect");
     }
+
+    // 5. Slow and oversized clients.
+    slow_clients().await;
     assert!(overall.elapsed() < Duration::from_secs(60));
+}
+
+/// Reads what the server sends until it closes the connection (bounded).
+async fn read_until_close(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the server closes the connection");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn slow_clients() {
+    use tokio::io::AsyncWriteExt;
+    let opts = ServeOptions {
+        header_timeout: 0.3,
+        body_timeout: 0.3,
+        ..Default::default()
+    };
+    let srv = start(opts).await;
+    let addr = srv.base.trim_start_matches("http://").to_string();
+    // Headers that never finish: the connection is closed.
+    let t = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let _ = read_until_close(&mut s).await;
+    let header_close = t.elapsed();
+    assert!(
+        header_close < Duration::from_secs(3),
+        "slow headers closed after {header_close:?}"
+    );
+    // A body that never finishes: 408 in the OpenAI shape.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pro").await.unwrap();
+    let reply = read_until_close(&mut s).await;
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("\"error\""));
+    // Oversized headers: 431.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let big = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 << 10)
+    );
+    let _ = s.write_all(big.as_bytes()).await;
+    let reply = read_until_close(&mut s).await;
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 431"),
+        "{reply}"
+    );
+    // An idle keep-alive connection is closed too.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let reply = read_until_close(&mut s).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    eprintln!(
+        "slow clients: unfinished headers closed after {:.2} s",
+        header_close.as_secs_f64()
+    );
 }

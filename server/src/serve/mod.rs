@@ -43,6 +43,8 @@ use crate::setup::{Limits, ModelArgs, Runtime};
 const DEFAULT_MAX_NUM_SEQS: usize = 16;
 const DEFAULT_MAX_QUEUE: usize = 64;
 const DEFAULT_BODY_BYTES: usize = 2 << 20;
+/// Largest request head (request line and headers), bytes.
+const MAX_HEADER_BYTES: usize = 64 << 10;
 /// Unknown field names remembered for warn-once (more are not logged).
 const MAX_UNKNOWN_NAMES: usize = 256;
 
@@ -567,9 +569,11 @@ async fn serve_connection(
 ) {
     let _ = tcp.set_nodelay(true);
     let mut b = hyper::server::conn::http1::Builder::new();
+    // Oversized headers get 431; slow headers and idle keep-alive
+    // connections are closed after `header_timeout`.
     b.timer(TokioTimer::new())
         .keep_alive(true)
-        .max_headers(100)
+        .max_header_size(MAX_HEADER_BYTES)
         .header_read_timeout(header_timeout);
     let conn = b.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app));
     tokio::pin!(conn);
