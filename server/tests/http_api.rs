@@ -823,3 +823,30 @@ async fn while_loading_only_health_and_metrics_answer() {
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
 }
+
+#[tokio::test]
+async fn abort_ends_requests_with_an_error() {
+    let a = app();
+    a.state.inner.abort.send_replace(true);
+    let body = json!({"prompt": [5, 6, 7], "max_tokens": 50, "ignore_eos": true});
+    post_json(&a.router, "/v1/completions", body.clone())
+        .await
+        .assert_error(503, None);
+    let mut b = body;
+    b["stream"] = json!(true);
+    let events = sse_data(&post_json(&a.router, "/v1/completions", b).await.text());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let e: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(e["error"]["type"], "unavailable_error");
+    assert!(kv_is_free(&a).await);
+}
+
+async fn kv_is_free(a: &App) -> bool {
+    for _ in 0..200 {
+        if a.engine.kv_used().iter().all(|&b| b == 0) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
+}

@@ -632,3 +632,68 @@ async fn sample_loop(state: Weak<Shared>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        serve: ServeOptions,
+    }
+
+    #[test]
+    fn flags_parse_next_to_model_args() {
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from([
+            "cardinal",
+            "--model",
+            "synthetic:tiny",
+            "--port",
+            "9000",
+            "--api-key",
+            "k3y",
+            "--allowed-origins",
+            "http://a,http://b",
+            "--max-model-len",
+            "512",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(c.serve.port, 9000);
+        assert_eq!(c.serve.allowed_origins, vec!["http://a", "http://b"]);
+        assert!(c.serve.json_logs());
+        assert_eq!(c.serve.limits().max_model_len, Some(512));
+        assert!(
+            !format!("{c:?}").contains("k3y"),
+            "the key is redacted in Debug"
+        );
+        c.serve.validate().unwrap();
+        let bad = ServeOptions {
+            drain_timeout: -1.0,
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn key_compare() {
+        let s = AppState::loading(
+            ServeOptions {
+                api_key: Some(ApiKey::new("abc")),
+                ..Default::default()
+            },
+            "m",
+            64,
+        );
+        assert!(s.inner.key_matches(b"abc"));
+        assert!(!s.inner.key_matches(b"abd"));
+        assert!(!s.inner.key_matches(b""));
+        assert!(!s.inner.key_matches(b"abcabc"));
+    }
+}
