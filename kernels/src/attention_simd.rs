@@ -1,5 +1,8 @@
 //! The inner loops of [`crate::attend`] per ISA: int8-key scores and the
-//! rescale-and-accumulate of int8 values.
+//! rescale-and-accumulate of int8 values. The SIMD versions handle head sizes
+//! that are a multiple of their vector width (8 or 16; every real model) and
+//! fall back to scalar otherwise. Sums are in a different order than the scalar
+//! reference, so results agree to f32 rounding, not bit for bit.
 
 use crate::Isa;
 
@@ -12,16 +15,39 @@ pub(crate) fn scores(
     scale: f32,
     scores: &mut [f32],
 ) {
-    let _ = isa;
-    scores_scalar(q, k, k_scales, scale, scores)
+    let hd = q.len();
+    debug_assert!(k.len() >= scores.len() * hd && k_scales.len() >= scores.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512 checked by the caller; lengths checked by `attend`.
+        Isa::Avx512 if hd % 16 == 0 && hd <= 16 * x86::MAX_VECS => unsafe {
+            x86::scores_avx512(q, k, k_scales, scale, scores)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 (or better) checked by the caller; lengths checked by `attend`.
+        Isa::Avx2 | Isa::Avx512 if hd % 8 == 0 => unsafe {
+            x86::scores_avx2(q, k, k_scales, scale, scores)
+        },
+        _ => scores_scalar(q, k, k_scales, scale, scores),
+    }
 }
 
-/// `acc = acc * corr + Σ_t w[t] * v[t*hd..]`.
+/// `acc = acc * corr + Σ_t w[t] * v[t*hd..]` with `hd = acc.len()`.
 pub(crate) fn accumulate(isa: Isa, acc: &mut [f32], corr: f32, w: &[f32], v: &[i8]) {
-    let _ = isa;
-    accumulate_scalar(acc, corr, w, v)
+    let hd = acc.len();
+    debug_assert!(v.len() >= w.len() * hd);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512 checked by the caller; lengths checked by `attend`.
+        Isa::Avx512 if hd % 16 == 0 => unsafe { x86::accumulate_avx512(acc, corr, w, v) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 (or better) checked by the caller; lengths checked by `attend`.
+        Isa::Avx2 | Isa::Avx512 if hd % 8 == 0 => unsafe { x86::accumulate_avx2(acc, corr, w, v) },
+        _ => accumulate_scalar(acc, corr, w, v),
+    }
 }
 
+/// Scalar scores.
 pub(crate) fn scores_scalar(q: &[f32], k: &[i8], k_scales: &[f32], scale: f32, scores: &mut [f32]) {
     let hd = q.len();
     for (t, s) in scores.iter_mut().enumerate() {
@@ -31,6 +57,7 @@ pub(crate) fn scores_scalar(q: &[f32], k: &[i8], k_scales: &[f32], scale: f32, s
     }
 }
 
+/// Scalar accumulate.
 pub(crate) fn accumulate_scalar(acc: &mut [f32], corr: f32, w: &[f32], v: &[i8]) {
     let hd = acc.len();
     for a in acc.iter_mut() {
@@ -40,6 +67,179 @@ pub(crate) fn accumulate_scalar(acc: &mut [f32], corr: f32, w: &[f32], v: &[i8])
         let vt = &v[t * hd..(t + 1) * hd];
         for (a, &x) in acc.iter_mut().zip(vt) {
             *a += p * x as f32;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Most query vectors kept in registers (head_dim <= 256 at 16 lanes).
+    pub(super) const MAX_VECS: usize = 16;
+
+    /// # Safety
+    /// AVX-512F/BW/VL; `q.len() % 16 == 0`, `<= 256`; `k` holds `scores.len()` rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn scores_avx512(
+        q: &[f32],
+        k: &[i8],
+        ks: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let hd = q.len();
+        let nv = hd / 16;
+        // SAFETY: q has nv*16 floats; token t reads k[t*hd..(t+1)*hd].
+        unsafe {
+            let qv: [__m512; MAX_VECS] = std::array::from_fn(|j| {
+                if j < nv {
+                    _mm512_loadu_ps(q.as_ptr().add(16 * j))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            for (t, s) in scores.iter_mut().enumerate() {
+                let kp = k.as_ptr().add(t * hd);
+                let mut a0 = _mm512_setzero_ps();
+                let mut a1 = _mm512_setzero_ps();
+                let mut j = 0;
+                while j + 1 < nv {
+                    let k0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        kp.add(16 * j).cast(),
+                    )));
+                    let k1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        kp.add(16 * j + 16).cast(),
+                    )));
+                    a0 = _mm512_fmadd_ps(qv[j], k0, a0);
+                    a1 = _mm512_fmadd_ps(qv[j + 1], k1, a1);
+                    j += 2;
+                }
+                if j < nv {
+                    let k0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        kp.add(16 * j).cast(),
+                    )));
+                    a0 = _mm512_fmadd_ps(qv[j], k0, a0);
+                }
+                *s = scale * ks[t] * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2+FMA; `q.len() % 8 == 0`; `k` holds `scores.len()` rows.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores_avx2(
+        q: &[f32],
+        k: &[i8],
+        ks: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let hd = q.len();
+        let nv = hd / 8;
+        // SAFETY: q has nv*8 floats; token t reads k[t*hd..(t+1)*hd].
+        unsafe {
+            for (t, s) in scores.iter_mut().enumerate() {
+                let kp = k.as_ptr().add(t * hd);
+                let mut a0 = _mm256_setzero_ps();
+                let mut a1 = _mm256_setzero_ps();
+                let mut j = 0;
+                while j + 1 < nv {
+                    let k0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        kp.add(8 * j).cast(),
+                    )));
+                    let k1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        kp.add(8 * j + 8).cast(),
+                    )));
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(8 * j)), k0, a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(8 * j + 8)), k1, a1);
+                    j += 2;
+                }
+                if j < nv {
+                    let k0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        kp.add(8 * j).cast(),
+                    )));
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(8 * j)), k0, a0);
+                }
+                *s = scale * ks[t] * crate::elementwise::avx2::hsum(_mm256_add_ps(a0, a1));
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `acc.len() % 16 == 0`; `v` holds `w.len()` rows of `acc.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn accumulate_avx512(acc: &mut [f32], corr: f32, w: &[f32], v: &[i8]) {
+        let hd = acc.len();
+        let c = _mm512_set1_ps(corr);
+        // SAFETY: blocks of up to 8 vectors of acc (offset + 16*j < hd) and
+        // matching bytes of each token row of v.
+        unsafe {
+            let mut base = 0;
+            while base < hd {
+                let nv = ((hd - base) / 16).min(8);
+                let ap = acc.as_mut_ptr().add(base);
+                let mut a: [__m512; 8] = std::array::from_fn(|j| {
+                    if j < nv {
+                        _mm512_mul_ps(_mm512_loadu_ps(ap.add(16 * j)), c)
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                for (t, &p) in w.iter().enumerate() {
+                    let vp = v.as_ptr().add(t * hd + base);
+                    let pv = _mm512_set1_ps(p);
+                    for j in 0..nv {
+                        let x = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                            vp.add(16 * j).cast(),
+                        )));
+                        a[j] = _mm512_fmadd_ps(x, pv, a[j]);
+                    }
+                }
+                for j in 0..nv {
+                    _mm512_storeu_ps(ap.add(16 * j), a[j]);
+                }
+                base += 16 * nv;
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2+FMA; `acc.len() % 8 == 0`; `v` holds `w.len()` rows of `acc.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn accumulate_avx2(acc: &mut [f32], corr: f32, w: &[f32], v: &[i8]) {
+        let hd = acc.len();
+        let c = _mm256_set1_ps(corr);
+        // SAFETY: blocks of up to 8 vectors of acc (offset + 8*j < hd) and the
+        // matching bytes of each token row of v.
+        unsafe {
+            let mut base = 0;
+            while base < hd {
+                let nv = ((hd - base) / 8).min(8);
+                let ap = acc.as_mut_ptr().add(base);
+                let mut a: [__m256; 8] = std::array::from_fn(|j| {
+                    if j < nv {
+                        _mm256_mul_ps(_mm256_loadu_ps(ap.add(8 * j)), c)
+                    } else {
+                        _mm256_setzero_ps()
+                    }
+                });
+                for (t, &p) in w.iter().enumerate() {
+                    let vp = v.as_ptr().add(t * hd + base);
+                    let pv = _mm256_set1_ps(p);
+                    for j in 0..nv {
+                        let x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                            vp.add(8 * j).cast(),
+                        )));
+                        a[j] = _mm256_fmadd_ps(x, pv, a[j]);
+                    }
+                }
+                for j in 0..nv {
+                    _mm256_storeu_ps(ap.add(8 * j), a[j]);
+                }
+                base += 8 * nv;
+            }
         }
     }
 }

@@ -1,0 +1,251 @@
+//! Elementwise, RoPE and attention kernels: every available ISA against the
+//! scalar reference on lengths that hit every vector tail, plus properties of
+//! the references themselves (RoPE against the ggml formula, attention against
+//! an f64 softmax over the dequantized cache).
+
+mod common;
+
+use cardinal_kernels::{
+    AttnState, Isa, Rope, add_scaled, attend, attend_finish, quantize_kv, rmsnorm, softmax, swiglu,
+};
+use common::Rng;
+
+const LENS: [usize; 12] = [1, 7, 8, 9, 15, 16, 17, 31, 64, 576, 1536, 4099];
+
+/// `|a - b| <= rel * max(|a|, |b|) + abs`.
+fn close(a: f32, b: f32, rel: f32, abs: f32) -> bool {
+    (a - b).abs() <= rel * a.abs().max(b.abs()) + abs || (a.is_infinite() && a == b)
+}
+
+#[test]
+fn rmsnorm_matches_scalar() {
+    let mut rng = Rng::new(1);
+    for &n in &LENS {
+        let x = rng.vec_normal(n, 2.0);
+        let w = rng.vec_normal(n, 1.0);
+        let mut want = vec![0.0; n];
+        rmsnorm(Isa::Scalar, &x, &w, 1e-5, &mut want);
+        for isa in Isa::all_available() {
+            let mut got = vec![0.0; n];
+            rmsnorm(isa, &x, &w, 1e-5, &mut got);
+            // The sum of squares is reordered: relative error <= n*eps in it,
+            // half of that in 1/sqrt, plus two roundings in the products.
+            let rel = (n as f32 + 4.0) * f32::EPSILON;
+            for k in 0..n {
+                assert!(
+                    close(got[k], want[k], rel, 0.0),
+                    "{isa} n {n} k {k}: {} vs {}",
+                    got[k],
+                    want[k]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_scalar() {
+    let mut rng = Rng::new(2);
+    for &n in &LENS {
+        let mut g = rng.vec_normal(n, 4.0);
+        let u = rng.vec_normal(n, 1.0);
+        let extremes = [-100.0, 100.0, -88.0, 89.0, 0.0, -0.0, 20.0, -20.0];
+        for (k, &e) in extremes.iter().enumerate().take(n) {
+            g[k] = e;
+        }
+        let mut want = vec![0.0; n];
+        swiglu(Isa::Scalar, &g, &u, &mut want);
+        for isa in Isa::all_available() {
+            let mut got = vec![0.0; n];
+            swiglu(isa, &g, &u, &mut got);
+            // exp is a ~2 ulp polynomial; a division and two products follow.
+            for k in 0..n {
+                assert!(
+                    close(got[k], want[k], 8.0 * f32::EPSILON, 1e-37),
+                    "{isa} g {} u {}: {} vs {}",
+                    g[k],
+                    u[k],
+                    got[k],
+                    want[k]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn softmax_matches_scalar() {
+    let mut rng = Rng::new(3);
+    for &n in &LENS {
+        let mut x = rng.vec_normal(n, 5.0);
+        if n > 3 {
+            x[1] = f32::NEG_INFINITY;
+            x[n - 1] = -200.0;
+        }
+        let mut want = x.clone();
+        softmax(Isa::Scalar, &mut want);
+        assert!((want.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        for isa in Isa::all_available() {
+            let mut got = x.clone();
+            softmax(isa, &mut got);
+            let rel = (n as f32 + 8.0) * f32::EPSILON;
+            for k in 0..n {
+                assert!(
+                    close(got[k], want[k], rel, 1e-38),
+                    "{isa} n {n} k {k}: {} vs {}",
+                    got[k],
+                    want[k]
+                );
+            }
+            if n > 3 {
+                assert_eq!(got[1], 0.0, "exp(-inf) is exactly 0");
+            }
+        }
+    }
+    let mut empty: [f32; 0] = [];
+    softmax(Isa::best(), &mut empty);
+}
+
+#[test]
+fn add_scaled_matches_scalar() {
+    let mut rng = Rng::new(4);
+    for &n in &LENS {
+        let x = rng.vec_normal(n, 1.0);
+        let acc0 = rng.vec_normal(n, 1.0);
+        let mut want = acc0.clone();
+        add_scaled(Isa::Scalar, &mut want, &x, 0.22);
+        for isa in Isa::all_available() {
+            let mut got = acc0.clone();
+            add_scaled(isa, &mut got, &x, 0.22);
+            // FMA skips one rounding: at most 1 ulp of the larger operand.
+            for k in 0..n {
+                let tol = f32::EPSILON * (acc0[k].abs() + (0.22 * x[k]).abs());
+                assert!((got[k] - want[k]).abs() <= tol, "{isa} n {n} k {k}");
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_follows_the_ggml_formula() {
+    let mut rng = Rng::new(5);
+    for (hd, heads, base) in [(64, 9, 10000.0f32), (128, 4, 500000.0), (8, 3, 10000.0)] {
+        let rope = Rope::new(hd, base);
+        for pos in [0, 1, 17, 4095] {
+            let x = rng.vec_normal(hd * heads, 1.0);
+            let mut y = x.clone();
+            rope.apply(&mut y, heads, pos);
+            let scale = base.powf(-2.0 / hd as f32);
+            for h in 0..heads {
+                let mut theta = pos as f32;
+                for i in 0..hd / 2 {
+                    let (c, s) = (theta.cos(), theta.sin());
+                    let (x0, x1) = (x[h * hd + 2 * i], x[h * hd + 2 * i + 1]);
+                    assert_eq!(y[h * hd + 2 * i], x0 * c - x1 * s);
+                    assert_eq!(y[h * hd + 2 * i + 1], x0 * s + x1 * c);
+                    theta *= scale;
+                }
+            }
+            if pos == 0 {
+                assert_eq!(x, y);
+            }
+        }
+    }
+}
+
+#[test]
+fn quantize_kv_error_is_half_a_step() {
+    let mut rng = Rng::new(6);
+    for n in [1, 64, 128, 80] {
+        let x = rng.vec_normal(n, 3.0);
+        let mut q = vec![0i8; n];
+        let d = quantize_kv(&x, &mut q);
+        for k in 0..n {
+            assert!((d * q[k] as f32 - x[k]).abs() <= d / 2.0 + 2.0 * f32::EPSILON * x[k].abs());
+            assert!(q[k] != -128);
+        }
+    }
+    let mut q = [1i8; 4];
+    assert_eq!(quantize_kv(&[0.0; 4], &mut q), 0.0);
+    assert_eq!(q, [0; 4]);
+}
+
+/// A random int8 cache of `n` tokens.
+fn cache(rng: &mut Rng, n: usize, hd: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut k = vec![0i8; n * hd];
+    let mut s = Vec::new();
+    for t in 0..n {
+        let x = rng.vec_normal(hd, 1.0 + (t % 3) as f32);
+        s.push(quantize_kv(&x, &mut k[t * hd..(t + 1) * hd]));
+    }
+    (k, s)
+}
+
+#[test]
+fn attention_over_blocks_matches_f64_softmax() {
+    let mut rng = Rng::new(7);
+    for hd in [64, 128, 80, 12] {
+        for n in [1, 5, 33, 300] {
+            let q = rng.vec_normal(hd, 1.0);
+            let (k, ks) = cache(&mut rng, n, hd);
+            let (v, vs) = cache(&mut rng, n, hd);
+            let scale = 1.0 / (hd as f32).sqrt();
+            // f64 reference over the dequantized cache.
+            let sc: Vec<f64> = (0..n)
+                .map(|t| {
+                    let dot: f64 = (0..hd)
+                        .map(|i| q[i] as f64 * k[t * hd + i] as f64 * ks[t] as f64)
+                        .sum();
+                    dot * scale as f64
+                })
+                .collect();
+            let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let p: Vec<f64> = sc.iter().map(|s| (s - mx).exp()).collect();
+            let z: f64 = p.iter().sum();
+            let want: Vec<f64> = (0..hd)
+                .map(|i| {
+                    (0..n)
+                        .map(|t| p[t] / z * v[t * hd + i] as f64 * vs[t] as f64)
+                        .sum()
+                })
+                .collect();
+            let vmax = (0..n * hd)
+                .map(|j| (v[j] as f64 * vs[j / hd] as f64).abs())
+                .fold(0.0, f64::max);
+            for isa in Isa::all_available() {
+                for block in [1, 7, 64, n] {
+                    let mut st = AttnState::new(hd);
+                    let mut t0 = 0;
+                    while t0 < n {
+                        let t1 = (t0 + block).min(n);
+                        attend(
+                            isa,
+                            &q,
+                            &k[t0 * hd..t1 * hd],
+                            &ks[t0..t1],
+                            &v[t0 * hd..t1 * hd],
+                            &vs[t0..t1],
+                            scale,
+                            &mut st,
+                        );
+                        t0 = t1;
+                    }
+                    let mut out = vec![0.0; hd];
+                    attend_finish(&st, &mut out);
+                    for i in 0..hd {
+                        let err = (out[i] as f64 - want[i]).abs();
+                        assert!(
+                            err <= 1e-5 * vmax,
+                            "{isa} hd {hd} n {n} block {block} i {i}: {} vs {}",
+                            out[i],
+                            want[i]
+                        );
+                    }
+                    st.reset();
+                    attend_finish(&st, &mut out);
+                    assert!(out.iter().all(|&x| x == 0.0));
+                }
+            }
+        }
+    }
+}
