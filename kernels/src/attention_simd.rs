@@ -20,12 +20,12 @@ pub(crate) fn scores(
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512 checked by the caller; lengths checked by `attend`.
-        Isa::Avx512 if hd % 16 == 0 && hd <= 16 * x86::MAX_VECS => unsafe {
+        Isa::Avx512 if hd.is_multiple_of(16) && hd <= 16 * x86::MAX_VECS => unsafe {
             x86::scores_avx512(q, k, k_scales, scale, scores)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 (or better) checked by the caller; lengths checked by `attend`.
-        Isa::Avx2 | Isa::Avx512 if hd % 8 == 0 => unsafe {
+        Isa::Avx2 | Isa::Avx512 if hd.is_multiple_of(8) => unsafe {
             x86::scores_avx2(q, k, k_scales, scale, scores)
         },
         _ => scores_scalar(q, k, k_scales, scale, scores),
@@ -39,10 +39,12 @@ pub(crate) fn accumulate(isa: Isa, acc: &mut [f32], corr: f32, w: &[f32], v: &[i
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512 checked by the caller; lengths checked by `attend`.
-        Isa::Avx512 if hd % 16 == 0 => unsafe { x86::accumulate_avx512(acc, corr, w, v) },
+        Isa::Avx512 if hd.is_multiple_of(16) => unsafe { x86::accumulate_avx512(acc, corr, w, v) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 (or better) checked by the caller; lengths checked by `attend`.
-        Isa::Avx2 | Isa::Avx512 if hd % 8 == 0 => unsafe { x86::accumulate_avx2(acc, corr, w, v) },
+        Isa::Avx2 | Isa::Avx512 if hd.is_multiple_of(8) => unsafe {
+            x86::accumulate_avx2(acc, corr, w, v)
+        },
         _ => accumulate_scalar(acc, corr, w, v),
     }
 }
