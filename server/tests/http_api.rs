@@ -574,6 +574,15 @@ async fn api_key_is_required_except_on_health() {
         ..Default::default()
     };
     let a = app_with(opts);
+    // Capture every log line of this test (the runtime is single-threaded).
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || Capture(sink.clone()))
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
     let body = json!({"messages": user("hi"), "max_tokens": 2});
     post_json(&a.router, "/v1/chat/completions", body.clone())
         .await
@@ -598,6 +607,25 @@ async fn api_key_is_required_except_on_health() {
         !format!("{:?}", a.state).contains("s3cret"),
         "the key never shows in Debug output"
     );
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(logs.contains("status=401"), "requests are logged: {logs}");
+    assert!(
+        !logs.contains("s3cret") && !logs.contains("wrong"),
+        "no key in the logs: {logs}"
+    );
+}
+
+/// A log sink shared with the test.
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[tokio::test]

@@ -106,12 +106,12 @@ async fn observe(State(s): State<AppState>, mut req: Request, next: Next) -> Res
         }
     }
     let status = resp.status().as_u16();
-    let ms = arrival.elapsed().as_secs_f64() * 1e3;
+    let ms = format!("{:.1}", arrival.elapsed().as_secs_f64() * 1e3);
     let path = clip(&path, 200);
     match status {
-        500.. => warn!(%method, ?path, status, ms, "request"),
-        400.. => info!(%method, ?path, status, ms, "request"),
-        _ => debug!(%method, ?path, status, ms, "request"),
+        500.. => warn!(%method, ?path, status, %ms, "request"),
+        400.. => info!(%method, ?path, status, %ms, "request"),
+        _ => debug!(%method, ?path, status, %ms, "request"),
     }
     resp
 }
