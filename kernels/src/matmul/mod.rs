@@ -110,10 +110,7 @@ impl WRow {
 
 /// Call `tile(i0, M)` for activation-row tiles of at most `max` rows covering
 /// `0..m`, largest first. Kernels use it to monomorphise their tile sizes.
-#[cfg_attr(
-    not(any(target_arch = "x86_64", target_arch = "aarch64")),
-    allow(dead_code)
-)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 pub(crate) fn tiles(m: usize, max: usize, mut tile: impl FnMut(usize, usize)) {
     let mut i0 = 0;
