@@ -24,7 +24,7 @@ fn fixtures_path() -> PathBuf {
         candidates.push(PathBuf::from(d).join(name));
     }
     candidates.push(root.join("../fixtures").join(name));
-    candidates.push(root.join("tests/fixtures").join(name));
+    candidates.push(root.join("tests/fixtures/smollm2").join(name));
     candidates.push(PathBuf::from("/work/shared/fixtures").join(name));
     match candidates.iter().find(|p| p.is_file()) {
         Some(p) => p.clone(),

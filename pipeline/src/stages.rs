@@ -178,7 +178,7 @@ impl Cards {
                 let mut seq_caches: Vec<&mut SeqKv> = caches.iter_mut().map(|c| &mut c[ci]).collect();
                 for (local, li) in card.layers.clone().enumerate() {
                     forward::forward_layer(pool, isa, cfg, &m.layers[li], local, &mut scratch.x[..n * h], rows, &mut seq_caches, &mut scratch.ws);
-                    a8_roundtrip(isa, &mut scratch.link, &mut scratch.x[..n * h], n, h);
+                    if std::env::var_os("CARDINAL_EXP_NO_A8").is_none() { a8_roundtrip(isa, &mut scratch.link, &mut scratch.x[..n * h], n, h); }
                     let macs = (n * cfg.layer_params()) as u64;
                     card.counters.ops_int4.fetch_add(macs, Ordering::Relaxed);
                 }

@@ -25,9 +25,20 @@ pub struct Cli {
     pub log: String,
 }
 
+/// Flags of `serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: crate::setup::ModelArgs,
+    #[command(flatten)]
+    pub serve: crate::serve::ServeOptions,
+}
+
 /// Subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Serve the OpenAI-compatible HTTP API (the main job).
+    Serve(ServeArgs),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(GenerateArgs),
     /// Print the token ids of a text.
@@ -42,8 +53,13 @@ pub enum Command {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode> {
-    init_logging(&cli.log, false);
+    let json_logs = matches!(&cli.command, Command::Serve(a) if a.serve.json_logs());
+    init_logging(&cli.log, json_logs);
     match cli.command {
+        Command::Serve(a) => {
+            crate::serve::run_blocking(a.serve, a.model)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Generate(a) => generate::run(a),
         Command::Tokenize(a) => generate::tokenize(a),
         Command::Perplexity(a) => bench::perplexity(a),
