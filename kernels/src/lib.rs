@@ -19,6 +19,7 @@ mod qacts;
 mod qacts_simd;
 mod qmatrix;
 mod rope;
+mod storage;
 
 /// Columns per quantization group (weights and activations).
 pub const GROUP: usize = 32;

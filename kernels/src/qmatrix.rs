@@ -12,7 +12,9 @@ use half::f16;
 use crate::KernelError;
 use crate::layout::{
     AlignedBytes, G, RowShape, elem_pos, f16_ceil, f16_floor, nibble_pos, pack_nibbles, to_layout,
+    unpack_nibbles,
 };
+use crate::storage::Geom;
 
 /// A quantized weight matrix in the crate's A8-C8-W4 layout.
 #[derive(Clone)]
@@ -20,11 +22,9 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     bits: u8,
-    shape: RowShape,
-    row_bytes: usize,
+    geom: Geom,
+    /// The storage of `crate::storage` (weights, scales and mins interleaved).
     data: AlignedBytes,
-    scales: Vec<f16>,
-    mins: Vec<f16>,
 }
 
 impl fmt::Debug for QMatrix {
@@ -77,37 +77,59 @@ impl QMatrix {
         mut fill: impl FnMut(usize, &mut [u8], &mut [f16], &mut [f16]) -> Result<(), KernelError>,
     ) -> Result<QMatrix, KernelError> {
         let shape = check_shape(rows, cols)?;
-        let row_bytes = if bits == 4 { cols / 2 } else { cols };
+        let geom = Geom::new(rows, cols, bits);
         let ng = shape.groups;
-        let mut m = QMatrix {
+        let mut data = AlignedBytes::zeroed(geom.bytes());
+        let mut natural = vec![0u8; cols];
+        let mut laid = vec![0u8; cols];
+        let mut packed = vec![0u8; cols * bits as usize / 8];
+        let (mut sc, mut mn) = (vec![f16::ZERO; ng], vec![f16::ZERO; ng]);
+        for r in 0..rows {
+            fill(r, &mut natural, &mut sc, &mut mn)?;
+            if bits == 4 {
+                to_layout(&shape, &natural, &mut laid);
+                pack_nibbles(&shape, &laid, &mut packed);
+            } else {
+                to_layout(&shape, &natural, &mut packed);
+            }
+            geom.write_row(data.as_mut_slice(), r, &packed, &sc, &mn);
+        }
+        Ok(QMatrix {
             rows,
             cols,
             bits,
-            shape,
-            row_bytes,
-            data: AlignedBytes::zeroed(rows * row_bytes),
-            scales: vec![f16::ZERO; rows * ng],
-            mins: vec![f16::ZERO; rows * ng],
-        };
-        let mut natural = vec![0u8; cols];
-        let mut laid = vec![0u8; cols];
-        let data = m.data.as_mut_slice();
-        for r in 0..rows {
-            fill(
-                r,
-                &mut natural,
-                &mut m.scales[r * ng..(r + 1) * ng],
-                &mut m.mins[r * ng..(r + 1) * ng],
-            )?;
-            let out = &mut data[r * row_bytes..(r + 1) * row_bytes];
-            if bits == 4 {
-                to_layout(&shape, &natural, &mut laid);
-                pack_nibbles(&shape, &laid, out);
-            } else {
-                to_layout(&shape, &natural, out);
-            }
+            geom,
+            data,
+        })
+    }
+
+    /// An all-zero matrix with the same columns and bits and `rows` rows.
+    fn empty_like(&self, rows: usize) -> QMatrix {
+        let geom = Geom::new(rows, self.cols, self.bits);
+        QMatrix {
+            rows,
+            cols: self.cols,
+            bits: self.bits,
+            geom,
+            data: AlignedBytes::zeroed(geom.bytes()),
         }
-        Ok(m)
+    }
+
+    /// Row `r` as (packed bytes in the element layout, scales, mins).
+    fn read_row(&self, r: usize) -> (Vec<u8>, Vec<f16>, Vec<f16>) {
+        let ng = self.geom.shape.groups;
+        let mut packed = vec![0u8; self.cols * self.bits as usize / 8];
+        let (mut sc, mut mn) = (vec![f16::ZERO; ng], vec![f16::ZERO; ng]);
+        self.geom
+            .read_row(self.data.as_slice(), r, &mut packed, &mut sc, &mut mn);
+        (packed, sc, mn)
+    }
+
+    /// Copy row `from` of `src` into row `to` of `self` (same cols and bits).
+    fn copy_row_from(&mut self, to: usize, src: &QMatrix, from: usize) {
+        let (packed, sc, mn) = src.read_row(from);
+        self.geom
+            .write_row(self.data.as_mut_slice(), to, &packed, &sc, &mn);
     }
 
     fn check_raw(
@@ -329,20 +351,19 @@ impl QMatrix {
 
     /// Bytes of quantized data, scales and mins held.
     pub fn size_bytes(&self) -> usize {
-        self.data.len() + 2 * (self.scales.len() + self.mins.len())
+        self.data.len()
     }
 
     /// The `(scale, min)` of group `g` (columns `32g..32g+32`) of row `r`.
     pub fn group_params(&self, r: usize, g: usize) -> (f32, f32) {
-        let ng = self.shape.groups;
         assert!(
-            r < self.rows && g < ng,
+            r < self.rows && g < self.geom.shape.groups,
             "group_params: row {r} group {g} out of range"
         );
-        (
-            self.scales[r * ng + g].to_f32(),
-            self.mins[r * ng + g].to_f32(),
-        )
+        let d = self.data.as_slice();
+        let (s, m) = self.geom.params(r, g);
+        let h = |at: usize| f16::from_le_bytes([d[at], d[at + 1]]).to_f32();
+        (h(s), h(m))
     }
 
     /// The unsigned quantized value of row `r`, column `c` (0..=15 or 0..=255).
@@ -352,13 +373,14 @@ impl QMatrix {
 
     /// The unsigned quantized value of row `r`, column `c`.
     fn u_at(&self, r: usize, c: usize) -> u8 {
-        let p = elem_pos(&self.shape, c / G, c % G);
-        let row = self.row_data(r);
+        let p = elem_pos(&self.geom.shape, c / G, c % G);
+        let d = self.data.as_slice();
         if self.bits == 8 {
-            row[p]
+            d[self.geom.byte(r, p)]
         } else {
-            let (b, hi) = nibble_pos(&self.shape, p);
-            if hi { row[b] >> 4 } else { row[b] & 0xF }
+            let (b, hi) = nibble_pos(&self.geom.shape, p);
+            let v = d[self.geom.byte(r, b)];
+            if hi { v >> 4 } else { v & 0xF }
         }
     }
 
@@ -375,13 +397,19 @@ impl QMatrix {
             out.len(),
             self.cols
         );
-        let ng = self.shape.groups;
-        for g in 0..ng {
-            let s = self.scales[r * ng + g].to_f32();
-            let m = self.mins[r * ng + g].to_f32();
+        let shape = &self.geom.shape;
+        let (packed, sc, mn) = self.read_row(r);
+        let u = if self.bits == 8 {
+            packed
+        } else {
+            let mut u = vec![0u8; self.cols];
+            unpack_nibbles(shape, &packed, &mut u);
+            u
+        };
+        for g in 0..shape.groups {
+            let (s, m) = (sc[g].to_f32(), mn[g].to_f32());
             for i in 0..G {
-                let c = g * G + i;
-                out[c] = s * self.u_at(r, c) as f32 + m;
+                out[g * G + i] = s * u[elem_pos(shape, g, i)] as f32 + m;
             }
         }
     }
@@ -393,22 +421,11 @@ impl QMatrix {
             "slice_rows: range {range:?} out of bounds for {} rows",
             self.rows
         );
-        let n = range.end - range.start;
-        let ng = self.shape.groups;
-        let mut data = AlignedBytes::zeroed(n * self.row_bytes);
-        data.as_mut_slice().copy_from_slice(
-            &self.data.as_slice()[range.start * self.row_bytes..range.end * self.row_bytes],
-        );
-        QMatrix {
-            rows: n,
-            data,
-            scales: self.scales[range.start * ng..range.end * ng].to_vec(),
-            mins: self.mins[range.start * ng..range.end * ng].to_vec(),
-            cols: self.cols,
-            bits: self.bits,
-            shape: self.shape,
-            row_bytes: self.row_bytes,
+        let mut out = self.empty_like(range.end - range.start);
+        for (to, from) in range.enumerate() {
+            out.copy_row_from(to, self, from);
         }
+        out
     }
 
     /// Stack matrices with equal cols and bits vertically (e.g. gate+up).
@@ -428,50 +445,40 @@ impl QMatrix {
         }
         let rows: usize = parts.iter().map(|p| p.rows).sum();
         check_shape(rows, first.cols)?;
-        let mut data = AlignedBytes::zeroed(rows * first.row_bytes);
-        let mut at = 0;
-        let (mut scales, mut mins) = (Vec::new(), Vec::new());
+        let mut out = first.empty_like(rows);
+        let mut to = 0;
         for p in parts {
-            let bytes = p.data.as_slice();
-            data.as_mut_slice()[at..at + bytes.len()].copy_from_slice(bytes);
-            at += bytes.len();
-            scales.extend_from_slice(&p.scales);
-            mins.extend_from_slice(&p.mins);
+            for from in 0..p.rows {
+                out.copy_row_from(to, p, from);
+                to += 1;
+            }
         }
-        Ok(QMatrix {
-            rows,
-            data,
-            scales,
-            mins,
-            cols: first.cols,
-            bits: first.bits,
-            shape: first.shape,
-            row_bytes: first.row_bytes,
-        })
+        Ok(out)
     }
 
     /// Row shape (chunks and tail).
     pub(crate) fn shape(&self) -> &RowShape {
-        &self.shape
+        &self.geom.shape
     }
 
-    /// The packed bytes of row `r`.
-    #[inline]
-    pub(crate) fn row_data(&self, r: usize) -> &[u8] {
-        &self.data.as_slice()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    /// Storage geometry.
+    pub(crate) fn geom(&self) -> &Geom {
+        &self.geom
     }
 
-    /// The f16 scales of row `r`.
-    #[inline]
-    pub(crate) fn row_scales(&self, r: usize) -> &[f16] {
-        let ng = self.shape.groups;
-        &self.scales[r * ng..(r + 1) * ng]
+    /// The raw storage bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        self.data.as_slice()
     }
 
-    /// The f16 mins of row `r`.
-    #[inline]
-    pub(crate) fn row_mins(&self, r: usize) -> &[f16] {
-        let ng = self.shape.groups;
-        &self.mins[r * ng..(r + 1) * ng]
+    /// Row `r` as (packed bytes in the element layout, scales, mins), into the buffers.
+    pub(crate) fn read_row_into(
+        &self,
+        r: usize,
+        packed: &mut [u8],
+        sc: &mut [f16],
+        mn: &mut [f16],
+    ) {
+        self.geom.read_row(self.data.as_slice(), r, packed, sc, mn);
     }
 }

@@ -80,17 +80,17 @@ unsafe fn f16x1(p: *const f16) -> __m128 {
     ))
 }
 
-/// Tail group g: `s*d` broadcast to 8 lanes and `[m*sd, 0, 0, 0]` widened to 256 bits.
+/// Tail group t (activation group g): `s*d` broadcast to 8 lanes and `[m*sd, 0, 0, 0]` widened to 256 bits.
 ///
 /// # Safety
 /// Group g exists in both rows.
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
-unsafe fn group_scales(w: WRow, a: ActRow, g: usize) -> (__m256, __m256) {
-    // SAFETY: g < groups for both rows (caller contract).
+unsafe fn group_scales(w: WRow, t: usize, a: ActRow, g: usize) -> (__m256, __m256) {
+    // SAFETY: t < tail groups of `w`, g < groups of `a` (caller contract).
     unsafe {
-        let ds = _mm_mul_ps(f16x1(w.sc.add(g)), _mm_load_ss(a.d.add(g)));
-        let mt = _mm_mul_ps(f16x1(w.mn.add(g)), _mm_load_ss(a.sd.add(g)));
+        let ds = _mm_mul_ps(f16x1(w.tail_sc(t)), _mm_load_ss(a.d.add(g)));
+        let mt = _mm_mul_ps(f16x1(w.tail_mn(t)), _mm_load_ss(a.sd.add(g)));
         (_mm256_broadcastss_ps(ds), _mm256_zextps128_ps256(mt))
     }
 }
@@ -122,15 +122,15 @@ unsafe fn row4<const M: usize>(
     // stays within `shape` the same way (see `crate::layout`).
     unsafe {
         for c in 0..shape.chunks {
-            let wp = w.data.add(c * CHUNK / 2);
+            let (wp, wsc, wmn) = w.chunk(c);
             let wv: [__m256i; 4] =
                 std::array::from_fn(|s| _mm256_loadu_si256(wp.add(32 * s).cast()));
             let lo: [__m256i; 4] = std::array::from_fn(|s| _mm256_and_si256(wv[s], mask));
             let hi: [__m256i; 4] =
                 std::array::from_fn(|s| _mm256_and_si256(_mm256_srli_epi16::<4>(wv[s]), mask));
             let g = c * CG;
-            let s = _mm256_cvtph_ps(_mm_loadu_si128(w.sc.add(g).cast()));
-            let mv = _mm256_cvtph_ps(_mm_loadu_si128(w.mn.add(g).cast()));
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(wsc.cast()));
+            let mv = _mm256_cvtph_ps(_mm_loadu_si128(wmn.cast()));
             for i in 0..M {
                 let q = act[i].q.add(c * CHUNK);
                 let ld = |o: usize| _mm256_loadu_si256(q.add(32 * o).cast());
@@ -161,15 +161,15 @@ unsafe fn row4<const M: usize>(
         let mut t = 0;
         while t + 1 < shape.tail {
             let g = gt + t;
-            let wb = _mm256_loadu_si256(w.data.add(g * G / 2).cast());
+            let wb = _mm256_loadu_si256(w.tail_data(t).cast());
             let lo = _mm256_and_si256(wb, mask);
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wb), mask);
             for i in 0..M {
                 let q = act[i].q.add(g * G);
                 let va = dot4(lo, _mm256_loadu_si256(q.cast()));
                 let vb = dot4(hi, _mm256_loadu_si256(q.add(G).cast()));
-                let (dsa, mta) = group_scales(w, act[i], g);
-                let (dsb, mtb) = group_scales(w, act[i], g + 1);
+                let (dsa, mta) = group_scales(w, t, act[i], g);
+                let (dsb, mtb) = group_scales(w, t + 1, act[i], g + 1);
                 let f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(va), dsa, _mm256_add_ps(mta, mtb));
                 acc[i] = _mm256_add_ps(acc[i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(vb), dsb, f));
             }
@@ -177,7 +177,7 @@ unsafe fn row4<const M: usize>(
         }
         if t < shape.tail {
             let g = gt + t;
-            let x = _mm_loadu_si128(w.data.add(g * G / 2).cast());
+            let x = _mm_loadu_si128(w.tail_data(t).cast());
             let m128 = _mm_set1_epi8(0x0F);
             let u = _mm256_set_m128i(
                 _mm_and_si128(_mm_srli_epi16::<4>(x), m128),
@@ -185,7 +185,7 @@ unsafe fn row4<const M: usize>(
             );
             for i in 0..M {
                 let v = dot4(u, _mm256_loadu_si256(act[i].q.add(g * G).cast()));
-                let (ds, mt) = group_scales(w, act[i], g);
+                let (ds, mt) = group_scales(w, t, act[i], g);
                 acc[i] = _mm256_add_ps(acc[i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), ds, mt));
             }
         }
@@ -223,7 +223,7 @@ unsafe fn row8<const M: usize>(
     // and activation rows and groups c*8..c*8+8; tail groups stay within `shape`.
     unsafe {
         for c in 0..shape.chunks {
-            let wp = w.data.add(c * CHUNK);
+            let (wp, wsc, wmn) = w.chunk(c);
             let g = c * CG;
             let mut isum = [_mm256_setzero_si256(); M];
             for s in 0..CHUNK / 32 {
@@ -234,8 +234,8 @@ unsafe fn row8<const M: usize>(
                     isum[i] = _mm256_add_epi32(isum[i], dot_signed(v, absv, q));
                 }
             }
-            let s = _mm256_cvtph_ps(_mm_loadu_si128(w.sc.add(g).cast()));
-            let mv = _mm256_cvtph_ps(_mm_loadu_si128(w.mn.add(g).cast()));
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(wsc.cast()));
+            let mv = _mm256_cvtph_ps(_mm_loadu_si128(wmn.cast()));
             for i in 0..M {
                 let sq = _mm256_slli_epi32::<7>(_mm256_loadu_si256(act[i].sumq.add(g).cast()));
                 let x = _mm256_cvtepi32_ps(_mm256_add_epi32(isum[i], sq));
@@ -244,14 +244,15 @@ unsafe fn row8<const M: usize>(
                 acc[i] = _mm256_fmadd_ps(x, ds, t);
             }
         }
-        for g in shape.chunks * CG..shape.groups {
-            let v = _mm256_xor_si256(_mm256_loadu_si256(w.data.add(g * G).cast()), flip);
+        for t in 0..shape.tail {
+            let g = shape.chunks * CG + t;
+            let v = _mm256_xor_si256(_mm256_loadu_si256(w.tail_data(t).cast()), flip);
             let absv = _mm256_abs_epi8(v);
             for i in 0..M {
                 let q = _mm256_loadu_si256(act[i].q.add(g * G).cast());
                 let corr = _mm256_zextsi128_si256(_mm_cvtsi32_si128(*act[i].sumq.add(g) << 7));
                 let x = _mm256_add_epi32(dot_signed(v, absv, q), corr);
-                let (ds, mt) = group_scales(w, act[i], g);
+                let (ds, mt) = group_scales(w, t, act[i], g);
                 acc[i] = _mm256_add_ps(acc[i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), ds, mt));
             }
         }

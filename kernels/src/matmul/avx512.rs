@@ -20,14 +20,8 @@ use crate::{QActs, QMatrix};
 #[path = "avx512_batch.rs"]
 mod batch;
 
-/// Software-prefetch the weights this many row blocks ahead.
-const PF_BLOCKS: usize = 1;
-/// Whether the 4-bit / 8-bit m = 1 kernels issue software prefetches.
-const PREFETCH: bool = true;
-const PREFETCH8: bool = true;
-
 /// Weight rows per m = 1 block.
-const R_MAX: usize = 4;
+const R_MAX: usize = crate::storage::RB;
 
 /// AVX-512 kernel for weight rows `rows`.
 ///
@@ -44,7 +38,8 @@ pub(crate) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
     let act = ActRow::new(a, 0);
     let mut r = rows.start;
     while r < rows.end {
-        let n = (rows.end - r).min(R_MAX);
+        // Stay inside one storage block so the 4 rows are one sequential stream.
+        let n = (rows.end - r).min(R_MAX - r % R_MAX);
         let wr: [WRow; R_MAX] = std::array::from_fn(|k| WRow::new(w, r + k.min(n - 1)));
         let mut y = [0.0f32; R_MAX];
         // SAFETY: `wr[..n]` and `act` point at complete rows whose shape is
@@ -161,15 +156,15 @@ unsafe fn f16x1(p: *const f16) -> __m128 {
 /// Groups g and g+1 exist in both rows.
 #[target_feature(enable = "avx512f,f16c")]
 #[inline]
-pub(super) unsafe fn pair_scales(w: WRow, a: ActRow, g: usize) -> (__m512, __m128) {
+pub(super) unsafe fn pair_scales(w: WRow, t: usize, a: ActRow, g: usize) -> (__m512, __m128) {
     // SAFETY: g + 1 < groups for both rows (caller contract).
     unsafe {
         let d2 = _mm_castsi128_ps(_mm_loadl_epi64(a.d.add(g).cast()));
         let sd2 = _mm_castsi128_ps(_mm_loadl_epi64(a.sd.add(g).cast()));
-        let ds = _mm_mul_ps(f16x2(w.sc.add(g)), d2);
+        let ds = _mm_mul_ps(f16x2(w.tail_sc(t)), d2);
         let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         let ds16 = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(ds));
-        (ds16, _mm_mul_ps(f16x2(w.mn.add(g)), sd2))
+        (ds16, _mm_mul_ps(f16x2(w.tail_mn(t)), sd2))
     }
 }
 
@@ -179,13 +174,13 @@ pub(super) unsafe fn pair_scales(w: WRow, a: ActRow, g: usize) -> (__m512, __m12
 /// Group g exists in both rows.
 #[target_feature(enable = "avx512f,avx2,f16c")]
 #[inline]
-pub(super) unsafe fn single_scales(w: WRow, a: ActRow, g: usize) -> (__m256, __m128) {
+pub(super) unsafe fn single_scales(w: WRow, t: usize, a: ActRow, g: usize) -> (__m256, __m128) {
     // SAFETY: g < groups for both rows (caller contract).
     unsafe {
         let d1 = _mm_load_ss(a.d.add(g));
         let sd1 = _mm_load_ss(a.sd.add(g));
-        let ds = _mm256_broadcastss_ps(_mm_mul_ps(f16x1(w.sc.add(g)), d1));
-        (ds, _mm_mul_ps(f16x1(w.mn.add(g)), sd1))
+        let ds = _mm256_broadcastss_ps(_mm_mul_ps(f16x1(w.tail_sc(t)), d1));
+        (ds, _mm_mul_ps(f16x1(w.tail_mn(t)), sd1))
     }
 }
 
@@ -223,9 +218,6 @@ unsafe fn vec4<const R: usize>(
     y: &mut [f32; R_MAX],
 ) {
     let zero = _mm512_setzero_si512();
-    let row_bytes = shape.groups * G / 2;
-    let pf = PF_BLOCKS * R_MAX * row_bytes;
-    let pfs = PF_BLOCKS * R_MAX * shape.groups;
     let mut facc = [_mm512_setzero_ps(); R];
     let mut macc = [_mm512_setzero_ps(); R];
     // SAFETY: pair p reads bytes p*256..p*256+256 of each packed row, elements
@@ -240,15 +232,7 @@ unsafe fn vec4<const R: usize>(
             let dx = _mm512_loadu_ps(a.d.add(g));
             let sd = _mm512_loadu_ps(a.sd.add(g));
             for k in 0..R {
-                let wp = w[k].data.add(p * CHUNK);
-                if PREFETCH {
-                    let ahead = wp.wrapping_add(pf);
-                    for l in 0..4 {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l).cast());
-                    }
-                    _mm_prefetch::<_MM_HINT_T0>(w[k].sc.wrapping_add(g + pfs).cast());
-                    _mm_prefetch::<_MM_HINT_T0>(w[k].mn.wrapping_add(g + pfs).cast());
-                }
+                let wp = w[k].pair_data(p);
                 let (l0, h0) = nibbles(_mm512_loadu_si512(wp.cast()));
                 let (l1, h1) = nibbles(_mm512_loadu_si512(wp.add(64).cast()));
                 let (l2, h2) = nibbles(_mm512_loadu_si512(wp.add(128).cast()));
@@ -261,8 +245,8 @@ unsafe fn vec4<const R: usize>(
                 let z = _mm512_dpbusd_epi32(z, h2, av[6]);
                 let z = _mm512_dpbusd_epi32(z, l3, av[5]);
                 let z = _mm512_dpbusd_epi32(z, h3, av[7]);
-                let s = _mm512_cvtph_ps(_mm256_loadu_si256(w[k].sc.add(g).cast()));
-                let mv = _mm512_cvtph_ps(_mm256_loadu_si256(w[k].mn.add(g).cast()));
+                let s = _mm512_cvtph_ps(_mm256_loadu_si256(w[k].pair_sc(p).cast()));
+                let mv = _mm512_cvtph_ps(_mm256_loadu_si256(w[k].pair_mn(p).cast()));
                 facc[k] = _mm512_fmadd_ps(
                     _mm512_cvtepi32_ps(combine(x, z)),
                     _mm512_mul_ps(s, dx),
@@ -280,15 +264,15 @@ unsafe fn vec4<const R: usize>(
             let dx = _mm256_loadu_ps(a.d.add(g));
             let sd = _mm256_loadu_ps(a.sd.add(g));
             for k in 0..R {
-                let wp = w[k].data.add(c * CHUNK / 2);
+                let wp = w[k].odd;
                 let (l0, h0) = nibbles(_mm512_loadu_si512(wp.cast()));
                 let (l1, h1) = nibbles(_mm512_loadu_si512(wp.add(64).cast()));
                 let x = _mm512_dpbusd_epi32(zero, l0, av[0]);
                 let x = _mm512_dpbusd_epi32(x, h0, av[2]);
                 let x = _mm512_dpbusd_epi32(x, l1, av[1]);
                 let x = _mm512_dpbusd_epi32(x, h1, av[3]);
-                let s = _mm256_cvtph_ps(_mm_loadu_si128(w[k].sc.add(g).cast()));
-                let mv = _mm256_cvtph_ps(_mm_loadu_si128(w[k].mn.add(g).cast()));
+                let s = _mm256_cvtph_ps(_mm_loadu_si128(w[k].odd_sc().cast()));
+                let mv = _mm256_cvtph_ps(_mm_loadu_si128(w[k].odd_mn().cast()));
                 let isum = _mm256_cvtepi32_ps(fold_halves(x));
                 let f = _mm256_fmadd_ps(isum, _mm256_mul_ps(s, dx), _mm256_mul_ps(mv, sd));
                 facc[k] = _mm512_add_ps(facc[k], _mm512_zextps256_ps512(f));
@@ -300,9 +284,9 @@ unsafe fn vec4<const R: usize>(
             let g = gt + t;
             let qv = _mm512_loadu_si512(a.q.add(g * G).cast());
             for k in 0..R {
-                let wz = pair_nibbles(w[k].data.add(g * G / 2));
+                let wz = pair_nibbles(w[k].tail_data(t));
                 let v = _mm512_dpbusd_epi32(zero, wz, qv);
-                let (ds, mt) = pair_scales(w[k], a, g);
+                let (ds, mt) = pair_scales(w[k], t, a, g);
                 facc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), ds, facc[k]);
                 macc[k] = _mm512_add_ps(macc[k], _mm512_zextps128_ps512(mt));
             }
@@ -312,9 +296,9 @@ unsafe fn vec4<const R: usize>(
             let g = gt + t;
             let qv = _mm256_loadu_si256(a.q.add(g * G).cast());
             for k in 0..R {
-                let wy = single_nibbles(w[k].data.add(g * G / 2));
+                let wy = single_nibbles(w[k].tail_data(t));
                 let v = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wy, qv);
-                let (ds, mt) = single_scales(w[k], a, g);
+                let (ds, mt) = single_scales(w[k], g - gt, a, g);
                 let f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), ds);
                 facc[k] = _mm512_add_ps(facc[k], _mm512_zextps256_ps512(f));
                 macc[k] = _mm512_add_ps(macc[k], _mm512_zextps128_ps512(mt));
@@ -337,9 +321,6 @@ unsafe fn vec8<const R: usize>(
     y: &mut [f32; R_MAX],
 ) {
     let zero = _mm512_setzero_si512();
-    let row_bytes = shape.groups * G;
-    let pf = PF_BLOCKS * R_MAX * row_bytes;
-    let pfs = PF_BLOCKS * R_MAX * shape.groups;
     let mut facc = [_mm512_setzero_ps(); R];
     let mut macc = [_mm512_setzero_ps(); R];
     // SAFETY: pair p reads bytes (= elements) p*512..p*512+512 of every weight
@@ -354,15 +335,7 @@ unsafe fn vec8<const R: usize>(
             let dx = _mm512_loadu_ps(a.d.add(g));
             let sd = _mm512_loadu_ps(a.sd.add(g));
             for k in 0..R {
-                let wp = w[k].data.add(p * 2 * CHUNK);
-                if PREFETCH8 {
-                    let ahead = wp.wrapping_add(pf);
-                    for l in 0..8 {
-                        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * l).cast());
-                    }
-                    _mm_prefetch::<_MM_HINT_T0>(w[k].sc.wrapping_add(g + pfs).cast());
-                    _mm_prefetch::<_MM_HINT_T0>(w[k].mn.wrapping_add(g + pfs).cast());
-                }
+                let wp = w[k].pair_data(p);
                 let ld = |o: usize| _mm512_loadu_si512(wp.add(64 * o).cast());
                 let x = _mm512_dpbusd_epi32(zero, ld(0), av[0]);
                 let x = _mm512_dpbusd_epi32(x, ld(1), av[1]);
@@ -372,8 +345,8 @@ unsafe fn vec8<const R: usize>(
                 let z = _mm512_dpbusd_epi32(z, ld(5), av[5]);
                 let z = _mm512_dpbusd_epi32(z, ld(6), av[6]);
                 let z = _mm512_dpbusd_epi32(z, ld(7), av[7]);
-                let s = _mm512_cvtph_ps(_mm256_loadu_si256(w[k].sc.add(g).cast()));
-                let mv = _mm512_cvtph_ps(_mm256_loadu_si256(w[k].mn.add(g).cast()));
+                let s = _mm512_cvtph_ps(_mm256_loadu_si256(w[k].pair_sc(p).cast()));
+                let mv = _mm512_cvtph_ps(_mm256_loadu_si256(w[k].pair_mn(p).cast()));
                 facc[k] = _mm512_fmadd_ps(
                     _mm512_cvtepi32_ps(combine(x, z)),
                     _mm512_mul_ps(s, dx),
@@ -391,14 +364,14 @@ unsafe fn vec8<const R: usize>(
             let dx = _mm256_loadu_ps(a.d.add(g));
             let sd = _mm256_loadu_ps(a.sd.add(g));
             for k in 0..R {
-                let wp = w[k].data.add(c * CHUNK);
+                let wp = w[k].odd;
                 let ld = |o: usize| _mm512_loadu_si512(wp.add(64 * o).cast());
                 let x = _mm512_dpbusd_epi32(zero, ld(0), av[0]);
                 let x = _mm512_dpbusd_epi32(x, ld(1), av[1]);
                 let x = _mm512_dpbusd_epi32(x, ld(2), av[2]);
                 let x = _mm512_dpbusd_epi32(x, ld(3), av[3]);
-                let s = _mm256_cvtph_ps(_mm_loadu_si128(w[k].sc.add(g).cast()));
-                let mv = _mm256_cvtph_ps(_mm_loadu_si128(w[k].mn.add(g).cast()));
+                let s = _mm256_cvtph_ps(_mm_loadu_si128(w[k].odd_sc().cast()));
+                let mv = _mm256_cvtph_ps(_mm_loadu_si128(w[k].odd_mn().cast()));
                 let isum = _mm256_cvtepi32_ps(fold_halves(x));
                 let f = _mm256_fmadd_ps(isum, _mm256_mul_ps(s, dx), _mm256_mul_ps(mv, sd));
                 facc[k] = _mm512_add_ps(facc[k], _mm512_zextps256_ps512(f));
@@ -408,9 +381,9 @@ unsafe fn vec8<const R: usize>(
         for g in gt..shape.groups {
             let qv = _mm256_loadu_si256(a.q.add(g * G).cast());
             for k in 0..R {
-                let wb = _mm256_loadu_si256(w[k].data.add(g * G).cast());
+                let wb = _mm256_loadu_si256(w[k].tail_data(g - gt).cast());
                 let v = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wb, qv);
-                let (ds, mt) = single_scales(w[k], a, g);
+                let (ds, mt) = single_scales(w[k], g - gt, a, g);
                 let f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), ds);
                 facc[k] = _mm512_add_ps(facc[k], _mm512_zextps256_ps512(f));
                 macc[k] = _mm512_add_ps(macc[k], _mm512_zextps128_ps512(mt));

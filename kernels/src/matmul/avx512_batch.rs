@@ -70,11 +70,11 @@ unsafe fn tail4<const M: usize>(
     unsafe {
         while t + 1 < shape.tail {
             let g = gt + t;
-            let wz = pair_nibbles(w.data.add(g * G / 2));
+            let wz = pair_nibbles(w.tail_data(t));
             for i in 0..M {
                 let qv = _mm512_loadu_si512(act[i].q.add(g * G).cast());
                 let v = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wz, qv);
-                let (ds, mt) = pair_scales(w, act[i], g);
+                let (ds, mt) = pair_scales(w, t, act[i], g);
                 facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), ds, facc[i]);
                 macc[i] = _mm512_add_ps(macc[i], _mm512_zextps128_ps512(mt));
             }
@@ -82,11 +82,11 @@ unsafe fn tail4<const M: usize>(
         }
         if t < shape.tail {
             let g = gt + t;
-            let wy = single_nibbles(w.data.add(g * G / 2));
+            let wy = single_nibbles(w.tail_data(t));
             for i in 0..M {
                 let qv = _mm256_loadu_si256(act[i].q.add(g * G).cast());
                 let v = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wy, qv);
-                let (ds, mt) = single_scales(w, act[i], g);
+                let (ds, mt) = single_scales(w, g - gt, act[i], g);
                 let f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), ds);
                 facc[i] = _mm512_add_ps(facc[i], _mm512_zextps256_ps512(f));
                 macc[i] = _mm512_add_ps(macc[i], _mm512_zextps128_ps512(mt));
@@ -116,14 +116,14 @@ unsafe fn row4<const M: usize>(
     // bounded by `shape` in the same way (layout in `crate::layout`).
     unsafe {
         for p in 0..shape.chunks / 2 {
-            let wp = w.data.add(p * CHUNK);
+            let wp = w.pair_data(p);
             let (l0, h0) = nibbles(_mm512_loadu_si512(wp.cast()));
             let (l1, h1) = nibbles(_mm512_loadu_si512(wp.add(64).cast()));
             let (l2, h2) = nibbles(_mm512_loadu_si512(wp.add(128).cast()));
             let (l3, h3) = nibbles(_mm512_loadu_si512(wp.add(192).cast()));
             let g = p * 2 * CG;
-            let s = _mm512_cvtph_ps(_mm256_loadu_si256(w.sc.add(g).cast()));
-            let mv = _mm512_cvtph_ps(_mm256_loadu_si256(w.mn.add(g).cast()));
+            let s = _mm512_cvtph_ps(_mm256_loadu_si256(w.pair_sc(p).cast()));
+            let mv = _mm512_cvtph_ps(_mm256_loadu_si256(w.pair_mn(p).cast()));
             for i in 0..M {
                 let q = act[i].q.add(p * 2 * CHUNK);
                 let ld = |o: usize| _mm512_loadu_si512(q.add(o).cast());
@@ -143,12 +143,12 @@ unsafe fn row4<const M: usize>(
         }
         if shape.chunks % 2 == 1 {
             let c = shape.chunks - 1;
-            let wp = w.data.add(c * CHUNK / 2);
+            let wp = w.odd;
             let (l0, h0) = nibbles(_mm512_loadu_si512(wp.cast()));
             let (l1, h1) = nibbles(_mm512_loadu_si512(wp.add(64).cast()));
             let g = c * CG;
-            let s = _mm256_cvtph_ps(_mm_loadu_si128(w.sc.add(g).cast()));
-            let mv = _mm256_cvtph_ps(_mm_loadu_si128(w.mn.add(g).cast()));
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(w.odd_sc().cast()));
+            let mv = _mm256_cvtph_ps(_mm_loadu_si128(w.odd_mn().cast()));
             for i in 0..M {
                 let q = act[i].q.add(c * CHUNK);
                 let ld = |o: usize| _mm512_loadu_si512(q.add(o).cast());
@@ -192,12 +192,12 @@ unsafe fn row8<const M: usize>(
     // tail groups are bounded by `shape` likewise.
     unsafe {
         for p in 0..shape.chunks / 2 {
-            let wp = w.data.add(p * 2 * CHUNK);
+            let wp = w.pair_data(p);
             let wv: [__m512i; 8] =
                 std::array::from_fn(|k| _mm512_loadu_si512(wp.add(64 * k).cast()));
             let g = p * 2 * CG;
-            let s = _mm512_cvtph_ps(_mm256_loadu_si256(w.sc.add(g).cast()));
-            let mv = _mm512_cvtph_ps(_mm256_loadu_si256(w.mn.add(g).cast()));
+            let s = _mm512_cvtph_ps(_mm256_loadu_si256(w.pair_sc(p).cast()));
+            let mv = _mm512_cvtph_ps(_mm256_loadu_si256(w.pair_mn(p).cast()));
             for i in 0..M {
                 let q = act[i].q.add(p * 2 * CHUNK);
                 let ld = |o: usize| _mm512_loadu_si512(q.add(o).cast());
@@ -217,12 +217,12 @@ unsafe fn row8<const M: usize>(
         }
         if shape.chunks % 2 == 1 {
             let c = shape.chunks - 1;
-            let wp = w.data.add(c * CHUNK);
+            let wp = w.odd;
             let wv: [__m512i; 4] =
                 std::array::from_fn(|k| _mm512_loadu_si512(wp.add(64 * k).cast()));
             let g = c * CG;
-            let s = _mm256_cvtph_ps(_mm_loadu_si128(w.sc.add(g).cast()));
-            let mv = _mm256_cvtph_ps(_mm_loadu_si128(w.mn.add(g).cast()));
+            let s = _mm256_cvtph_ps(_mm_loadu_si128(w.odd_sc().cast()));
+            let mv = _mm256_cvtph_ps(_mm_loadu_si128(w.odd_mn().cast()));
             for i in 0..M {
                 let q = act[i].q.add(c * CHUNK);
                 let ld = |o: usize| _mm512_loadu_si512(q.add(o).cast());
@@ -240,12 +240,13 @@ unsafe fn row8<const M: usize>(
                 facc[i] = _mm512_add_ps(facc[i], _mm512_zextps256_ps512(f));
             }
         }
-        for g in shape.chunks * CG..shape.groups {
-            let wb = _mm256_loadu_si256(w.data.add(g * G).cast());
+        let gt = shape.chunks * CG;
+        for g in gt..shape.groups {
+            let wb = _mm256_loadu_si256(w.tail_data(g - gt).cast());
             for i in 0..M {
                 let qv = _mm256_loadu_si256(act[i].q.add(g * G).cast());
                 let v = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wb, qv);
-                let (ds, mt) = single_scales(w, act[i], g);
+                let (ds, mt) = single_scales(w, g - gt, act[i], g);
                 let f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), ds);
                 facc[i] = _mm512_add_ps(facc[i], _mm512_zextps256_ps512(f));
                 macc[i] = _mm512_add_ps(macc[i], _mm512_zextps128_ps512(mt));

@@ -78,19 +78,31 @@ impl ActRow {
     }
 }
 
-/// Raw pointers to one weight row's data, for SIMD kernels.
+/// Raw pointers to one weight row's records (see `crate::storage`), for SIMD kernels.
 #[derive(Clone, Copy)]
 #[cfg_attr(
     not(any(target_arch = "x86_64", target_arch = "aarch64")),
     allow(dead_code)
 )]
 pub(crate) struct WRow {
-    /// Packed bytes (`cols/2` or `cols`).
-    pub data: *const u8,
-    /// f16 scales (`groups`).
-    pub sc: *const half::f16,
-    /// f16 mins (`groups`).
-    pub mn: *const half::f16,
+    /// First pair record (16 groups: data, 16 scales, 16 mins).
+    pub pair: *const u8,
+    /// Bytes between consecutive pair records of this row.
+    pub stride: usize,
+    /// Odd-chunk record (8 groups).
+    pub odd: *const u8,
+    /// Tail record.
+    pub tail: *const u8,
+    /// Whole pairs per row.
+    pub pairs: usize,
+    /// Packed data bytes of a pair record.
+    pub dp: usize,
+    /// Packed data bytes of the tail record.
+    pub dt: usize,
+    /// Tail groups.
+    pub tail_n: usize,
+    /// Packed bytes per group.
+    pub gb: usize,
 }
 
 #[cfg_attr(
@@ -98,12 +110,88 @@ pub(crate) struct WRow {
     allow(dead_code)
 )]
 impl WRow {
-    /// Pointers into row `r` of `w`.
+    /// Pointers into row `r` of `w`. Offsets are computed with wrapping
+    /// arithmetic; only records that exist for this shape are ever read.
     pub(crate) fn new(w: &QMatrix, r: usize) -> WRow {
+        let g = w.geom();
+        let l = g.loc(r);
+        let base = w.bytes().as_ptr();
         WRow {
-            data: w.row_data(r).as_ptr(),
-            sc: w.row_scales(r).as_ptr(),
-            mn: w.row_mins(r).as_ptr(),
+            pair: base.wrapping_add(l.pair),
+            stride: l.stride,
+            odd: base.wrapping_add(l.odd),
+            tail: base.wrapping_add(l.tail),
+            pairs: g.pairs,
+            dp: g.dp,
+            dt: g.dt,
+            tail_n: g.shape.tail,
+            gb: g.gb,
+        }
+    }
+
+    /// Packed data of pair `p` (groups 16p..16p+16).
+    #[inline(always)]
+    pub(crate) fn pair_data(&self, p: usize) -> *const u8 {
+        self.pair.wrapping_add(p * self.stride)
+    }
+
+    /// The 16 f16 scales of pair `p`.
+    #[inline(always)]
+    pub(crate) fn pair_sc(&self, p: usize) -> *const half::f16 {
+        self.pair_data(p).wrapping_add(self.dp).cast()
+    }
+
+    /// The 16 f16 mins of pair `p`.
+    #[inline(always)]
+    pub(crate) fn pair_mn(&self, p: usize) -> *const half::f16 {
+        self.pair_data(p).wrapping_add(self.dp + 32).cast()
+    }
+
+    /// The 8 f16 scales of the odd chunk.
+    #[inline(always)]
+    pub(crate) fn odd_sc(&self) -> *const half::f16 {
+        self.odd.wrapping_add(self.dp / 2).cast()
+    }
+
+    /// The 8 f16 mins of the odd chunk.
+    #[inline(always)]
+    pub(crate) fn odd_mn(&self) -> *const half::f16 {
+        self.odd.wrapping_add(self.dp / 2 + 16).cast()
+    }
+
+    /// Packed data of tail group `t` (pairs of tail groups are contiguous).
+    #[inline(always)]
+    pub(crate) fn tail_data(&self, t: usize) -> *const u8 {
+        self.tail.wrapping_add(t * self.gb)
+    }
+
+    /// Scale of tail group `t`.
+    #[inline(always)]
+    pub(crate) fn tail_sc(&self, t: usize) -> *const half::f16 {
+        self.tail.wrapping_add(self.dt + 2 * t).cast()
+    }
+
+    /// Min of tail group `t`.
+    #[inline(always)]
+    pub(crate) fn tail_mn(&self, t: usize) -> *const half::f16 {
+        self.tail
+            .wrapping_add(self.dt + 2 * self.tail_n + 2 * t)
+            .cast()
+    }
+
+    /// (data, 8 scales, 8 mins) of chunk `c` (groups 8c..8c+8).
+    #[inline(always)]
+    pub(crate) fn chunk(&self, c: usize) -> (*const u8, *const half::f16, *const half::f16) {
+        let p = c / 2;
+        if p < self.pairs {
+            let h = c % 2;
+            (
+                self.pair_data(p).wrapping_add(h * self.dp / 2),
+                self.pair_sc(p).wrapping_add(8 * h),
+                self.pair_mn(p).wrapping_add(8 * h),
+            )
+        } else {
+            (self.odd, self.odd_sc(), self.odd_mn())
         }
     }
 }

@@ -9,6 +9,8 @@
 use std::arch::aarch64::*;
 use std::ops::Range;
 
+use half::f16;
+
 use super::{ActRow, Out, WRow};
 use crate::layout::{CG, CHUNK, G, RowShape};
 use crate::{QActs, QMatrix};
@@ -62,21 +64,22 @@ fn dot16(acc: int32x4_t, w: int8x16_t, q: int8x16_t) -> int32x4_t {
 /// Per-chunk scaling: `Σ_j s_j*(d_j*isum_j) + m_j*sd_j` over 8 groups.
 ///
 /// # Safety
-/// Groups g..g+8 exist in both rows.
+/// `sc`/`mn` point at the chunk's 8 scales and mins; groups g..g+8 exist in `a`.
 #[target_feature(enable = "neon")]
 #[inline]
 unsafe fn scale8(
-    w: WRow,
+    sc: *const f16,
+    mn: *const f16,
     a: ActRow,
     g: usize,
     lo: int32x4_t,
     hi: int32x4_t,
     acc: float32x4_t,
 ) -> float32x4_t {
-    // SAFETY: g + 8 <= groups for both rows (caller contract).
+    // SAFETY: 8 scales/mins readable; g + 8 <= groups of `a` (caller contract).
     unsafe {
-        let s: [f32; 8] = std::array::from_fn(|j| (*w.sc.add(g + j)).to_f32());
-        let m: [f32; 8] = std::array::from_fn(|j| (*w.mn.add(g + j)).to_f32());
+        let s: [f32; 8] = std::array::from_fn(|j| sc.add(j).read_unaligned().to_f32());
+        let m: [f32; 8] = std::array::from_fn(|j| mn.add(j).read_unaligned().to_f32());
         let mut acc = acc;
         for (h, v) in [(0, lo), (4, hi)] {
             let ds = vmulq_f32(vld1q_f32(s.as_ptr().add(h)), vld1q_f32(a.d.add(g + h)));
@@ -91,15 +94,16 @@ unsafe fn scale8(
     }
 }
 
-/// Contribution of one tail group with integer sum `isum`.
+/// Contribution of tail group `t` (activation group `g`) with integer sum `isum`.
 ///
 /// # Safety
-/// Group g exists in both rows.
-unsafe fn tail_term(w: WRow, a: ActRow, g: usize, isum: i32) -> f32 {
-    // SAFETY: g < groups (caller contract).
+/// Both groups exist.
+unsafe fn tail_term(w: WRow, t: usize, a: ActRow, g: usize, isum: i32) -> f32 {
+    // SAFETY: t < tail groups of `w` and g < groups of `a` (caller contract).
     unsafe {
-        (*w.sc.add(g)).to_f32() * (*a.d.add(g) * isum as f32)
-            + (*w.mn.add(g)).to_f32() * *a.sd.add(g)
+        let s = w.tail_sc(t).read_unaligned().to_f32();
+        let m = w.tail_mn(t).read_unaligned().to_f32();
+        s * (*a.d.add(g) * isum as f32) + m * *a.sd.add(g)
     }
 }
 
@@ -117,7 +121,7 @@ unsafe fn row4(w: WRow, shape: &RowShape, a: ActRow) -> f32 {
     // stays within `shape` (see `crate::layout`).
     unsafe {
         for c in 0..shape.chunks {
-            let wp = w.data.add(c * CHUNK / 2);
+            let (wp, wsc, wmn) = w.chunk(c);
             let q = a.q.add(c * CHUNK);
             let z = vdupq_n_s32(0);
             let (mut a01, mut a23, mut a45, mut a67) = (z, z, z, z);
@@ -138,7 +142,8 @@ unsafe fn row4(w: WRow, shape: &RowShape, a: ActRow) -> f32 {
                 }
             }
             acc = scale8(
-                w,
+                wsc,
+                wmn,
                 a,
                 c * CG,
                 vpaddq_s32(a01, a23),
@@ -150,7 +155,7 @@ unsafe fn row4(w: WRow, shape: &RowShape, a: ActRow) -> f32 {
         let mut t = 0;
         while t + 1 < shape.tail {
             let g = gt + t;
-            let wp = w.data.add(g * G / 2);
+            let wp = w.tail_data(t);
             let q = a.q.add(g * G);
             let (mut sa, mut sb) = (vdupq_n_s32(0), vdupq_n_s32(0));
             for h in 0..2 {
@@ -160,12 +165,13 @@ unsafe fn row4(w: WRow, shape: &RowShape, a: ActRow) -> f32 {
                 sa = dot16(sa, lo, vld1q_s8(q.add(16 * h)));
                 sb = dot16(sb, hi, vld1q_s8(q.add(G + 16 * h)));
             }
-            tail += tail_term(w, a, g, vaddvq_s32(sa)) + tail_term(w, a, g + 1, vaddvq_s32(sb));
+            tail += tail_term(w, t, a, g, vaddvq_s32(sa))
+                + tail_term(w, t + 1, a, g + 1, vaddvq_s32(sb));
             t += 2;
         }
         if t < shape.tail {
             let g = gt + t;
-            let wb = vld1q_u8(w.data.add(g * G / 2));
+            let wb = vld1q_u8(w.tail_data(t));
             let q = a.q.add(g * G);
             let lo = vreinterpretq_s8_u8(vandq_u8(wb, mask));
             let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(wb));
@@ -174,7 +180,7 @@ unsafe fn row4(w: WRow, shape: &RowShape, a: ActRow) -> f32 {
                 hi,
                 vld1q_s8(q.add(16)),
             );
-            tail += tail_term(w, a, g, vaddvq_s32(s));
+            tail += tail_term(w, t, a, g, vaddvq_s32(s));
         }
     }
     vaddvq_f32(acc) + tail
@@ -193,7 +199,7 @@ unsafe fn row8(w: WRow, shape: &RowShape, a: ActRow) -> f32 {
     // groups c*8..c*8+8; tail groups stay within `shape`.
     unsafe {
         for c in 0..shape.chunks {
-            let wp = w.data.add(c * CHUNK);
+            let (wp, wsc, wmn) = w.chunk(c);
             let q = a.q.add(c * CHUNK);
             let z = vdupq_n_s32(0);
             let (mut a01, mut a23, mut a45, mut a67) = (z, z, z, z);
@@ -211,10 +217,11 @@ unsafe fn row8(w: WRow, shape: &RowShape, a: ActRow) -> f32 {
             let corr = |h: usize| vshlq_n_s32::<7>(vld1q_s32(a.sumq.add(g + h)));
             let lo = vaddq_s32(vpaddq_s32(a01, a23), corr(0));
             let hi = vaddq_s32(vpaddq_s32(a45, a67), corr(4));
-            acc = scale8(w, a, g, lo, hi, acc);
+            acc = scale8(wsc, wmn, a, g, lo, hi, acc);
         }
-        for g in shape.chunks * CG..shape.groups {
-            let wp = w.data.add(g * G);
+        for t in 0..shape.tail {
+            let g = shape.chunks * CG + t;
+            let wp = w.tail_data(t);
             let q = a.q.add(g * G);
             let w0 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(wp), flip));
             let w1 = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(wp.add(16)), flip));
@@ -223,7 +230,7 @@ unsafe fn row8(w: WRow, shape: &RowShape, a: ActRow) -> f32 {
                 w1,
                 vld1q_s8(q.add(16)),
             );
-            tail += tail_term(w, a, g, vaddvq_s32(s) + (*a.sumq.add(g) << 7));
+            tail += tail_term(w, t, a, g, vaddvq_s32(s) + (*a.sumq.add(g) << 7));
         }
     }
     vaddvq_f32(acc) + tail

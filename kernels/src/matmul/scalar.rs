@@ -48,25 +48,24 @@ pub(crate) fn row_dot(
     acc
 }
 
-/// Unpack row `r` of `w` into `u` (unsigned values in element layout).
-pub(crate) fn unpack_row(w: &QMatrix, r: usize, u: &mut [u8]) {
-    if w.bits() == 8 {
-        u.copy_from_slice(w.row_data(r));
-    } else {
-        unpack_nibbles(w.shape(), w.row_data(r), u);
-    }
-}
-
 /// Scalar kernel for weight rows `rows`.
 ///
 /// # Safety
 /// Same contract as `super::run`.
 pub(crate) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
+    let ng = w.shape().groups;
+    let mut packed = vec![0u8; w.cols() * w.bits() as usize / 8];
     let mut u = vec![0u8; w.cols()];
+    let (mut sc, mut mn) = (vec![f16::ZERO; ng], vec![f16::ZERO; ng]);
     for r in rows {
-        unpack_row(w, r, &mut u);
+        w.read_row_into(r, &mut packed, &mut sc, &mut mn);
+        if w.bits() == 8 {
+            u.copy_from_slice(&packed);
+        } else {
+            unpack_nibbles(w.shape(), &packed, &mut u);
+        }
         for i in 0..a.m() {
-            let v = row_dot(w.shape(), &u, w.row_scales(r), w.row_mins(r), a, i);
+            let v = row_dot(w.shape(), &u, &sc, &mn, a, i);
             // SAFETY: (i, r) is within the output and owned by this call (caller contract).
             unsafe { out.write(i, r, v) };
         }
