@@ -104,7 +104,7 @@ async fn handle(s: AppState, endpoint: Endpoint, req: Request) -> Result<Respons
         driver,
         tok,
         deadline,
-        _inflight: inflight,
+        inflight: Some(inflight),
     };
     if job.g.stream {
         Ok(job.stream())
@@ -244,7 +244,9 @@ struct Job {
     driver: Driver,
     tok: Option<cardinal_models::tokenizer::Tokenizer>,
     deadline: Option<Instant>,
-    _inflight: InflightGuard,
+    /// Held until the reply is complete: by the job for a JSON reply, by the
+    /// body for a stream (so a drain waits until slow clients got it all).
+    inflight: Option<InflightGuard>,
 }
 
 /// What ended the wait for the next update.
@@ -307,10 +309,14 @@ impl Job {
     }
 
     /// Starts the SSE task and returns the streaming response.
-    fn stream(self) -> Response {
+    fn stream(mut self) -> Response {
         let (tx, rx) = mpsc::channel(SSE_BUFFER);
+        let inflight = self.inflight.take();
         tokio::spawn(self.pump(tx));
-        let mut resp = Response::new(Body::new(SseBody { rx }));
+        let mut resp = Response::new(Body::new(SseBody {
+            rx,
+            _inflight: inflight,
+        }));
         let h = resp.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -428,6 +434,7 @@ impl Job {
 /// The response body of a stream: the receiving end of the SSE channel.
 struct SseBody {
     rx: mpsc::Receiver<Bytes>,
+    _inflight: Option<InflightGuard>,
 }
 
 impl http_body::Body for SseBody {

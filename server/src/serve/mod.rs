@@ -517,21 +517,28 @@ pub async fn serve_on(
     let app = router(state.clone());
     let max_conns = state.inner.opts.max_connections.clamp(1, 1 << 20);
     let conns = Arc::new(Semaphore::new(max_conns));
-    let (close_tx, close_rx) = watch::channel(false);
+    let (close_tx, close_rx) = watch::channel(None::<Instant>);
     let header_timeout = ServeOptions::secs(state.inner.opts.header_timeout);
     let sampler = tokio::spawn(sample_loop(Arc::downgrade(&state.inner)));
     let drain = drain(state.clone(), shutdown);
     tokio::pin!(drain);
+    let mut drained = None;
     loop {
         let permit = tokio::select! {
-            _ = &mut drain => break,
+            d = &mut drain => {
+                drained = Some(d);
+                break;
+            }
             p = conns.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
         };
         let tcp = tokio::select! {
-            _ = &mut drain => break,
+            d = &mut drain => {
+                drained = Some(d);
+                break;
+            }
             r = listener.accept() => match r {
                 Ok((tcp, _)) => tcp,
                 Err(e) => {
@@ -551,10 +558,14 @@ pub async fn serve_on(
         ));
     }
     drop(listener);
-    let _ = close_tx.send(true);
-    // Connections close once their current response is done; wait a little.
-    let _ =
-        tokio::time::timeout(Duration::from_secs(3), conns.acquire_many(max_conns as u32)).await;
+    // Connections finish writing what they hold (a slow reader may still be
+    // receiving a finished stream) until the drain deadline, at least 1 s.
+    let until = drained
+        .unwrap_or_else(Instant::now)
+        .max(Instant::now() + Duration::from_secs(1));
+    let _ = close_tx.send(Some(until));
+    let all_closed = conns.acquire_many(max_conns as u32);
+    let _ = tokio::time::timeout_at((until + Duration::from_millis(100)).into(), all_closed).await;
     sampler.abort();
     info!("server stopped");
     Ok(())
@@ -564,7 +575,7 @@ async fn serve_connection(
     tcp: TcpStream,
     app: axum::Router,
     header_timeout: Option<Duration>,
-    mut close: watch::Receiver<bool>,
+    mut close: watch::Receiver<Option<Instant>>,
     _permit: OwnedSemaphorePermit,
 ) {
     let _ = tcp.set_nodelay(true);
@@ -584,13 +595,15 @@ async fn serve_connection(
             }
             return;
         }
-        _ = close.wait_for(|c| *c) => {}
+        _ = close.wait_for(|c| c.is_some()) => {}
     }
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    let until = (*close.borrow()).unwrap_or_else(Instant::now);
+    let _ = tokio::time::timeout_at(until.into(), conn).await;
 }
 
-async fn drain(state: AppState, shutdown: impl Future<Output = ()>) {
+/// Waits for `shutdown`, then drains; returns the drain deadline.
+async fn drain(state: AppState, shutdown: impl Future<Output = ()>) -> Instant {
     shutdown.await;
     state.start_drain();
     let s = &state.inner;
@@ -619,6 +632,7 @@ async fn drain(state: AppState, shutdown: impl Future<Output = ()>) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    deadline
 }
 
 /// Samples the engine for the sliding-window gauges every second.
