@@ -378,7 +378,20 @@ unsafe fn vec8<const R: usize>(
             }
         }
         let gt = shape.chunks * CG;
-        for g in gt..shape.groups {
+        let mut t = 0;
+        while t + 1 < shape.tail {
+            let g = gt + t;
+            let qv = _mm512_loadu_si512(a.q.add(g * G).cast());
+            for k in 0..R {
+                let wz = _mm512_loadu_si512(w[k].tail_data(t).cast());
+                let v = _mm512_dpbusd_epi32(zero, wz, qv);
+                let (ds, mt) = pair_scales(w[k], t, a, g);
+                facc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), ds, facc[k]);
+                macc[k] = _mm512_add_ps(macc[k], _mm512_zextps128_ps512(mt));
+            }
+            t += 2;
+        }
+        for g in gt + t..shape.groups {
             let qv = _mm256_loadu_si256(a.q.add(g * G).cast());
             for k in 0..R {
                 let wb = _mm256_loadu_si256(w[k].tail_data(g - gt).cast());

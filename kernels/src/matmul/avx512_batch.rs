@@ -241,7 +241,20 @@ unsafe fn row8<const M: usize>(
             }
         }
         let gt = shape.chunks * CG;
-        for g in gt..shape.groups {
+        let mut t = 0;
+        while t + 1 < shape.tail {
+            let g = gt + t;
+            let wz = _mm512_loadu_si512(w.tail_data(t).cast());
+            for i in 0..M {
+                let qv = _mm512_loadu_si512(act[i].q.add(g * G).cast());
+                let v = _mm512_dpbusd_epi32(zero, wz, qv);
+                let (ds, mt) = pair_scales(w, t, act[i], g);
+                facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), ds, facc[i]);
+                macc[i] = _mm512_add_ps(macc[i], _mm512_zextps128_ps512(mt));
+            }
+            t += 2;
+        }
+        for g in gt + t..shape.groups {
             let wb = _mm256_loadu_si256(w.tail_data(g - gt).cast());
             for i in 0..M {
                 let qv = _mm256_loadu_si256(act[i].q.add(g * G).cast());
