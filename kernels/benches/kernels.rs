@@ -136,7 +136,12 @@ fn bench_pool(c: &mut Criterion) {
             b.iter(|| matmul(&pool, isa, &w, black_box(&a), &mut out))
         });
     }
-    g.bench_function("empty_run", |b| {
+    g.finish();
+    let mut g = c.benchmark_group("pool");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    g.bench_function(format!("empty_run_x{}", pool.threads()), |b| {
         b.iter(|| {
             pool.run(&|t, n| {
                 black_box((t, n));
