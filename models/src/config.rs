@@ -71,13 +71,13 @@ impl ModelConfig {
                 self.n_layers
             )));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(ModelError::Invalid(format!(
                 "model n_heads = {} is not a multiple of n_kv_heads = {}",
                 self.n_heads, self.n_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(ModelError::Invalid(format!(
                 "model head_dim = {}: RoPE needs an even head dimension",
                 self.head_dim
@@ -88,7 +88,7 @@ impl ModelConfig {
             ("ffn", self.ffn),
             ("n_heads*head_dim", self.q_dim()),
         ] {
-            if v % cardinal_kernels::GROUP != 0 {
+            if !v.is_multiple_of(cardinal_kernels::GROUP) {
                 return Err(ModelError::Unsupported(format!(
                     "model {name} = {v}: int4 groups need a multiple of {}",
                     cardinal_kernels::GROUP

@@ -55,7 +55,14 @@ fn resize(v: &mut Vec<f32>, n: usize) {
 }
 
 /// `out[m x lin.rows()] = acts · linᵀ`, part by part.
-pub fn linear(pool: &Pool, isa: Isa, lin: &Linear, acts: &QActs, out: &mut [f32], part: &mut Vec<f32>) {
+pub fn linear(
+    pool: &Pool,
+    isa: Isa,
+    lin: &Linear,
+    acts: &QActs,
+    out: &mut [f32],
+    part: &mut Vec<f32>,
+) {
     let m = acts.m();
     if let [only] = lin.parts() {
         k::matmul(pool, isa, only, acts, &mut out[..m * lin.rows()]);
@@ -80,7 +87,8 @@ pub fn embed(model: &Model, tokens: &[u32], out: &mut [f32]) {
         let row = &mut out[i * h..(i + 1) * h];
         model.embedding.dequantize_row(t as usize, row);
         if model.cfg.embedding_multiplier != 1.0 {
-            row.iter_mut().for_each(|v| *v *= model.cfg.embedding_multiplier);
+            row.iter_mut()
+                .for_each(|v| *v *= model.cfg.embedding_multiplier);
         }
     }
 }
@@ -121,7 +129,13 @@ pub fn forward_layer(
 
     // Attention block.
     for i in 0..n {
-        k::rmsnorm(isa, &x[i * hd..(i + 1) * hd], &layer.attn_norm, cfg.rms_eps, &mut ws.xn[i * hd..(i + 1) * hd]);
+        k::rmsnorm(
+            isa,
+            &x[i * hd..(i + 1) * hd],
+            &layer.attn_norm,
+            cfg.rms_eps,
+            &mut ws.xn[i * hd..(i + 1) * hd],
+        );
     }
     ws.acts.quantize(isa, &ws.xn[..n * hd], n, hd);
     linear(pool, isa, &layer.wqkv, &ws.acts, &mut ws.qkv, &mut ws.part);
@@ -139,24 +153,54 @@ pub fn forward_layer(
     ws.acts.quantize(isa, &ws.attn[..n * qd], n, qd);
     linear(pool, isa, &layer.wo, &ws.acts, &mut ws.proj, &mut ws.part);
     for i in 0..n {
-        k::add_scaled(isa, &mut x[i * hd..(i + 1) * hd], &ws.proj[i * hd..(i + 1) * hd], cfg.residual_multiplier);
+        k::add_scaled(
+            isa,
+            &mut x[i * hd..(i + 1) * hd],
+            &ws.proj[i * hd..(i + 1) * hd],
+            cfg.residual_multiplier,
+        );
     }
 
     // MLP block.
     for i in 0..n {
-        k::rmsnorm(isa, &x[i * hd..(i + 1) * hd], &layer.ffn_norm, cfg.rms_eps, &mut ws.xn[i * hd..(i + 1) * hd]);
+        k::rmsnorm(
+            isa,
+            &x[i * hd..(i + 1) * hd],
+            &layer.ffn_norm,
+            cfg.rms_eps,
+            &mut ws.xn[i * hd..(i + 1) * hd],
+        );
     }
     ws.acts.quantize(isa, &ws.xn[..n * hd], n, hd);
-    linear(pool, isa, &layer.w_gate_up, &ws.acts, &mut ws.gu, &mut ws.part);
+    linear(
+        pool,
+        isa,
+        &layer.w_gate_up,
+        &ws.acts,
+        &mut ws.gu,
+        &mut ws.part,
+    );
     let f = cfg.ffn;
     for i in 0..n {
         let gu = &ws.gu[i * 2 * f..(i + 1) * 2 * f];
         k::swiglu(isa, &gu[..f], &gu[f..], &mut ws.h[i * f..(i + 1) * f]);
     }
     ws.acts.quantize(isa, &ws.h[..n * f], n, f);
-    linear(pool, isa, &layer.w_down, &ws.acts, &mut ws.proj, &mut ws.part);
+    linear(
+        pool,
+        isa,
+        &layer.w_down,
+        &ws.acts,
+        &mut ws.proj,
+        &mut ws.part,
+    );
     for i in 0..n {
-        k::add_scaled(isa, &mut x[i * hd..(i + 1) * hd], &ws.proj[i * hd..(i + 1) * hd], cfg.residual_multiplier);
+        k::add_scaled(
+            isa,
+            &mut x[i * hd..(i + 1) * hd],
+            &ws.proj[i * hd..(i + 1) * hd],
+            cfg.residual_multiplier,
+        );
     }
 }
 
@@ -241,7 +285,13 @@ pub fn forward_head(
     let n = rows.len();
     resize(&mut ws.xn, n * hd);
     for (j, &i) in rows.iter().enumerate() {
-        k::rmsnorm(isa, &x[i * hd..(i + 1) * hd], final_norm, cfg.rms_eps, &mut ws.xn[j * hd..(j + 1) * hd]);
+        k::rmsnorm(
+            isa,
+            &x[i * hd..(i + 1) * hd],
+            final_norm,
+            cfg.rms_eps,
+            &mut ws.xn[j * hd..(j + 1) * hd],
+        );
     }
     ws.acts.quantize(isa, &ws.xn[..n * hd], n, hd);
     let vocab: usize = heads.iter().map(|h| h.rows()).sum();
@@ -254,7 +304,8 @@ pub fn forward_head(
             resize(&mut ws.part, n * h.rows());
             k::matmul(pool, isa, h, &ws.acts, &mut ws.part[..n * h.rows()]);
             for i in 0..n {
-                logits[i * vocab + off..i * vocab + off + h.rows()].copy_from_slice(&ws.part[i * h.rows()..(i + 1) * h.rows()]);
+                logits[i * vocab + off..i * vocab + off + h.rows()]
+                    .copy_from_slice(&ws.part[i * h.rows()..(i + 1) * h.rows()]);
             }
             off += h.rows();
         }

@@ -29,7 +29,9 @@ pub struct GgufFile {
 
 impl std::fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GgufFile").field("path", &self.path).finish()
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -55,10 +57,11 @@ impl GgufFile {
                 "not a GGUF file (the first 4 bytes are not \"GGUF\")",
             ));
         }
-        file.seek(SeekFrom::Start(0)).map_err(|source| ModelError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|source| ModelError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
         let content = Content::read(&mut file)
             .map_err(|e| ModelError::file(path, format!("invalid GGUF header: {e}")))?;
         Ok(GgufFile {
@@ -144,7 +147,9 @@ impl GgufFile {
                 .map(|t| t.shape.dims()[0])
                 .ok_or_else(|| self.err("missing tensor token_embd.weight"))?,
         };
-        let rope_theta = self.md_f32(&format!("{a}.rope.freq_base"))?.unwrap_or(10000.0);
+        let rope_theta = self
+            .md_f32(&format!("{a}.rope.freq_base"))?
+            .unwrap_or(10000.0);
         let rms_eps = self
             .md_f32(&format!("{a}.attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5);
@@ -214,7 +219,7 @@ impl GgufFile {
                 )));
             }
         };
-        if elems % block != 0 {
+        if !elems.is_multiple_of(block) {
             return Err(self.err(format!(
                 "tensor {name}: {elems} elements is not a multiple of the {dtype:?} block of {block}"
             )));
@@ -261,7 +266,9 @@ impl GgufFile {
         let (dtype, raw) = self.raw(name, &[len])?;
         match dtype {
             GgmlDType::F32 | GgmlDType::F16 => Ok(floats(dtype, &raw)),
-            other => Err(self.err(format!("tensor {name}: type {other:?}, expected F32 or F16"))),
+            other => Err(self.err(format!(
+                "tensor {name}: type {other:?}, expected F32 or F16"
+            ))),
         }
     }
 
@@ -283,10 +290,16 @@ impl GgufFile {
                     self.matrix(&n("attn_v"), kvd, h)?,
                 ],
             )?;
-            let wo = Linear::stack(&n("attn_output"), vec![self.matrix(&n("attn_output"), h, qd)?])?;
+            let wo = Linear::stack(
+                &n("attn_output"),
+                vec![self.matrix(&n("attn_output"), h, qd)?],
+            )?;
             let w_gate_up = Linear::stack(
                 &n("ffn_gate_up"),
-                vec![self.matrix(&n("ffn_gate"), f, h)?, self.matrix(&n("ffn_up"), f, h)?],
+                vec![
+                    self.matrix(&n("ffn_gate"), f, h)?,
+                    self.matrix(&n("ffn_up"), f, h)?,
+                ],
             )?;
             let w_down = Linear::stack(&n("ffn_down"), vec![self.matrix(&n("ffn_down"), h, f)?])?;
             layers.push(Layer {

@@ -39,10 +39,12 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
             .ok_or_else(|| ModelError::file(&path, format!("missing field \"{k}\"")))
     };
     let uint = |k: &str| -> Result<usize> {
-        field(k)?
-            .as_u64()
-            .map(|v| v as usize)
-            .ok_or_else(|| ModelError::file(&path, format!("field \"{k}\" must be a non-negative integer")))
+        field(k)?.as_u64().map(|v| v as usize).ok_or_else(|| {
+            ModelError::file(
+                &path,
+                format!("field \"{k}\" must be a non-negative integer"),
+            )
+        })
     };
     let float_or = |k: &str, d: f32| -> Result<f32> {
         match j.get(k) {
@@ -69,7 +71,10 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let hidden = uint("hidden_size")?;
     let n_heads = uint("num_attention_heads")?;
     if n_heads == 0 {
-        return Err(ModelError::file(&path, "num_attention_heads must be at least 1"));
+        return Err(ModelError::file(
+            &path,
+            "num_attention_heads must be at least 1",
+        ));
     }
     let n_kv_heads = match j.get("num_key_value_heads") {
         None | Some(Json::Null) => n_heads,
@@ -96,10 +101,14 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
         ffn: uint("intermediate_size")?,
         vocab: uint("vocab_size")?,
         rope_theta: match j.get("rope_parameters").and_then(|r| r.get("rope_theta")) {
-            Some(v) if j.get("rope_theta").is_none() => v
-                .as_f64()
-                .map(|x| x as f32)
-                .ok_or_else(|| ModelError::file(&path, "field \"rope_parameters.rope_theta\" must be a number"))?,
+            Some(v) if j.get("rope_theta").is_none() => {
+                v.as_f64().map(|x| x as f32).ok_or_else(|| {
+                    ModelError::file(
+                        &path,
+                        "field \"rope_parameters.rope_theta\" must be a number",
+                    )
+                })?
+            }
             _ => float_or("rope_theta", 10000.0)?,
         },
         rms_eps: float_or("rms_norm_eps", 1e-6)?,
@@ -139,7 +148,10 @@ impl Tensors {
             .collect();
         paths.sort();
         if paths.is_empty() {
-            return Err(ModelError::file(dir, "no *.safetensors files in the directory"));
+            return Err(ModelError::file(
+                dir,
+                "no *.safetensors files in the directory",
+            ));
         }
         let mut files = Vec::new();
         let mut index = HashMap::new();
@@ -180,9 +192,18 @@ impl Tensors {
         }
         let d = t.data();
         Ok(match t.dtype() {
-            Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => d.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => d.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => d
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => d
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             other => {
                 return Err(ModelError::Unsupported(format!(
                     "{}: tensor {name} has dtype {other:?} (supported: F32, F16, BF16)",
@@ -211,7 +232,11 @@ fn permute_rope_rows(w: &[f32], n_heads: usize, head_dim: usize, cols: usize) ->
 }
 
 /// Loads the weights of a Hugging Face Llama/Granite directory.
-pub fn load_model(dir: &Path, bits: LoadBits, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+pub fn load_model(
+    dir: &Path,
+    bits: LoadBits,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Model> {
     let cfg = read_config(dir)?;
     let t = Tensors::open(dir)?;
     let (h, qd, kvd, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
@@ -228,8 +253,18 @@ pub fn load_model(dir: &Path, bits: LoadBits, progress: &mut dyn FnMut(usize, us
     let mut layers = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let p = format!("model.layers.{i}");
-        let wq = permute_rope_rows(&t.get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?, cfg.n_heads, cfg.head_dim, h);
-        let wk = permute_rope_rows(&t.get(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?, cfg.n_kv_heads, cfg.head_dim, h);
+        let wq = permute_rope_rows(
+            &t.get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?,
+            cfg.n_heads,
+            cfg.head_dim,
+            h,
+        );
+        let wk = permute_rope_rows(
+            &t.get(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            h,
+        );
         let wv = t.get(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?;
         let wo = t.get(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?;
         let wg = t.get(&format!("{p}.mlp.gate_proj.weight"), &[f, h])?;
@@ -237,7 +272,10 @@ pub fn load_model(dir: &Path, bits: LoadBits, progress: &mut dyn FnMut(usize, us
         let wd = t.get(&format!("{p}.mlp.down_proj.weight"), &[h, f])?;
         layers.push(Layer {
             attn_norm: t.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-            wqkv: Linear::stack("qkv", vec![q(qd, h, &wq)?, q(kvd, h, &wk)?, q(kvd, h, &wv)?])?,
+            wqkv: Linear::stack(
+                "qkv",
+                vec![q(qd, h, &wq)?, q(kvd, h, &wk)?, q(kvd, h, &wv)?],
+            )?,
             wo: Linear::stack("o_proj", vec![q(h, qd, &wo)?])?,
             ffn_norm: t.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
             w_gate_up: Linear::stack("gate_up", vec![q(f, h, &wg)?, q(f, h, &wu)?])?,
@@ -249,7 +287,11 @@ pub fn load_model(dir: &Path, bits: LoadBits, progress: &mut dyn FnMut(usize, us
     let head = if cfg.tied_embeddings || !t.has("lm_head.weight") {
         embedding.clone()
     } else {
-        Arc::new(QMatrix::quantize_q8(cfg.vocab, h, &t.get("lm_head.weight", &[cfg.vocab, h])?)?)
+        Arc::new(QMatrix::quantize_q8(
+            cfg.vocab,
+            h,
+            &t.get("lm_head.weight", &[cfg.vocab, h])?,
+        )?)
     };
     progress(total, total);
     let model = Model {

@@ -138,7 +138,9 @@ impl SeqKv {
 
     /// Tokens that fit without allocating.
     pub fn capacity(&self) -> usize {
-        self.layers.first().map_or(usize::MAX, |l| l.len() * KV_BLOCK)
+        self.layers
+            .first()
+            .map_or(usize::MAX, |l| l.len() * KV_BLOCK)
     }
 
     /// Bytes charged to the budget.

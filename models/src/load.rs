@@ -113,7 +113,10 @@ fn template_for(tok: &Tokenizer) -> Result<Option<ChatTemplate>> {
     let Some(src) = tok.chat_template() else {
         return Ok(None);
     };
-    let bos = tok.bos_id().and_then(|i| tok.token_str(i)).unwrap_or_default();
+    let bos = tok
+        .bos_id()
+        .and_then(|i| tok.token_str(i))
+        .unwrap_or_default();
     let eos = tok
         .eos_ids()
         .first()
@@ -123,11 +126,18 @@ fn template_for(tok: &Tokenizer) -> Result<Option<ChatTemplate>> {
 }
 
 /// Resolves and loads a model. `log` receives human-readable progress lines.
-pub fn load(source: &ModelSource, opts: &LoadOptions, log: &mut dyn FnMut(&str)) -> Result<LoadedModel> {
+pub fn load(
+    source: &ModelSource,
+    opts: &LoadOptions,
+    log: &mut dyn FnMut(&str),
+) -> Result<LoadedModel> {
     let name = source.display_name();
     match source {
         ModelSource::Synthetic(n) => {
-            log(&format!("building synthetic model {n} (seed {})", opts.seed));
+            log(&format!(
+                "building synthetic model {n} (seed {})",
+                opts.seed
+            ));
             let model = synthetic::load_model(n, opts.seed, &mut progress_logger(log))?;
             Ok(LoadedModel {
                 name,
@@ -137,7 +147,10 @@ pub fn load(source: &ModelSource, opts: &LoadOptions, log: &mut dyn FnMut(&str))
             })
         }
         ModelSource::HfDir(dir) => {
-            log(&format!("loading Hugging Face checkpoint {}", dir.display()));
+            log(&format!(
+                "loading Hugging Face checkpoint {}",
+                dir.display()
+            ));
             let tok = Tokenizer::from_hf_dir(dir)?;
             let model = hf::load_model(dir, opts.hf_bits, &mut progress_logger(log))?;
             check_vocab(&model, &tok, dir)?;

@@ -118,7 +118,13 @@ impl Model {
             c.vocab,
             c.hidden,
         )?;
-        check("output head", self.head.rows(), self.head.cols(), c.vocab, c.hidden)?;
+        check(
+            "output head",
+            self.head.rows(),
+            self.head.cols(),
+            c.vocab,
+            c.hidden,
+        )?;
         if self.layers.len() != c.n_layers {
             return Err(ModelError::Invalid(format!(
                 "model has {} layers, config says {}",
@@ -135,10 +141,34 @@ impl Model {
         }
         for (i, l) in self.layers.iter().enumerate() {
             let n = |s: &str| format!("layer {i} {s}");
-            check(&n("qkv"), l.wqkv.rows(), l.wqkv.cols(), c.q_dim() + 2 * c.kv_dim(), c.hidden)?;
-            check(&n("attn_output"), l.wo.rows(), l.wo.cols(), c.hidden, c.q_dim())?;
-            check(&n("gate/up"), l.w_gate_up.rows(), l.w_gate_up.cols(), 2 * c.ffn, c.hidden)?;
-            check(&n("ffn_down"), l.w_down.rows(), l.w_down.cols(), c.hidden, c.ffn)?;
+            check(
+                &n("qkv"),
+                l.wqkv.rows(),
+                l.wqkv.cols(),
+                c.q_dim() + 2 * c.kv_dim(),
+                c.hidden,
+            )?;
+            check(
+                &n("attn_output"),
+                l.wo.rows(),
+                l.wo.cols(),
+                c.hidden,
+                c.q_dim(),
+            )?;
+            check(
+                &n("gate/up"),
+                l.w_gate_up.rows(),
+                l.w_gate_up.cols(),
+                2 * c.ffn,
+                c.hidden,
+            )?;
+            check(
+                &n("ffn_down"),
+                l.w_down.rows(),
+                l.w_down.cols(),
+                c.hidden,
+                c.ffn,
+            )?;
             if l.attn_norm.len() != c.hidden || l.ffn_norm.len() != c.hidden {
                 return Err(ModelError::Invalid(format!(
                     "layer {i}: norm weights must have {} values",

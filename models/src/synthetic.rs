@@ -43,7 +43,7 @@ pub fn config(name: &str) -> Result<ModelConfig> {
         "granite-8b" => granite(40, 12800, 49155),
         "tiny" => ModelConfig {
             arch: Arch::Llama,
-            n_layers: 4,
+            n_layers: 8,
             hidden: 128,
             n_heads: 4,
             n_kv_heads: 2,

@@ -9,7 +9,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("card spec {field} = {value}: {rule}")]
-    Invalid { field: &'static str, value: String, rule: &'static str },
+    Invalid {
+        field: &'static str,
+        value: String,
+        rule: &'static str,
+    },
     #[error("card spec file {path}: {msg}")]
     File { path: String, msg: String },
 }
@@ -100,7 +104,11 @@ impl CardSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         let bad = |field, value: String, rule| Err(SpecError::Invalid { field, value, rule });
         if self.memory_bytes == 0 {
-            return bad("memory_bytes", "0".into(), "a card needs memory for its weights");
+            return bad(
+                "memory_bytes",
+                "0".into(),
+                "a card needs memory for its weights",
+            );
         }
         if self.cores == 0 {
             return bad("cores", "0".into(), "must be at least 1");
@@ -137,10 +145,18 @@ impl CardSpec {
             }
         }
         if self.idle_watts > self.active_watts {
-            return bad("idle_watts", self.idle_watts.to_string(), "must not exceed active_watts");
+            return bad(
+                "idle_watts",
+                self.idle_watts.to_string(),
+                "must not exceed active_watts",
+            );
         }
         if self.active_watts > self.max_watts {
-            return bad("active_watts", self.active_watts.to_string(), "must not exceed max_watts");
+            return bad(
+                "active_watts",
+                self.active_watts.to_string(),
+                "must not exceed max_watts",
+            );
         }
         Ok(())
     }
@@ -153,7 +169,7 @@ impl CardSpec {
     /// Modeled seconds to move `bytes` from card `from` to card `from + 1`.
     pub fn link_seconds(&self, from: usize, bytes: u64) -> f64 {
         let per_server = self.cards_per_server as usize;
-        if (from + 1) % per_server == 0 {
+        if (from + 1).is_multiple_of(per_server) {
             self.ethernet_latency_seconds + bytes as f64 / self.ethernet_bandwidth
         } else {
             bytes as f64 / self.pcie_bandwidth
@@ -168,9 +184,20 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_bad_values_named() {
         CardSpec::default().validate().unwrap();
-        let s = CardSpec { memory_bytes: 0, ..Default::default() };
-        assert!(s.validate().unwrap_err().to_string().contains("memory_bytes"));
-        let s = CardSpec { idle_watts: -1.0, ..Default::default() };
+        let s = CardSpec {
+            memory_bytes: 0,
+            ..Default::default()
+        };
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("memory_bytes")
+        );
+        let s = CardSpec {
+            idle_watts: -1.0,
+            ..Default::default()
+        };
         assert!(s.validate().unwrap_err().to_string().contains("idle_watts"));
     }
 

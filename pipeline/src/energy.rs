@@ -45,12 +45,19 @@ impl HostEnergy {
                 }
             }
         }
-        HostEnergy { rapl, watts_per_core }
+        HostEnergy {
+            rapl,
+            watts_per_core,
+        }
     }
 
     /// Whether figures are measured or estimated.
     pub fn source(&self) -> EnergySource {
-        if self.rapl.is_empty() { EnergySource::Estimate } else { EnergySource::Measured }
+        if self.rapl.is_empty() {
+            EnergySource::Estimate
+        } else {
+            EnergySource::Measured
+        }
     }
 
     /// Cumulative joules (a counter: take differences).

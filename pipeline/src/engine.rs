@@ -85,10 +85,22 @@ pub enum SubmitError {
     QueueFull(usize),
     #[error("{0}")]
     Invalid(String),
-    #[error("the prompt has {prompt} tokens and max_tokens is {max_tokens}: together they exceed the context limit of {limit} tokens")]
-    TooLong { prompt: usize, max_tokens: usize, limit: usize },
-    #[error("the request needs {need} bytes of KV cache on {card}, more than it has in total ({limit}); lower max_tokens or use more cards")]
-    NeverFits { need: usize, card: String, limit: usize },
+    #[error(
+        "the prompt has {prompt} tokens and max_tokens is {max_tokens}: together they exceed the context limit of {limit} tokens"
+    )]
+    TooLong {
+        prompt: usize,
+        max_tokens: usize,
+        limit: usize,
+    },
+    #[error(
+        "the request needs {need} bytes of KV cache on {card}, more than it has in total ({limit}); lower max_tokens or use more cards"
+    )]
+    NeverFits {
+        need: usize,
+        card: String,
+        limit: usize,
+    },
     #[error("the engine is not running: {0}")]
     Stopped(String),
 }
@@ -162,7 +174,10 @@ pub struct EngineStats {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 enum Cmd {
@@ -205,20 +220,33 @@ impl Engine {
             .name("cardinal-engine".into())
             .spawn(move || worker.run(rx))
             .expect("spawn engine thread");
-        Engine { tx, stats, cards, config, host_energy_source, thread: Mutex::new(Some(thread)) }
+        Engine {
+            tx,
+            stats,
+            cards,
+            config,
+            host_energy_source,
+            thread: Mutex::new(Some(thread)),
+        }
     }
 
     /// Submits a request; events arrive on the returned stream.
     pub fn submit(&self, req: Request) -> Result<Stream, SubmitError> {
         if self.stats.failed.load(Ordering::Acquire) {
-            return Err(SubmitError::Stopped("a step failed; see the server log".into()));
+            return Err(SubmitError::Stopped(
+                "a step failed; see the server log".into(),
+            ));
         }
         if req.prompt.is_empty() {
-            return Err(SubmitError::Invalid("the prompt is empty: at least one token is needed".into()));
+            return Err(SubmitError::Invalid(
+                "the prompt is empty: at least one token is needed".into(),
+            ));
         }
         let vocab = self.cards.model().cfg.vocab;
         if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(SubmitError::Invalid(format!("token id {bad} is out of range: the vocabulary has {vocab} tokens")));
+            return Err(SubmitError::Invalid(format!(
+                "token id {bad} is out of range: the vocabulary has {vocab} tokens"
+            )));
         }
         if req.max_tokens == 0 {
             return Err(SubmitError::Invalid("max_tokens must be at least 1".into()));
@@ -226,13 +254,21 @@ impl Engine {
         req.params.validate().map_err(SubmitError::Invalid)?;
         let limit = self.config.max_model_len;
         if req.prompt.len() + req.max_tokens > limit {
-            return Err(SubmitError::TooLong { prompt: req.prompt.len(), max_tokens: req.max_tokens, limit });
+            return Err(SubmitError::TooLong {
+                prompt: req.prompt.len(),
+                max_tokens: req.max_tokens,
+                limit,
+            });
         }
         let tokens = req.prompt.len() + req.max_tokens;
         for (c, kv) in self.cards.cards.iter().zip(self.cards.new_seq_caches()) {
             let need = kv.bytes_to_reserve(tokens);
             if need > c.kv.limit() {
-                return Err(SubmitError::NeverFits { need, card: format!("card {}", c.id), limit: c.kv.limit() });
+                return Err(SubmitError::NeverFits {
+                    need,
+                    card: format!("card {}", c.id),
+                    limit: c.kv.limit(),
+                });
             }
         }
         let waiting = self.stats.waiting.fetch_add(1, Ordering::AcqRel);
@@ -242,14 +278,21 @@ impl Engine {
         }
         let (tx, rx) = mpsc::channel(req.max_tokens + 4);
         let cancel = Arc::new(AtomicBool::new(false));
-        let p = Pending { req, tx, cancel: cancel.clone(), arrived: Instant::now() };
+        let p = Pending {
+            req,
+            tx,
+            cancel: cancel.clone(),
+            arrived: Instant::now(),
+        };
         match self.tx.try_send(Cmd::Submit(Box::new(p))) {
             Ok(()) => Ok(Stream { rx, cancel }),
             Err(e) => {
                 self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
                 Err(match e {
                     TrySendError::Full(_) => SubmitError::QueueFull(self.config.max_queue),
-                    TrySendError::Disconnected(_) => SubmitError::Stopped("the engine thread has exited".into()),
+                    TrySendError::Disconnected(_) => {
+                        SubmitError::Stopped("the engine thread has exited".into())
+                    }
                 })
             }
         }
@@ -298,9 +341,20 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(cards: Arc<Cards>, cfg: EngineConfig, stats: Arc<EngineStats>, host: HostEnergy) -> Self {
+    fn new(
+        cards: Arc<Cards>,
+        cfg: EngineConfig,
+        stats: Arc<EngineStats>,
+        host: HostEnergy,
+    ) -> Self {
         let pool = Pool::new(cfg.threads.max(1));
-        Worker { cards, cfg, stats, host, pool }
+        Worker {
+            cards,
+            cfg,
+            stats,
+            host,
+            pool,
+        }
     }
 
     fn run(self, rx: Receiver<Cmd>) {
@@ -315,7 +369,9 @@ impl Worker {
                 match rx.recv_timeout(Duration::from_millis(500)) {
                     Ok(c) => Some(c),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        self.stats.last_progress_ms.store(now_ms(), Ordering::Release);
+                        self.stats
+                            .last_progress_ms
+                            .store(now_ms(), Ordering::Release);
                         continue;
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
@@ -323,12 +379,17 @@ impl Worker {
             } else {
                 None
             };
-            for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            for cmd in first
+                .into_iter()
+                .chain(std::iter::from_fn(|| rx.try_recv().ok()))
+            {
                 match cmd {
                     Cmd::Submit(p) => waiting.push_back(*p),
                     Cmd::Shutdown => {
                         for s in running.drain(..) {
-                            let _ = s.p.tx.try_send(Event::Error("the server is shutting down".into()));
+                            let _ =
+                                s.p.tx
+                                    .try_send(Event::Error("the server is shutting down".into()));
                         }
                         return;
                     }
@@ -339,14 +400,19 @@ impl Worker {
             if running.is_empty() {
                 continue;
             }
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step(&mut running, &mut scratch)));
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.step(&mut running, &mut scratch)
+            }));
             if result.is_err() {
                 self.stats.failed.store(true, Ordering::Release);
                 for s in running.drain(..) {
-                    let _ = s.p.tx.try_send(Event::Error("internal error: an engine step failed".into()));
+                    let _ =
+                        s.p.tx
+                            .try_send(Event::Error("internal error: an engine step failed".into()));
                 }
                 for p in waiting.drain(..) {
-                    let _ = p.tx.try_send(Event::Error("internal error: an engine step failed".into()));
+                    let _ =
+                        p.tx.try_send(Event::Error("internal error: an engine step failed".into()));
                 }
                 self.stats.running.store(0, Ordering::Release);
                 self.stats.waiting.store(0, Ordering::Release);
@@ -358,11 +424,15 @@ impl Worker {
         let before = waiting.len() + running.len();
         waiting.retain(|p| !p.cancel.load(Ordering::Acquire) && !p.tx.is_closed());
         let removed_waiting = before - running.len() - waiting.len();
-        self.stats.waiting.fetch_sub(removed_waiting, Ordering::AcqRel);
+        self.stats
+            .waiting
+            .fetch_sub(removed_waiting, Ordering::AcqRel);
         // Dropping a Seq drops its caches, which returns their blocks to each card.
         running.retain(|s| !s.p.cancel.load(Ordering::Acquire) && !s.p.tx.is_closed());
         let removed = before - waiting.len() - running.len();
-        self.stats.cancelled.fetch_add(removed as u64, Ordering::Relaxed);
+        self.stats
+            .cancelled
+            .fetch_add(removed as u64, Ordering::Relaxed);
         self.stats.running.store(running.len(), Ordering::Release);
     }
 
@@ -431,7 +501,11 @@ impl Worker {
             if done_prompt {
                 logit_rows.push(rows.len() - 1);
             }
-            if pending == 1 { decode_rows += 1 } else { prefill_rows += take }
+            if pending == 1 {
+                decode_rows += 1
+            } else {
+                prefill_rows += take
+            }
             owners.push((si, take, done_prompt));
         }
         let n_cards = self.cards.cards.len();
@@ -447,7 +521,16 @@ impl Worker {
                 }
             }
         }
-        let modeled = self.cards.run_step(&self.pool, self.cfg.isa, &tokens, &rows, &mut caches, &logit_rows, passes, scratch);
+        let modeled = self.cards.run_step(
+            &self.pool,
+            self.cfg.isa,
+            &tokens,
+            &rows,
+            &mut caches,
+            &logit_rows,
+            passes,
+            scratch,
+        );
         drop(caches);
         // Energy of this step: cards are active while busy, idle otherwise.
         let spec = &self.cards.spec;
@@ -461,10 +544,18 @@ impl Worker {
             })
             .sum();
         let host_j = (self.host.joules() - host0).max(0.0);
-        self.stats.card_energy_uj.fetch_add((card_j * 1e6) as u64, Ordering::Relaxed);
-        self.stats.host_energy_uj.fetch_add((host_j * 1e6) as u64, Ordering::Relaxed);
-        self.stats.modeled_ns.fetch_add((modeled * 1e9) as u64, Ordering::Relaxed);
-        self.stats.prompt_tokens.fetch_add(prefill_rows as u64, Ordering::Relaxed);
+        self.stats
+            .card_energy_uj
+            .fetch_add((card_j * 1e6) as u64, Ordering::Relaxed);
+        self.stats
+            .host_energy_uj
+            .fetch_add((host_j * 1e6) as u64, Ordering::Relaxed);
+        self.stats
+            .modeled_ns
+            .fetch_add((modeled * 1e9) as u64, Ordering::Relaxed);
+        self.stats
+            .prompt_tokens
+            .fetch_add(prefill_rows as u64, Ordering::Relaxed);
         let total_rows = rows.len().max(1) as f64;
 
         let vocab = self.cards.model().cfg.vocab;
@@ -488,10 +579,13 @@ impl Worker {
             s.generated += 1;
             s.first_token.get_or_insert(now);
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            let is_stop = !s.p.req.ignore_eos && s.generated > s.p.req.min_tokens.saturating_sub(1) && s.p.req.stop_ids.contains(&id);
+            let is_stop = !s.p.req.ignore_eos
+                && s.generated > s.p.req.min_tokens.saturating_sub(1)
+                && s.p.req.stop_ids.contains(&id);
             let reason = if is_stop {
                 Some(FinishReason::Stop)
-            } else if s.generated >= s.p.req.max_tokens || s.tokens.len() >= self.cfg.max_model_len {
+            } else if s.generated >= s.p.req.max_tokens || s.tokens.len() >= self.cfg.max_model_len
+            {
                 Some(FinishReason::Length)
             } else {
                 None
@@ -505,14 +599,18 @@ impl Worker {
         }
         for &(si, reason) in finished.iter().rev() {
             let s = running.swap_remove(si);
-            let ttft = s.first_token.map_or(0.0, |t| (t - s.p.arrived).as_secs_f64());
+            let ttft = s
+                .first_token
+                .map_or(0.0, |t| (t - s.p.arrived).as_secs_f64());
             let done = Finished {
                 reason,
                 prompt_tokens: s.p.req.prompt.len(),
                 completion_tokens: s.generated,
                 queue_seconds: (s.admitted - s.p.arrived).as_secs_f64(),
                 ttft_seconds: ttft,
-                prefill_seconds: s.first_token.map_or(0.0, |t| (t - s.admitted).as_secs_f64()),
+                prefill_seconds: s
+                    .first_token
+                    .map_or(0.0, |t| (t - s.admitted).as_secs_f64()),
                 decode_seconds: s.first_token.map_or(0.0, |t| (now - t).as_secs_f64()),
                 card_joules: s.card_joules,
                 host_joules: s.host_joules,
@@ -521,6 +619,8 @@ impl Worker {
         }
         self.stats.running.store(running.len(), Ordering::Release);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        self.stats.last_progress_ms.store(now_ms(), Ordering::Release);
+        self.stats
+            .last_progress_ms
+            .store(now_ms(), Ordering::Release);
     }
 }

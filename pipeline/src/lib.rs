@@ -7,11 +7,14 @@
 pub mod card;
 pub mod energy;
 pub mod engine;
+pub mod eval;
 pub mod plan;
 pub mod sampling;
 pub mod stages;
 
 pub use card::CardSpec;
-pub use engine::{Engine, EngineConfig, Event, FinishReason, Finished, Request, Stream, SubmitError};
+pub use engine::{
+    Engine, EngineConfig, Event, FinishReason, Finished, Request, Stream, SubmitError,
+};
 pub use plan::{Plan, PlanError};
 pub use sampling::SamplingParams;

@@ -19,7 +19,11 @@ pub enum PartKind {
     /// The token embedding (untied models; a tied embedding lives with the head).
     Embedding,
     /// Decoder layer `layer`, whole (`of == 1`) or shard `shard` of `of`.
-    Layer { layer: usize, shard: usize, of: usize },
+    Layer {
+        layer: usize,
+        shard: usize,
+        of: usize,
+    },
     /// Final norm + output head rows `shard` of `of` (and the tied embedding rows).
     Head { shard: usize, of: usize },
 }
@@ -51,12 +55,31 @@ pub fn parts_of_model(m: &Model) -> Vec<PartSize> {
     let c = &m.cfg;
     let mut v = Vec::new();
     if !c.tied_embeddings {
-        v.push(PartSize { kind: PartKind::Embedding, weight_bytes: m.embedding_bytes() as u64, params: c.embedding_params() as u64, kv_bytes_per_token: 0 });
+        v.push(PartSize {
+            kind: PartKind::Embedding,
+            weight_bytes: m.embedding_bytes() as u64,
+            params: c.embedding_params() as u64,
+            kv_bytes_per_token: 0,
+        });
     }
     for (i, l) in m.layers.iter().enumerate() {
-        v.push(PartSize { kind: PartKind::Layer { layer: i, shard: 0, of: 1 }, weight_bytes: l.size_bytes() as u64, params: c.layer_params() as u64, kv_bytes_per_token: c.kv_bytes_per_token_layer() as u64 });
+        v.push(PartSize {
+            kind: PartKind::Layer {
+                layer: i,
+                shard: 0,
+                of: 1,
+            },
+            weight_bytes: l.size_bytes() as u64,
+            params: c.layer_params() as u64,
+            kv_bytes_per_token: c.kv_bytes_per_token_layer() as u64,
+        });
     }
-    v.push(PartSize { kind: PartKind::Head { shard: 0, of: 1 }, weight_bytes: m.head_bytes() as u64, params: (c.embedding_params() + c.hidden) as u64, kv_bytes_per_token: 0 });
+    v.push(PartSize {
+        kind: PartKind::Head { shard: 0, of: 1 },
+        weight_bytes: m.head_bytes() as u64,
+        params: (c.embedding_params() + c.hidden) as u64,
+        kv_bytes_per_token: 0,
+    });
     v
 }
 
@@ -67,21 +90,47 @@ pub fn parts_of_config(c: &ModelConfig) -> Vec<PartSize> {
     let w8 = |p: usize| (p + p / 32 * 4) as u64;
     let mut v = Vec::new();
     if !c.tied_embeddings {
-        v.push(PartSize { kind: PartKind::Embedding, weight_bytes: w8(c.embedding_params()), params: c.embedding_params() as u64, kv_bytes_per_token: 0 });
+        v.push(PartSize {
+            kind: PartKind::Embedding,
+            weight_bytes: w8(c.embedding_params()),
+            params: c.embedding_params() as u64,
+            kv_bytes_per_token: 0,
+        });
     }
     for i in 0..c.n_layers {
         let p = c.layer_params();
-        v.push(PartSize { kind: PartKind::Layer { layer: i, shard: 0, of: 1 }, weight_bytes: w4(p - 2 * c.hidden) + 8 * c.hidden as u64, params: p as u64, kv_bytes_per_token: c.kv_bytes_per_token_layer() as u64 });
+        v.push(PartSize {
+            kind: PartKind::Layer {
+                layer: i,
+                shard: 0,
+                of: 1,
+            },
+            weight_bytes: w4(p - 2 * c.hidden) + 8 * c.hidden as u64,
+            params: p as u64,
+            kv_bytes_per_token: c.kv_bytes_per_token_layer() as u64,
+        });
     }
-    v.push(PartSize { kind: PartKind::Head { shard: 0, of: 1 }, weight_bytes: w8(c.embedding_params()) + 4 * c.hidden as u64, params: (c.embedding_params() + c.hidden) as u64, kv_bytes_per_token: 0 });
+    v.push(PartSize {
+        kind: PartKind::Head { shard: 0, of: 1 },
+        weight_bytes: w8(c.embedding_params()) + 4 * c.hidden as u64,
+        params: (c.embedding_params() + c.hidden) as u64,
+        kv_bytes_per_token: 0,
+    });
     v
 }
 
 /// Planning failures.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
-    #[error("the model needs at least {needed} cards for {users} users at context {ctx}, but --cards is {given}")]
-    TooFewCards { needed: usize, given: usize, users: usize, ctx: usize },
+    #[error(
+        "the model needs at least {needed} cards for {users} users at context {ctx}, but --cards is {given}"
+    )]
+    TooFewCards {
+        needed: usize,
+        given: usize,
+        users: usize,
+        ctx: usize,
+    },
     #[error("--cards {given} is more than the {max} parts this model can be split into")]
     TooManyCards { given: usize, max: usize },
     #[error("invalid plan request: {0}")]
@@ -129,20 +178,37 @@ fn shard(parts: &[PartSize], budget: u64, users: usize, ctx: usize) -> Vec<PartS
         }
         for s in 0..k {
             let kind = match p.kind {
-                PartKind::Layer { layer, .. } => PartKind::Layer { layer, shard: s, of: k },
+                PartKind::Layer { layer, .. } => PartKind::Layer {
+                    layer,
+                    shard: s,
+                    of: k,
+                },
                 PartKind::Head { .. } => PartKind::Head { shard: s, of: k },
                 PartKind::Embedding => PartKind::Embedding,
             };
-            out.push(PartSize { kind, weight_bytes: p.weight_bytes.div_ceil(k as u64), params: p.params.div_ceil(k as u64), kv_bytes_per_token: p.kv_bytes_per_token.div_ceil(k as u64) });
+            out.push(PartSize {
+                kind,
+                weight_bytes: p.weight_bytes.div_ceil(k as u64),
+                params: p.params.div_ceil(k as u64),
+                kv_bytes_per_token: p.kv_bytes_per_token.div_ceil(k as u64),
+            });
         }
     }
     out
 }
 
 /// Places `parts` on cards. `cards = None` finds the fewest.
-pub fn plan(parts: &[PartSize], spec: &CardSpec, users: usize, ctx: usize, cards: Option<usize>) -> Result<Plan, PlanError> {
+pub fn plan(
+    parts: &[PartSize],
+    spec: &CardSpec,
+    users: usize,
+    ctx: usize,
+    cards: Option<usize>,
+) -> Result<Plan, PlanError> {
     if users == 0 || ctx == 0 {
-        return Err(PlanError::Invalid(format!("users ({users}) and ctx ({ctx}) must be at least 1")));
+        return Err(PlanError::Invalid(format!(
+            "users ({users}) and ctx ({ctx}) must be at least 1"
+        )));
     }
     let budget = spec.memory_bytes;
     let parts = shard(parts, budget, users, ctx);
@@ -153,7 +219,9 @@ pub fn plan(parts: &[PartSize], spec: &CardSpec, users: usize, ctx: usize, cards
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut used = 0u64;
     for (i, p) in parts.iter().enumerate() {
-        let fits = groups.last().is_some_and(|g| !alone(p) && !alone(&parts[g[0]]) && used + need(p) <= budget);
+        let fits = groups
+            .last()
+            .is_some_and(|g| !alone(p) && !alone(&parts[g[0]]) && used + need(p) <= budget);
         if fits {
             groups.last_mut().expect("non-empty").push(i);
             used += need(p);
@@ -164,19 +232,38 @@ pub fn plan(parts: &[PartSize], spec: &CardSpec, users: usize, ctx: usize, cards
     }
     if let Some(n) = cards {
         if n < groups.len() {
-            return Err(PlanError::TooFewCards { needed: groups.len(), given: n, users, ctx });
+            return Err(PlanError::TooFewCards {
+                needed: groups.len(),
+                given: n,
+                users,
+                ctx,
+            });
         }
         if n > parts.len() {
-            return Err(PlanError::TooManyCards { given: n, max: parts.len() });
+            return Err(PlanError::TooManyCards {
+                given: n,
+                max: parts.len(),
+            });
         }
-        groups = balance(&parts, n, budget, &need, &alone).ok_or(PlanError::TooFewCards { needed: groups.len() + 1, given: n, users, ctx })?;
+        groups = balance(&parts, n, budget, &need, &alone).ok_or(PlanError::TooFewCards {
+            needed: groups.len() + 1,
+            given: n,
+            users,
+            ctx,
+        })?;
     }
     Ok(totals(&parts, groups, spec, users, ctx, &need))
 }
 
 /// Exactly `n` contiguous groups minimising the largest group's parameters,
 /// under the memory budget (dynamic programming over prefixes).
-fn balance(parts: &[PartSize], n: usize, budget: u64, need: &dyn Fn(&PartSize) -> u64, alone: &dyn Fn(&PartSize) -> bool) -> Option<Vec<Vec<usize>>> {
+fn balance(
+    parts: &[PartSize],
+    n: usize,
+    budget: u64,
+    need: &dyn Fn(&PartSize) -> u64,
+    alone: &dyn Fn(&PartSize) -> bool,
+) -> Option<Vec<Vec<usize>>> {
     let p = parts.len();
     const INF: u64 = u64::MAX;
     // best[k][j]: minimal max-params splitting parts[..j] into k groups.
@@ -218,7 +305,14 @@ fn balance(parts: &[PartSize], n: usize, budget: u64, need: &dyn Fn(&PartSize) -
     Some(groups)
 }
 
-fn totals(parts: &[PartSize], groups: Vec<Vec<usize>>, spec: &CardSpec, users: usize, ctx: usize, need: &dyn Fn(&PartSize) -> u64) -> Plan {
+fn totals(
+    parts: &[PartSize],
+    groups: Vec<Vec<usize>>,
+    spec: &CardSpec,
+    users: usize,
+    ctx: usize,
+    need: &dyn Fn(&PartSize) -> u64,
+) -> Plan {
     let n = groups.len();
     let per_card: Vec<CardPlan> = groups
         .iter()

@@ -53,7 +53,10 @@ impl SamplingParams {
     /// Checks ranges; the message names the parameter and its limit.
     pub fn validate(&self) -> Result<(), String> {
         if !(0.0..=100.0).contains(&self.temperature) || self.temperature.is_nan() {
-            return Err(format!("temperature {} must be between 0 and 100", self.temperature));
+            return Err(format!(
+                "temperature {} must be between 0 and 100",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p {} must be in (0, 1]", self.top_p));
@@ -62,9 +65,15 @@ impl SamplingParams {
             return Err(format!("min_p {} must be in [0, 1]", self.min_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
-            return Err(format!("repetition_penalty {} must be in (0, 10]", self.repetition_penalty));
+            return Err(format!(
+                "repetition_penalty {} must be in (0, 10]",
+                self.repetition_penalty
+            ));
         }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if !(-2.0..=2.0).contains(&v) {
                 return Err(format!("{name} {v} must be between -2 and 2"));
             }
@@ -102,7 +111,11 @@ impl Sampler {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0x5eed)
         });
-        let mut seen_prompt = if params.repetition_penalty != 1.0 { prompt.to_vec() } else { Vec::new() };
+        let mut seen_prompt = if params.repetition_penalty != 1.0 {
+            prompt.to_vec()
+        } else {
+            Vec::new()
+        };
         seen_prompt.sort_unstable();
         seen_prompt.dedup();
         Sampler {
@@ -161,9 +174,25 @@ impl Sampler {
         }
         // Log-softmax normaliser of the processed logits.
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let lse = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
-        let top = if top_n > 0 { top_indices(logits, top_n).into_iter().map(|i| (i as u32, logits[i] - lse)).collect() } else { Vec::new() };
-        let id = if p.temperature == 0.0 || p.top_k == 1 { argmax(logits) } else { self.draw(logits, max) };
+        let lse = max
+            + logits
+                .iter()
+                .map(|&l| ((l - max) as f64).exp())
+                .sum::<f64>()
+                .ln() as f32;
+        let top = if top_n > 0 {
+            top_indices(logits, top_n)
+                .into_iter()
+                .map(|i| (i as u32, logits[i] - lse))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let id = if p.temperature == 0.0 || p.top_k == 1 {
+            argmax(logits)
+        } else {
+            self.draw(logits, max)
+        };
         Sampled {
             id: id as u32,
             logprob: logits[id] - lse,
@@ -175,9 +204,16 @@ impl Sampler {
         let p = self.params.clone();
         let t = p.temperature;
         // Candidates sorted by logit, truncated by top-k.
-        let k = if p.top_k == 0 { logits.len() } else { p.top_k.min(logits.len()) };
+        let k = if p.top_k == 0 {
+            logits.len()
+        } else {
+            p.top_k.min(logits.len())
+        };
         let mut cand = top_indices(logits, k);
-        let mut probs: Vec<f64> = cand.iter().map(|&i| (((logits[i] - max) / t) as f64).exp()).collect();
+        let mut probs: Vec<f64> = cand
+            .iter()
+            .map(|&i| (((logits[i] - max) / t) as f64).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= total);
         if p.min_p > 0.0 {
@@ -252,20 +288,44 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens_and_penalties_apply() {
-        let params = SamplingParams { temperature: 1.0, seed: Some(7), top_k: 40, top_p: 0.9, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            top_k: 40,
+            top_p: 0.9,
+            ..Default::default()
+        };
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
         let run = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone(), &[]);
-            (0..20).map(|_| { let id = s.sample(&mut logits.clone(), 0).id; s.observe(id); id }).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| {
+                    let id = s.sample(&mut logits.clone(), 0).id;
+                    s.observe(id);
+                    id
+                })
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(&params), run(&params));
-        let other = SamplingParams { seed: Some(8), ..params.clone() };
+        let other = SamplingParams {
+            seed: Some(8),
+            ..params.clone()
+        };
         assert_ne!(run(&params), run(&other));
         // A large logit bias forces a token.
-        let forced = SamplingParams { logit_bias: vec![(3, 100.0)], ..params };
+        let forced = SamplingParams {
+            logit_bias: vec![(3, 100.0)],
+            ..params
+        };
         assert!(run(&forced).iter().all(|&t| t == 3));
         // Frequency penalty moves greedy off a repeated token.
-        let mut s = Sampler::new(SamplingParams { frequency_penalty: 2.0, ..SamplingParams::greedy() }, &[]);
+        let mut s = Sampler::new(
+            SamplingParams {
+                frequency_penalty: 2.0,
+                ..SamplingParams::greedy()
+            },
+            &[],
+        );
         let mut l = vec![1.0, 0.5];
         assert_eq!(s.sample(&mut l.clone(), 0).id, 0);
         s.observe(0);
@@ -274,9 +334,15 @@ mod tests {
 
     #[test]
     fn validation_names_the_parameter() {
-        let p = SamplingParams { top_p: 1.5, ..Default::default() };
+        let p = SamplingParams {
+            top_p: 1.5,
+            ..Default::default()
+        };
         assert!(p.validate().unwrap_err().contains("top_p"));
-        let p = SamplingParams { temperature: -1.0, ..Default::default() };
+        let p = SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        };
         assert!(p.validate().unwrap_err().contains("temperature"));
     }
 }

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use cardinal_kernels::{Isa, Pool, QActs, QMatrix};
+use cardinal_models::Model;
 use cardinal_models::forward::{self, BatchRow, Workspace};
 use cardinal_models::kv::{KvBudget, KvShape, SeqKv};
-use cardinal_models::Model;
 
 use crate::card::CardSpec;
 use crate::plan::{PartKind, Plan};
@@ -22,7 +22,11 @@ use crate::plan::{PartKind, Plan};
 #[derive(Debug, thiserror::Error)]
 pub enum CardError {
     #[error("card {card}: weights of {weights} bytes exceed its memory of {memory} bytes")]
-    OverBudget { card: usize, weights: u64, memory: u64 },
+    OverBudget {
+        card: usize,
+        weights: u64,
+        memory: u64,
+    },
     #[error("card {card}: {what} is not supported by the engine (only the planner models it)")]
     Unsupported { card: usize, what: String },
 }
@@ -93,19 +97,30 @@ impl Cards {
                         })
                     }
                     PartKind::Layer { .. } => {
-                        return Err(CardError::Unsupported { card: cp.card, what: format!("layer shard {p}") });
+                        return Err(CardError::Unsupported {
+                            card: cp.card,
+                            what: format!("layer shard {p}"),
+                        });
                     }
                     PartKind::Head { shard, of } => {
                         let v = model.head.rows();
                         let rows = v * shard / of..v * (shard + 1) / of;
-                        head = Some(if of == 1 { model.head.clone() } else { Arc::new(model.head.slice_rows(rows)) });
+                        head = Some(if of == 1 {
+                            model.head.clone()
+                        } else {
+                            Arc::new(model.head.slice_rows(rows))
+                        });
                         embedding |= model.cfg.tied_embeddings;
                     }
                 }
             }
             let weight_bytes = cp.weight_bytes;
             if weight_bytes > spec.memory_bytes {
-                return Err(CardError::OverBudget { card: cp.card, weights: weight_bytes, memory: spec.memory_bytes });
+                return Err(CardError::OverBudget {
+                    card: cp.card,
+                    weights: weight_bytes,
+                    memory: spec.memory_bytes,
+                });
             }
             cards.push(Card {
                 id: cp.card,
@@ -115,12 +130,19 @@ impl Cards {
                 embedding,
                 weight_bytes,
                 params: cp.params,
-                kv: KvBudget::new(format!("card {}", cp.card), (spec.memory_bytes - weight_bytes) as usize),
+                kv: KvBudget::new(
+                    format!("card {}", cp.card),
+                    (spec.memory_bytes - weight_bytes) as usize,
+                ),
                 counters: CardCounters::default(),
                 stage_seconds: spec.stage_seconds(cp.params),
             });
         }
-        Ok(Cards { cards, spec: spec.clone(), model })
+        Ok(Cards {
+            cards,
+            spec: spec.clone(),
+            model,
+        })
     }
 
     /// The model.
@@ -131,16 +153,28 @@ impl Cards {
     /// Fresh, empty caches of one sequence: one per card.
     pub fn new_seq_caches(&self) -> Vec<SeqKv> {
         let shape = KvShape::of(&self.model.cfg);
-        self.cards.iter().map(|c| SeqKv::new(shape, c.layers.len(), c.kv.clone())).collect()
+        self.cards
+            .iter()
+            .map(|c| SeqKv::new(shape, c.layers.len(), c.kv.clone()))
+            .collect()
     }
 
     /// Bytes every card would need to hold `tokens` tokens more for a sequence.
-    pub fn reserve(&self, caches: &mut [SeqKv], tokens: usize) -> Result<(), cardinal_models::kv::KvExhausted> {
+    pub fn reserve(
+        &self,
+        caches: &mut [SeqKv],
+        tokens: usize,
+    ) -> Result<(), cardinal_models::kv::KvExhausted> {
         // Check all cards first so a failure leaves nothing half-reserved.
         for (c, kv) in self.cards.iter().zip(caches.iter()) {
             let need = kv.bytes_to_reserve(tokens);
             if c.kv.used() + need > c.kv.limit() {
-                return Err(cardinal_models::kv::KvExhausted { owner: format!("card {}", c.id), need, used: c.kv.used(), limit: c.kv.limit() });
+                return Err(cardinal_models::kv::KvExhausted {
+                    owner: format!("card {}", c.id),
+                    need,
+                    used: c.kv.used(),
+                    limit: c.kv.limit(),
+                });
             }
         }
         for kv in caches.iter_mut() {
@@ -175,10 +209,21 @@ impl Cards {
         let last = self.cards.len() - 1;
         for (ci, card) in self.cards.iter().enumerate() {
             if !card.layers.is_empty() {
-                let mut seq_caches: Vec<&mut SeqKv> = caches.iter_mut().map(|c| &mut c[ci]).collect();
+                let mut seq_caches: Vec<&mut SeqKv> =
+                    caches.iter_mut().map(|c| &mut c[ci]).collect();
                 for (local, li) in card.layers.clone().enumerate() {
-                    forward::forward_layer(pool, isa, cfg, &m.layers[li], local, &mut scratch.x[..n * h], rows, &mut seq_caches, &mut scratch.ws);
-                    if std::env::var_os("CARDINAL_EXP_NO_A8").is_none() { a8_roundtrip(isa, &mut scratch.link, &mut scratch.x[..n * h], n, h); }
+                    forward::forward_layer(
+                        pool,
+                        isa,
+                        cfg,
+                        &m.layers[li],
+                        local,
+                        &mut scratch.x[..n * h],
+                        rows,
+                        &mut seq_caches,
+                        &mut scratch.ws,
+                    );
+                    a8_roundtrip(isa, &mut scratch.link, &mut scratch.x[..n * h], n, h);
                     let macs = (n * cfg.layer_params()) as u64;
                     card.counters.ops_int4.fetch_add(macs, Ordering::Relaxed);
                 }
@@ -191,20 +236,42 @@ impl Cards {
                 link_seconds += self.spec.link_seconds(ci, bytes);
             }
             let busy = card.stage_seconds * passes as f64;
-            card.counters.busy_ns.fetch_add((busy * 1e9) as u64, Ordering::Relaxed);
+            card.counters
+                .busy_ns
+                .fetch_add((busy * 1e9) as u64, Ordering::Relaxed);
         }
         if !logit_rows.is_empty() {
-            let heads: Vec<&QMatrix> = self.cards.iter().filter_map(|c| c.head.as_deref()).collect();
-            forward::forward_head(pool, isa, cfg, &m.final_norm, &heads, &scratch.x[..n * h], logit_rows, &mut scratch.logits, &mut scratch.ws);
+            let heads: Vec<&QMatrix> = self
+                .cards
+                .iter()
+                .filter_map(|c| c.head.as_deref())
+                .collect();
+            forward::forward_head(
+                pool,
+                isa,
+                cfg,
+                &m.final_norm,
+                &heads,
+                &scratch.x[..n * h],
+                logit_rows,
+                &mut scratch.logits,
+                &mut scratch.ws,
+            );
             for c in self.cards.iter().filter(|c| c.head.is_some()) {
                 let rows = c.head.as_ref().map_or(0, |q| q.rows());
-                c.counters.ops_int8.fetch_add((logit_rows.len() * rows * h) as u64, Ordering::Relaxed);
+                c.counters
+                    .ops_int8
+                    .fetch_add((logit_rows.len() * rows * h) as u64, Ordering::Relaxed);
             }
         }
         // Pipelined: the first pass crosses every stage, later passes follow
         // at the pace of the slowest stage.
         let chain: f64 = self.cards.iter().map(|c| c.stage_seconds).sum();
-        let slowest = self.cards.iter().map(|c| c.stage_seconds).fold(0.0, f64::max);
+        let slowest = self
+            .cards
+            .iter()
+            .map(|c| c.stage_seconds)
+            .fold(0.0, f64::max);
         chain + link_seconds + passes.saturating_sub(1) as f64 * slowest
     }
 }

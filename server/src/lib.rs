@@ -3,4 +3,5 @@
 //! in `serve`.
 
 pub mod cli;
+pub mod serve;
 pub mod setup;

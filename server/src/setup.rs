@@ -48,7 +48,9 @@ impl ModelArgs {
             None => CardSpec::default(),
         };
         if let Some(m) = self.card_memory_mib {
-            spec.memory_bytes = m.checked_mul(1 << 20).context("--card-memory-mib is too large")?;
+            spec.memory_bytes = m
+                .checked_mul(1 << 20)
+                .context("--card-memory-mib is too large")?;
         }
         spec.validate()?;
         Ok(spec)
@@ -56,7 +58,9 @@ impl ModelArgs {
 
     /// Threads to use.
     pub fn threads(&self) -> Result<usize> {
-        let all = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let all = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         match self.threads {
             Some(0) => bail!("--threads 0: must be at least 1"),
             Some(t) if t > 256 => bail!("--threads {t}: must be at most 256"),
@@ -85,7 +89,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_num_seqs: 16, max_queue: 64, max_model_len: None }
+        Limits {
+            max_num_seqs: 16,
+            max_queue: 64,
+            max_model_len: None,
+        }
     }
 }
 
@@ -97,13 +105,20 @@ pub fn start(args: &ModelArgs, limits: &Limits, log: &mut dyn FnMut(&str)) -> Re
     let source = ModelSource::parse(&args.model)?;
     let opts = LoadOptions {
         seed: args.weight_seed,
-        hf_bits: if args.hf_int8 { cardinal_models::hf::LoadBits::Int8 } else { cardinal_models::hf::LoadBits::Int4 },
+        hf_bits: if args.hf_int8 {
+            cardinal_models::hf::LoadBits::Int8
+        } else {
+            cardinal_models::hf::LoadBits::Int4
+        },
     };
     let loaded = cardinal_models::load(&source, &opts, log)?;
     let cfg = &loaded.model.cfg;
     let max_model_len = match limits.max_model_len {
         Some(0) => bail!("--max-model-len 0: must be at least 1"),
-        Some(l) if l > cfg.ctx_len => bail!("--max-model-len {l} exceeds the model's context length of {}", cfg.ctx_len),
+        Some(l) if l > cfg.ctx_len => bail!(
+            "--max-model-len {l} exceeds the model's context length of {}",
+            cfg.ctx_len
+        ),
         Some(l) => l,
         None => cfg.ctx_len.min(8192),
     };
@@ -115,8 +130,14 @@ pub fn start(args: &ModelArgs, limits: &Limits, log: &mut dyn FnMut(&str)) -> Re
     // the real per-request need at run time).
     let parts = plan::parts_of_model(&loaded.model);
     let plan_ctx = (max_model_len / 4).max(256).min(max_model_len);
-    let plan = plan::plan(&parts, &spec, limits.max_num_seqs, plan_ctx, args.cards)
-        .or_else(|e| if args.cards.is_none() { plan::plan(&parts, &spec, 1, 256.min(max_model_len), None) } else { Err(e) })?;
+    let plan =
+        plan::plan(&parts, &spec, limits.max_num_seqs, plan_ctx, args.cards).or_else(|e| {
+            if args.cards.is_none() {
+                plan::plan(&parts, &spec, 1, 256.min(max_model_len), None)
+            } else {
+                Err(e)
+            }
+        })?;
     let loaded = Arc::new(loaded);
     let model = loaded.model.clone();
     let cards = Cards::new(model, &plan, &spec)?;
@@ -132,5 +153,11 @@ pub fn start(args: &ModelArgs, limits: &Limits, log: &mut dyn FnMut(&str)) -> Re
             host_watts_per_core: 10.0,
         },
     );
-    Ok(Runtime { loaded, plan, engine: Arc::new(engine), isa, threads })
+    Ok(Runtime {
+        loaded,
+        plan,
+        engine: Arc::new(engine),
+        isa,
+        threads,
+    })
 }

@@ -10,15 +10,22 @@ use cardinal_pipeline::{Event, Request, SamplingParams};
 use cardinal_server::setup::{self, Limits, ModelArgs};
 
 fn fixtures() -> serde_json::Value {
-    let dir = std::env::var("CARDINAL_FIXTURES_DIR").unwrap_or_else(|_| format!("{}/../models/tests/fixtures/smollm2", env!("CARGO_MANIFEST_DIR")));
+    let dir = std::env::var("CARDINAL_FIXTURES_DIR").unwrap_or_else(|_| {
+        format!(
+            "{}/../models/tests/fixtures/smollm2",
+            env!("CARGO_MANIFEST_DIR")
+        )
+    });
     let path = format!("{dir}/smollm2_public.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("fixtures at {path}: {e} (set CARDINAL_FIXTURES_DIR)"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("fixtures at {path}: {e} (set CARDINAL_FIXTURES_DIR)"));
     serde_json::from_str(&text).expect("fixture JSON")
 }
 
 fn default_model(cards: Option<usize>) -> ModelArgs {
     ModelArgs {
-        model: std::env::var("CARDINAL_TEST_GGUF").unwrap_or_else(|_| "smollm2-135m-instruct".into()),
+        model: std::env::var("CARDINAL_TEST_GGUF")
+            .unwrap_or_else(|_| "smollm2-135m-instruct".into()),
         cards,
         card_spec: None,
         card_memory_mib: None,
@@ -41,7 +48,16 @@ const MAX_MEAN_LOGPROB_ERR: f64 = 0.15;
 #[test]
 fn greedy_matches_llama_cpp_up_to_near_ties() {
     let fx = fixtures();
-    let rt = setup::start(&default_model(None), &Limits { max_num_seqs: 4, max_queue: 16, max_model_len: Some(2048) }, &mut |l| eprintln!("{l}")).expect("load the default model");
+    let rt = setup::start(
+        &default_model(None),
+        &Limits {
+            max_num_seqs: 4,
+            max_queue: 16,
+            max_model_len: Some(2048),
+        },
+        &mut |l| eprintln!("{l}"),
+    )
+    .expect("load the default model");
     let tok = rt.loaded.tokenizer.as_ref().expect("tokenizer");
     let mut full = 0;
     let mut report = Vec::new();
@@ -49,11 +65,29 @@ fn greedy_matches_llama_cpp_up_to_near_ties() {
     let (mut lp_err, mut gap_err): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
     for e in fx.as_array().expect("array") {
         let name = e["name"].as_str().unwrap();
-        let prompt: Vec<u32> = e["templated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let want: Vec<u32> = e["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let prompt: Vec<u32> = e["templated_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let want: Vec<u32> = e["greedy_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let mut s = rt
             .engine
-            .submit(Request { prompt, max_tokens: want.len().max(1), min_tokens: 0, ignore_eos: false, stop_ids: tok.eos_ids().to_vec(), params: SamplingParams::greedy(), top_logprobs: 2 })
+            .submit(Request {
+                prompt,
+                max_tokens: want.len().max(1),
+                min_tokens: 0,
+                ignore_eos: false,
+                stop_ids: tok.eos_ids().to_vec(),
+                params: SamplingParams::greedy(),
+                top_logprobs: 2,
+            })
             .expect("submit");
         let mut got = Vec::new();
         while let Some(ev) = s.blocking_recv() {
@@ -64,8 +98,15 @@ fn greedy_matches_llama_cpp_up_to_near_ties() {
                     // Along the shared prefix, compare our top-1 log-prob and top-2 gap with llama.cpp's.
                     if got[..] == want[..got.len().min(want.len())] {
                         let f = &e["greedy_top2"][i];
-                        let gap = t.top.first().zip(t.top.get(1)).map_or(0.0, |(a, b)| (a.1 - b.1) as f64);
-                        if let (Some(lp), Some(g)) = (f["logprob_top1"].as_f64(), f["logprob_gap_top1_top2"].as_f64()) {
+                        let gap = t
+                            .top
+                            .first()
+                            .zip(t.top.get(1))
+                            .map_or(0.0, |(a, b)| (a.1 - b.1) as f64);
+                        if let (Some(lp), Some(g)) = (
+                            f["logprob_top1"].as_f64(),
+                            f["logprob_gap_top1_top2"].as_f64(),
+                        ) {
                             lp_err.push((t.logprob as f64 - lp).abs());
                             gap_err.push((gap - g).abs());
                         }
@@ -80,10 +121,14 @@ fn greedy_matches_llama_cpp_up_to_near_ties() {
             full += 1;
             report.push(format!("{name}: all {} ids equal", want.len()));
         } else {
-            let gap = e["greedy_top2"][same]["logprob_gap_top1_top2"].as_f64().unwrap_or(f64::NAN);
+            let gap = e["greedy_top2"][same]["logprob_gap_top1_top2"]
+                .as_f64()
+                .unwrap_or(f64::NAN);
             report.push(format!("{name}: {same}/{} equal; diverges at {same} where llama.cpp's top-2 gap is {gap:.4}", want.len()));
-            if !(gap < NEAR_TIE) {
-                failures.push(format!("{name}: diverged at {same} with gap {gap:.4} >= {NEAR_TIE}"));
+            if gap.is_nan() || gap >= NEAR_TIE {
+                failures.push(format!(
+                    "{name}: diverged at {same} with gap {gap:.4} >= {NEAR_TIE}"
+                ));
             }
         }
     }
@@ -93,9 +138,21 @@ fn greedy_matches_llama_cpp_up_to_near_ties() {
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     eprintln!(
         "over {} shared positions: |top-1 log-prob - llama.cpp| mean {:.4} max {:.4}; |top-2 gap - llama.cpp| mean {:.4} max {:.4}",
-        lp_err.len(), mean(&lp_err), max(&lp_err), mean(&gap_err), max(&gap_err)
+        lp_err.len(),
+        mean(&lp_err),
+        max(&lp_err),
+        mean(&gap_err),
+        max(&gap_err)
     );
-    assert!(failures.is_empty(), "divergences that are not near-ties:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "divergences that are not near-ties:\n{}",
+        failures.join("\n")
+    );
     assert!(full >= MIN_FULL, "only {full}/12 prompts match fully");
-    assert!(mean(&lp_err) < MAX_MEAN_LOGPROB_ERR, "mean top-1 log-prob error {:.4}", mean(&lp_err));
+    assert!(
+        mean(&lp_err) < MAX_MEAN_LOGPROB_ERR,
+        "mean top-1 log-prob error {:.4}",
+        mean(&lp_err)
+    );
 }

@@ -9,9 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use cardinal_kernels::Pool;
-use cardinal_models::forward::BatchRow;
 use cardinal_pipeline::energy::peak_rss_bytes;
-use cardinal_pipeline::stages::StepScratch;
 use cardinal_pipeline::{Event, Request, SamplingParams};
 
 use super::generate::log_stderr;
@@ -41,10 +39,12 @@ pub struct BenchArgs {
 
 /// Flags of `perplexity`.
 #[derive(clap::Args, Debug)]
-#[command(long_about = "Perplexity by llama.cpp's method: tokenize the whole file without BOS; \
+#[command(
+    long_about = "Perplexity by llama.cpp's method: tokenize the whole file without BOS; \
 split it into non-overlapping windows of --ctx tokens, dropping the tail; evaluate each window \
 from an empty cache; score only the second half of each window (each position from ctx/2 to \
-ctx-2 predicts the next token); PPL = exp(mean negative log-likelihood).")]
+ctx-2 predicts the next token); PPL = exp(mean negative log-likelihood)."
+)]
 pub struct PerplexityArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -65,7 +65,9 @@ pub struct PerplexityArgs {
 fn synthetic_prompt(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
     let mut rng = cardinal_models::synthetic::SplitMix::new(0xBE9C ^ salt);
     // Skip the first 100 ids, where tokenizers keep their special tokens.
-    (0..n).map(|_| 100 + (rng.next_u64() % (vocab as u64 - 100)) as u32).collect()
+    (0..n)
+        .map(|_| 100 + (rng.next_u64() % (vocab as u64 - 100)) as u32)
+        .collect()
 }
 
 struct Round {
@@ -121,9 +123,15 @@ fn one_round(rt: &Runtime, a: &BenchArgs, salt: u64) -> Result<Round> {
         (f.completion_tokens - 1) as f64 / f.decode_seconds.max(1e-9)
     } else {
         // Aggregate: tokens after each stream's first, over the span of decoding.
-        let decode_span = fins.iter().map(|f| f.ttft_seconds + f.decode_seconds).fold(0.0, f64::max)
+        let decode_span = fins
+            .iter()
+            .map(|f| f.ttft_seconds + f.decode_seconds)
+            .fold(0.0, f64::max)
             - fins.iter().map(|f| f.ttft_seconds).fold(f64::MAX, f64::min);
-        fins.iter().map(|f| (f.completion_tokens - 1) as f64).sum::<f64>() / decode_span.max(1e-9)
+        fins.iter()
+            .map(|f| (f.completion_tokens - 1) as f64)
+            .sum::<f64>()
+            / decode_span.max(1e-9)
     };
     Ok(Round {
         prefill_tps: f.prompt_tokens as f64 / f.prefill_seconds.max(1e-9),
@@ -143,17 +151,41 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Runs `bench`.
 pub fn run(a: BenchArgs) -> Result<ExitCode> {
     if a.concurrency == 0 || a.reps == 0 || a.gen_tokens < 2 || a.prompt_tokens == 0 {
-        bail!("--concurrency, --reps and --prompt-tokens must be at least 1, --generated-tokens at least 2");
+        bail!(
+            "--concurrency, --reps and --prompt-tokens must be at least 1, --generated-tokens at least 2"
+        );
     }
-    let limits = Limits { max_num_seqs: a.concurrency, max_queue: a.concurrency.max(4), max_model_len: None };
+    let limits = Limits {
+        max_num_seqs: a.concurrency,
+        max_queue: a.concurrency.max(4),
+        max_model_len: None,
+    };
     let rt = setup::start(&a.model, &limits, &mut log_stderr)?;
     // Warm-up: page in weights and grow buffers.
-    one_round(&rt, &BenchArgs { gen_tokens: 8, reps: 1, json: a.json, concurrency: 1, prompt_tokens: a.prompt_tokens, model: a.model.clone() }, 999)?;
-    let rounds: Vec<Round> = (0..a.reps).map(|r| one_round(&rt, &a, r as u64)).collect::<Result<_>>()?;
+    one_round(
+        &rt,
+        &BenchArgs {
+            gen_tokens: 8,
+            reps: 1,
+            json: a.json,
+            concurrency: 1,
+            prompt_tokens: a.prompt_tokens,
+            model: a.model.clone(),
+        },
+        999,
+    )?;
+    let rounds: Vec<Round> = (0..a.reps)
+        .map(|r| one_round(&rt, &a, r as u64))
+        .collect::<Result<_>>()?;
     let m = |f: fn(&Round) -> f64| median(rounds.iter().map(f).collect());
     let util: Vec<f64> = {
         let modeled = rt.engine.stats.modeled_ns.load(Ordering::Acquire) as f64;
-        rt.engine.cards.cards.iter().map(|c| c.counters.busy_ns.load(Ordering::Acquire) as f64 / modeled.max(1.0)).collect()
+        rt.engine
+            .cards
+            .cards
+            .iter()
+            .map(|c| c.counters.busy_ns.load(Ordering::Acquire) as f64 / modeled.max(1.0))
+            .collect()
     };
     let j = serde_json::json!({
         "model": rt.loaded.name,
@@ -176,14 +208,46 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     if a.json {
         println!("{j}");
     } else {
-        println!("model {}  cards {}  isa {}  threads {}  concurrency {}", rt.loaded.name, rt.plan.cards, rt.isa, rt.threads, a.concurrency);
-        println!("prefill  {:>9.1} tok/s  ({} prompt tokens, median of {})", j["prefill_tokens_per_second"].as_f64().unwrap_or(0.0), a.prompt_tokens, a.reps);
-        println!("decode   {:>9.1} tok/s  ({} tokens per stream)", j["decode_tokens_per_second"].as_f64().unwrap_or(0.0), a.gen_tokens);
-        println!("measured {:>9.1} tok/s end to end on this CPU", j["measured_tokens_per_second"].as_f64().unwrap_or(0.0));
-        println!("modeled  {:>9.1} tok/s on the cards", j["modeled_card_tokens_per_second"].as_f64().unwrap_or(0.0));
-        println!("energy   {:.3} mJ/token modeled cards, {:.3} mJ/token host ({})", 1e3 * j["modeled_card_joules_per_token"].as_f64().unwrap_or(0.0), 1e3 * j["host_joules_per_token"].as_f64().unwrap_or(0.0), rt.engine.host_energy_source.label());
-        println!("util     {}", util.iter().map(|u| format!("{:.0}%", u * 100.0)).collect::<Vec<_>>().join(" "));
-        println!("peak RSS {:.1} MiB", peak_rss_bytes() as f64 / (1 << 20) as f64);
+        println!(
+            "model {}  cards {}  isa {}  threads {}  concurrency {}",
+            rt.loaded.name, rt.plan.cards, rt.isa, rt.threads, a.concurrency
+        );
+        println!(
+            "prefill  {:>9.1} tok/s  ({} prompt tokens, median of {})",
+            j["prefill_tokens_per_second"].as_f64().unwrap_or(0.0),
+            a.prompt_tokens,
+            a.reps
+        );
+        println!(
+            "decode   {:>9.1} tok/s  ({} tokens per stream)",
+            j["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
+            a.gen_tokens
+        );
+        println!(
+            "measured {:>9.1} tok/s end to end on this CPU",
+            j["measured_tokens_per_second"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "modeled  {:>9.1} tok/s on the cards",
+            j["modeled_card_tokens_per_second"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "energy   {:.3} mJ/token modeled cards, {:.3} mJ/token host ({})",
+            1e3 * j["modeled_card_joules_per_token"].as_f64().unwrap_or(0.0),
+            1e3 * j["host_joules_per_token"].as_f64().unwrap_or(0.0),
+            rt.engine.host_energy_source.label()
+        );
+        println!(
+            "util     {}",
+            util.iter()
+                .map(|u| format!("{:.0}%", u * 100.0))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        println!(
+            "peak RSS {:.1} MiB",
+            peak_rss_bytes() as f64 / (1 << 20) as f64
+        );
     }
     rt.engine.shutdown();
     Ok(ExitCode::SUCCESS)
@@ -191,58 +255,46 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
 
 /// Runs `perplexity` over the cards directly (no sampling).
 pub fn perplexity(a: PerplexityArgs) -> Result<ExitCode> {
-    if a.ctx < 4 {
-        bail!("--ctx {}: must be at least 4", a.ctx);
-    }
-    let text = std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
-    let rt = setup::start(&a.model, &Limits { max_num_seqs: 1, max_queue: 1, max_model_len: None }, &mut log_stderr)?;
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let rt = setup::start(
+        &a.model,
+        &Limits {
+            max_num_seqs: 1,
+            max_queue: 1,
+            max_model_len: None,
+        },
+        &mut log_stderr,
+    )?;
     let ids = rt.loaded.tokenizer()?.encode(&text, false)?;
-    let mut chunks = ids.len() / a.ctx;
-    if chunks == 0 {
-        bail!("{}: {} tokens is fewer than one window of --ctx {}", a.file.display(), ids.len(), a.ctx);
-    }
-    if a.max_chunks > 0 {
-        chunks = chunks.min(a.max_chunks);
-    }
-    let cards = &rt.engine.cards;
     let pool = Pool::new(rt.threads);
-    let mut scratch = StepScratch::default();
-    let vocab = rt.loaded.model.cfg.vocab;
-    let first = a.ctx / 2;
-    let (mut nll, mut count) = (0.0f64, 0usize);
     let t0 = Instant::now();
-    for c in 0..chunks {
-        let toks = &ids[c * a.ctx..(c + 1) * a.ctx];
-        let mut caches = cards.new_seq_caches();
-        cards.reserve(&mut caches, a.ctx)?;
-        // Prefill in slices of 256 rows; logits only for scored positions.
-        let mut start = 0;
-        while start < a.ctx {
-            let end = (start + 256).min(a.ctx);
-            let rows: Vec<BatchRow> = (start..end).map(|pos| BatchRow { seq: 0, pos }).collect();
-            let logit_rows: Vec<usize> = (start..end).filter(|&p| p >= first && p < a.ctx - 1).map(|p| p - start).collect();
-            let mut cs = [&mut caches[..]];
-            cards.run_step(&pool, rt.isa, &toks[start..end], &rows, &mut cs, &logit_rows, end - start, &mut scratch);
-            for (j, &r) in logit_rows.iter().enumerate() {
-                let l = &scratch.logits[j * vocab..(j + 1) * vocab];
-                let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = max as f64 + l.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln();
-                let target = toks[start + r + 1] as usize;
-                nll += lse - l[target] as f64;
-                count += 1;
+    let json = a.json;
+    let r = cardinal_pipeline::eval::perplexity(
+        &rt.engine.cards,
+        &pool,
+        rt.isa,
+        &ids,
+        a.ctx,
+        a.max_chunks,
+        &mut |done, total, ppl| {
+            if !json {
+                eprintln!("[{done}/{total}] running ppl = {ppl:.4}");
             }
-            start = end;
-        }
-        if !a.json {
-            eprintln!("[{}/{}] running ppl = {:.4}", c + 1, chunks, (nll / count as f64).exp());
-        }
-    }
-    let ppl = (nll / count as f64).exp();
-    let secs = t0.elapsed().as_secs_f64();
+        },
+    )
+    .with_context(|| format!("{}", a.file.display()))?;
+    let tps = (r.windows * a.ctx) as f64 / t0.elapsed().as_secs_f64();
     if a.json {
-        println!("{}", serde_json::json!({"perplexity": ppl, "chunks": chunks, "ctx": a.ctx, "scored_tokens": count, "tokens_per_second": (chunks * a.ctx) as f64 / secs}));
+        println!(
+            "{}",
+            serde_json::json!({"perplexity": r.perplexity, "chunks": r.windows, "ctx": a.ctx, "scored_tokens": r.scored_tokens, "tokens_per_second": tps})
+        );
     } else {
-        println!("perplexity {ppl:.4} over {chunks} windows of {} tokens ({count} scored), {:.1} tok/s", a.ctx, (chunks * a.ctx) as f64 / secs);
+        println!(
+            "perplexity {:.4} over {} windows of {} tokens ({} scored), {tps:.1} tok/s",
+            r.perplexity, r.windows, a.ctx, r.scored_tokens
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -63,7 +63,12 @@ pub struct TokenizeArgs {
 }
 
 /// Prompt ids for a text: raw (special tokens not parsed) or templated.
-pub fn prompt_ids(loaded: &LoadedModel, text: &str, chat: bool, system: Option<&str>) -> Result<Vec<u32>> {
+pub fn prompt_ids(
+    loaded: &LoadedModel,
+    text: &str,
+    chat: bool,
+    system: Option<&str>,
+) -> Result<Vec<u32>> {
     let tok = loaded.tokenizer()?;
     if text.is_empty() {
         bail!("the prompt is empty: pass a non-empty --prompt");
@@ -71,9 +76,15 @@ pub fn prompt_ids(loaded: &LoadedModel, text: &str, chat: bool, system: Option<&
     let mut ids = if chat || system.is_some() {
         let mut msgs = Vec::new();
         if let Some(s) = system {
-            msgs.push(ChatMessage { role: "system".into(), content: s.into() });
+            msgs.push(ChatMessage {
+                role: "system".into(),
+                content: s.into(),
+            });
         }
-        msgs.push(ChatMessage { role: "user".into(), content: text.into() });
+        msgs.push(ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+        });
         tok.encode(&loaded.render_chat(&msgs)?, true)?
     } else {
         tok.encode(text, false)?
@@ -92,7 +103,14 @@ pub(crate) fn log_stderr(line: &str) {
 
 /// Runs `generate`.
 pub fn run(a: GenerateArgs) -> Result<ExitCode> {
-    let rt = setup::start(&a.model, &Limits { max_num_seqs: 1, ..Default::default() }, &mut log_stderr)?;
+    let rt = setup::start(
+        &a.model,
+        &Limits {
+            max_num_seqs: 1,
+            ..Default::default()
+        },
+        &mut log_stderr,
+    )?;
     let ids = prompt_ids(&rt.loaded, &a.prompt, a.chat, a.system.as_deref())?;
     let tok = rt.loaded.tokenizer()?;
     let req = Request {
@@ -101,7 +119,13 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
         min_tokens: 0,
         ignore_eos: a.ignore_eos,
         stop_ids: tok.eos_ids().to_vec(),
-        params: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed, ..Default::default() },
+        params: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+            ..Default::default()
+        },
         top_logprobs: 0,
     };
     let mut stream = rt.engine.submit(req)?;
@@ -109,7 +133,10 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let mut generated = Vec::new();
     let finished = loop {
-        match stream.blocking_recv().context("the engine stopped without finishing the sequence")? {
+        match stream
+            .blocking_recv()
+            .context("the engine stopped without finishing the sequence")?
+        {
             Event::Token(t) => {
                 generated.push(t.id);
                 let piece = dec.push(t.id)?;
@@ -125,7 +152,11 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
     let tail = dec.finish()?;
     if a.json {
         let text = tok.decode(&generated, true)?;
-        let decode_tps = if finished.decode_seconds > 0.0 { (finished.completion_tokens.saturating_sub(1)) as f64 / finished.decode_seconds } else { 0.0 };
+        let decode_tps = if finished.decode_seconds > 0.0 {
+            (finished.completion_tokens.saturating_sub(1)) as f64 / finished.decode_seconds
+        } else {
+            0.0
+        };
         let j = serde_json::json!({
             "prompt_ids": ids,
             "generated_ids": generated,
@@ -160,7 +191,10 @@ pub fn tokenize(a: TokenizeArgs) -> Result<ExitCode> {
     if a.json {
         println!("{}", serde_json::to_string(&ids)?);
     } else {
-        println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
+        println!(
+            "{}",
+            ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

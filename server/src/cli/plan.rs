@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use cardinal_models::{LoadOptions, ModelSource, synthetic};
-use cardinal_pipeline::plan::{self, PlanError};
 use cardinal_pipeline::CardSpec;
+use cardinal_pipeline::plan::{self, PlanError};
 
 use super::generate::log_stderr;
 
@@ -54,7 +54,9 @@ pub fn run(a: PlanArgs) -> Result<ExitCode> {
     spec.validate()?;
     let parts = match ModelSource::parse(&a.model)? {
         ModelSource::Synthetic(name) => plan::parts_of_config(&synthetic::config(&name)?),
-        source => plan::parts_of_model(&cardinal_models::load(&source, &LoadOptions::default(), &mut log_stderr)?.model),
+        source => plan::parts_of_model(
+            &cardinal_models::load(&source, &LoadOptions::default(), &mut log_stderr)?.model,
+        ),
     };
     let p = match plan::plan(&parts, &spec, a.users, a.ctx, a.cards) {
         Ok(p) => p,
@@ -68,20 +70,49 @@ pub fn run(a: PlanArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&p)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{} on {} cards ({} servers), {} users x {} tokens, micro-batch {}", a.model, p.cards, p.servers, p.users, p.ctx, p.micro_batch);
-    println!("{:>5}  {:<28} {:>10} {:>10} {:>10} {:>12}", "card", "parts", "weights", "kv", "free", "stage");
-    println!("{:>5}  {:<28} {:>10} {:>10} {:>10} {:>12}", "", "", "MiB", "MiB", "MiB", "us/pass");
+    println!(
+        "{} on {} cards ({} servers), {} users x {} tokens, micro-batch {}",
+        a.model, p.cards, p.servers, p.users, p.ctx, p.micro_batch
+    );
+    println!(
+        "{:>5}  {:<28} {:>10} {:>10} {:>10} {:>12}",
+        "card", "parts", "weights", "kv", "free", "stage"
+    );
+    println!(
+        "{:>5}  {:<28} {:>10} {:>10} {:>10} {:>12}",
+        "", "", "MiB", "MiB", "MiB", "us/pass"
+    );
     for c in &p.per_card {
         let parts: Vec<String> = c.parts.iter().map(|k| k.to_string()).collect();
         let mut names = parts.join(",");
         if names.len() > 28 {
             names = format!("{}..{} ({})", parts[0], parts[parts.len() - 1], parts.len());
         }
-        println!("{:>5}  {:<28} {:>10} {:>10} {:>10} {:>12.1}", c.card, names, mib(c.weight_bytes), mib(c.kv_bytes), mib(c.free_bytes), c.stage_seconds * 1e6);
+        println!(
+            "{:>5}  {:<28} {:>10} {:>10} {:>10} {:>12.1}",
+            c.card,
+            names,
+            mib(c.weight_bytes),
+            mib(c.kv_bytes),
+            mib(c.free_bytes),
+            c.stage_seconds * 1e6
+        );
     }
-    println!("modeled inter-token latency per user: {:.3} ms", p.modeled_itl_seconds * 1e3);
-    println!("modeled throughput at {} users: {:.0} tokens/s", p.users, p.modeled_tokens_per_second);
-    println!("modeled card power: {:.1} W  ({:.1} W host, not included)", p.modeled_power_watts, p.modeled_host_watts);
-    println!("modeled energy: {:.2} mJ/token (cards)", p.modeled_joules_per_token * 1e3);
+    println!(
+        "modeled inter-token latency per user: {:.3} ms",
+        p.modeled_itl_seconds * 1e3
+    );
+    println!(
+        "modeled throughput at {} users: {:.0} tokens/s",
+        p.users, p.modeled_tokens_per_second
+    );
+    println!(
+        "modeled card power: {:.1} W  ({:.1} W host, not included)",
+        p.modeled_power_watts, p.modeled_host_watts
+    );
+    println!(
+        "modeled energy: {:.2} mJ/token (cards)",
+        p.modeled_joules_per_token * 1e3
+    );
     Ok(ExitCode::SUCCESS)
 }

