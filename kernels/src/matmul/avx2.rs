@@ -30,9 +30,9 @@ const MAX_TILE: usize = 4;
 pub(crate) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
     let shape = *w.shape();
     let acts: Vec<ActRow> = (0..a.m()).map(|i| ActRow::new(a, i)).collect();
-    for r in rows {
+    tiles(w, rows, a.m(), MAX_TILE, |r, i0, n| {
         let wr = WRow::new(w, r);
-        tiles(a.m(), MAX_TILE, |i0, n| {
+        {
             let at = &acts[i0..i0 + n];
             let mut y = [0.0f32; MAX_TILE];
             // SAFETY: `wr` and `at` point at full rows of `w` and `a` with shape
@@ -53,8 +53,8 @@ pub(crate) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
                 // SAFETY: i0 + k < m and r is in this call's rows (caller contract).
                 unsafe { out.write(i0 + k, r, v) };
             }
-        });
-    }
+        }
+    });
 }
 
 /// Horizontal sum of 8 f32 lanes.

@@ -23,9 +23,9 @@ const MAX_TILE: usize = 4;
 pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
     let shape = *w.shape();
     let acts: Vec<ActRow> = (0..a.m()).map(|i| ActRow::new(a, i)).collect();
-    for r in rows {
+    tiles(w, rows, a.m(), MAX_TILE, |r, i0, n| {
         let wr = WRow::new(w, r);
-        tiles(a.m(), MAX_TILE, |i0, n| {
+        {
             let at = &acts[i0..i0 + n];
             let mut y = [0.0f32; MAX_TILE];
             // SAFETY: `wr` and `at` point at full rows of `w` and `a`, whose
@@ -47,8 +47,8 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
                 // SAFETY: i0 + k < m and r is in this call's rows (caller contract).
                 unsafe { out.write(i0 + k, r, v) };
             }
-        });
-    }
+        }
+    });
 }
 
 /// Add the tail groups (after the chunks) of a 4-bit row to the accumulators.

@@ -196,16 +196,38 @@ impl WRow {
     }
 }
 
-/// Call `tile(i0, M)` for activation-row tiles of at most `max` rows covering
-/// `0..m`, largest first. Kernels use it to monomorphise their tile sizes.
+/// Bytes of weights per row block in batched kernels: a block is re-read
+/// from L2 (not memory) by each activation tile after the first.
+const BLOCK_BYTES: usize = 256 * 1024;
+
+/// Visit every (weight row, activation tile) of a batched matmul: rows in
+/// blocks of about [`BLOCK_BYTES`], and within a block every tile of at most
+/// `max` activation rows over every row, calling `f(r, i0, n)`. Each weight row
+/// is read from memory once per call while the current activation tile stays
+/// in L1 (with 16 activation rows of 4096 values, all of them would not).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
-pub(crate) fn tiles(m: usize, max: usize, mut tile: impl FnMut(usize, usize)) {
-    let mut i0 = 0;
-    while i0 < m {
-        let n = (m - i0).min(max);
-        tile(i0, n);
-        i0 += n;
+pub(crate) fn tiles(
+    w: &QMatrix,
+    rows: Range<usize>,
+    m: usize,
+    max: usize,
+    mut f: impl FnMut(usize, usize, usize),
+) {
+    let per_row = w.geom().row_rec.max(1);
+    let block = (BLOCK_BYTES / per_row).max(crate::storage::RB);
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        let r1 = (r0 + block).min(rows.end);
+        let mut i0 = 0;
+        while i0 < m {
+            let n = (m - i0).min(max);
+            for r in r0..r1 {
+                f(r, i0, n);
+            }
+            i0 += n;
+        }
+        r0 = r1;
     }
 }
 
