@@ -166,12 +166,39 @@ pub struct Plan {
     pub modeled_host_watts: f64,
 }
 
-/// Splits parts larger than one card into shards.
-fn shard(parts: &[PartSize], budget: u64, users: usize, ctx: usize) -> Vec<PartSize> {
+/// Splits parts larger than one card into shards; with `min_parts`, keeps
+/// splitting the part with the most parameters per shard (layers by heads
+/// and FFN columns, the head row-wise) until there are that many parts.
+fn shard(
+    parts: &[PartSize],
+    budget: u64,
+    users: usize,
+    ctx: usize,
+    min_parts: usize,
+) -> Vec<PartSize> {
+    let mut k: Vec<usize> = parts
+        .iter()
+        .map(|p| {
+            (p.weight_bytes + p.kv_bytes_per_token * (users * ctx) as u64)
+                .div_ceil(budget)
+                .max(1) as usize
+        })
+        .collect();
+    let splittable = |p: &PartSize| !matches!(p.kind, PartKind::Embedding);
+    while k.iter().sum::<usize>() < min_parts {
+        let best = (0..parts.len())
+            .filter(|&i| splittable(&parts[i]))
+            .max_by(|&a, &b| {
+                (parts[a].params as f64 / k[a] as f64)
+                    .total_cmp(&(parts[b].params as f64 / k[b] as f64))
+            });
+        match best {
+            Some(i) => k[i] += 1,
+            None => break,
+        }
+    }
     let mut out = Vec::new();
-    for p in parts {
-        let need = p.weight_bytes + p.kv_bytes_per_token * (users * ctx) as u64;
-        let k = need.div_ceil(budget).max(1) as usize;
+    for (p, &k) in parts.iter().zip(&k) {
         if k == 1 {
             out.push(p.clone());
             continue;
@@ -211,7 +238,8 @@ pub fn plan(
         )));
     }
     let budget = spec.memory_bytes;
-    let parts = shard(parts, budget, users, ctx);
+    let original = parts;
+    let mut parts = shard(original, budget, users, ctx, 0);
     let need = |p: &PartSize| p.weight_bytes + p.kv_bytes_per_token * (users * ctx) as u64;
     // Shards of one part never share a card with anything else.
     let alone = |p: &PartSize| matches!(p.kind, PartKind::Layer { of, .. } | PartKind::Head { of, .. } if of > 1);
@@ -238,6 +266,10 @@ pub fn plan(
                 users,
                 ctx,
             });
+        }
+        // More cards than parts: split the heaviest parts further.
+        if n > parts.len() {
+            parts = shard(original, budget, users, ctx, n);
         }
         if n > parts.len() {
             return Err(PlanError::TooManyCards {
