@@ -4,8 +4,17 @@
 //! reference and AVX2 / AVX-512 VNNI / NEON versions chosen at run time, plus a
 //! low-overhead persistent thread pool.
 //!
-//! See [`layout`](crate::layout) (private) for the internal weight layout; the
-//! public types hide it.
+//! Internals, for maintainers:
+//! - `layout`: the element order inside a row. Groups come in chunks of 8 whose
+//!   values are transposed in 4-byte units, so SIMD lane `j` of a
+//!   `vpdpbusd`/`pmaddubsw` always accumulates group `j` (no per-group horizontal
+//!   sums); 4-bit values pack two elements of the same block per byte so one
+//!   load, `& 0xF` and `>> 4` yields operands in activation order.
+//! - `storage`: rows are stored in blocks of 4, step-major (16 groups at a
+//!   time), with each step's f16 scales and mins next to its weights, so the
+//!   4-row matrix-vector kernel reads one sequential stream.
+//! - `matmul`: dispatch, threading, and the per-ISA kernels.
+//! - `pool`: the persistent thread pool (index claiming, spin/yield/park).
 
 mod attention;
 mod attention_simd;
