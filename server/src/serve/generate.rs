@@ -206,6 +206,7 @@ fn submit(
         for j in 0..g.n {
             let params = SamplingParams {
                 seed: g.params.seed.map(|seed| choice_seed(seed, j)),
+                logprobs: g.logprobs.is_some(),
                 ..g.params.clone()
             };
             let req = EngineRequest {
