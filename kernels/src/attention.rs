@@ -98,11 +98,7 @@ pub fn attend(
     }
     let corr = (st.max - new_max).exp();
     st.sum *= corr;
-    for (t, s) in scores.iter_mut().enumerate() {
-        let p = (*s - new_max).exp();
-        st.sum += p;
-        *s = p * v_scales[t];
-    }
+    st.sum += crate::attention_simd::weights(isa, &mut scores, new_max, v_scales);
     crate::attention_simd::accumulate(isa, &mut st.acc, corr, &scores, v);
     st.max = new_max;
     st.scores = scores;

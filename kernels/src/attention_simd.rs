@@ -49,6 +49,32 @@ pub(crate) fn accumulate(isa: Isa, acc: &mut [f32], corr: f32, w: &[f32], v: &[i
     }
 }
 
+/// Turn scores into value weights: `p = exp(s - max)`, `s := p * v_scales[t]`;
+/// returns `Σ p` (the softmax denominator contribution).
+pub(crate) fn weights(isa: Isa, scores: &mut [f32], max: f32, v_scales: &[f32]) -> f32 {
+    debug_assert_eq!(scores.len(), v_scales.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512 checked by the caller; equal lengths checked by `attend`.
+        Isa::Avx512 => unsafe { x86::weights_avx512(scores, max, v_scales) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 checked by the caller; equal lengths checked by `attend`.
+        Isa::Avx2 => unsafe { x86::weights_avx2(scores, max, v_scales) },
+        _ => weights_scalar(scores, max, v_scales),
+    }
+}
+
+/// Scalar [`weights`].
+pub(crate) fn weights_scalar(scores: &mut [f32], max: f32, v_scales: &[f32]) -> f32 {
+    let mut sum = 0.0f32;
+    for (s, &vs) in scores.iter_mut().zip(v_scales) {
+        let p = (*s - max).exp();
+        sum += p;
+        *s = p * vs;
+    }
+    sum
+}
+
 /// Scalar scores.
 pub(crate) fn scores_scalar(q: &[f32], k: &[i8], k_scales: &[f32], scale: f32, scores: &mut [f32]) {
     let hd = q.len();
@@ -80,9 +106,36 @@ mod x86 {
     /// Most query vectors kept in registers (head_dim <= 256 at 16 lanes).
     pub(super) const MAX_VECS: usize = 16;
 
+    /// q·k for one token as a 16-lane partial-sum vector.
+    ///
+    /// # Safety
+    /// `kp` is readable for `16 * nv` bytes; `nv <= MAX_VECS`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    unsafe fn dot_token(qv: &[__m512; MAX_VECS], nv: usize, kp: *const i8) -> __m512 {
+        let mut a0 = _mm512_setzero_ps();
+        let mut a1 = _mm512_setzero_ps();
+        let kv = |j: usize| {
+            // SAFETY: j < nv, so the 16 bytes at kp + 16j are readable.
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(unsafe {
+                _mm_loadu_si128(kp.add(16 * j).cast())
+            }))
+        };
+        let mut j = 0;
+        while j + 1 < nv {
+            a0 = _mm512_fmadd_ps(qv[j], kv(j), a0);
+            a1 = _mm512_fmadd_ps(qv[j + 1], kv(j + 1), a1);
+            j += 2;
+        }
+        if j < nv {
+            a0 = _mm512_fmadd_ps(qv[j], kv(j), a0);
+        }
+        _mm512_add_ps(a0, a1)
+    }
+
     /// # Safety
     /// AVX-512F/BW/VL; `q.len() % 16 == 0`, `<= 256`; `k` holds `scores.len()` rows.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
     pub(super) unsafe fn scores_avx512(
         q: &[f32],
         k: &[i8],
@@ -92,7 +145,9 @@ mod x86 {
     ) {
         let hd = q.len();
         let nv = hd / 16;
-        // SAFETY: q has nv*16 floats; token t reads k[t*hd..(t+1)*hd].
+        let n = scores.len();
+        // SAFETY: q has nv*16 floats; token t reads k[t*hd..(t+1)*hd]; four
+        // tokens t..t+4 < n are handled per step, then single tokens.
         unsafe {
             let qv: [__m512; MAX_VECS] = std::array::from_fn(|j| {
                 if j < nv {
@@ -101,29 +156,27 @@ mod x86 {
                     _mm512_setzero_ps()
                 }
             });
-            for (t, s) in scores.iter_mut().enumerate() {
-                let kp = k.as_ptr().add(t * hd);
-                let mut a0 = _mm512_setzero_ps();
-                let mut a1 = _mm512_setzero_ps();
-                let mut j = 0;
-                while j + 1 < nv {
-                    let k0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        kp.add(16 * j).cast(),
-                    )));
-                    let k1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        kp.add(16 * j + 16).cast(),
-                    )));
-                    a0 = _mm512_fmadd_ps(qv[j], k0, a0);
-                    a1 = _mm512_fmadd_ps(qv[j + 1], k1, a1);
-                    j += 2;
-                }
-                if j < nv {
-                    let k0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        kp.add(16 * j).cast(),
-                    )));
-                    a0 = _mm512_fmadd_ps(qv[j], k0, a0);
-                }
-                *s = scale * ks[t] * _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+            let sc = _mm_set1_ps(scale);
+            let mut t = 0;
+            while t + 4 <= n {
+                let a: [__m512; 4] =
+                    std::array::from_fn(|u| dot_token(&qv, nv, k.as_ptr().add((t + u) * hd)));
+                // Transposed reduction: lane u of `r` is the sum of a[u].
+                let h = |v: __m512| {
+                    _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v))
+                };
+                let h01 = _mm256_hadd_ps(h(a[0]), h(a[1]));
+                let h23 = _mm256_hadd_ps(h(a[2]), h(a[3]));
+                let hh = _mm256_hadd_ps(h01, h23);
+                let r = _mm_add_ps(_mm256_castps256_ps128(hh), _mm256_extractf128_ps::<1>(hh));
+                let r = _mm_mul_ps(_mm_mul_ps(r, sc), _mm_loadu_ps(ks.as_ptr().add(t)));
+                _mm_storeu_ps(scores.as_mut_ptr().add(t), r);
+                t += 4;
+            }
+            while t < n {
+                let d = _mm512_reduce_add_ps(dot_token(&qv, nv, k.as_ptr().add(t * hd)));
+                scores[t] = scale * ks[t] * d;
+                t += 1;
             }
         }
     }
@@ -167,6 +220,64 @@ mod x86 {
                 *s = scale * ks[t] * crate::elementwise::avx2::hsum(_mm256_add_ps(a0, a1));
             }
         }
+    }
+
+    /// # Safety
+    /// AVX-512F; `v_scales.len() >= scores.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weights_avx512(scores: &mut [f32], max: f32, vs: &[f32]) -> f32 {
+        let n = scores.len();
+        let body = n / 16 * 16;
+        let m = _mm512_set1_ps(max);
+        let mut sum = _mm512_setzero_ps();
+        // SAFETY: full vectors at offsets < body; the tail is masked to n - body lanes.
+        unsafe {
+            let p = scores.as_mut_ptr();
+            let mut i = 0;
+            while i < body {
+                let e =
+                    crate::elementwise::avx512::exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(i)), m));
+                sum = _mm512_add_ps(sum, e);
+                _mm512_storeu_ps(
+                    p.add(i),
+                    _mm512_mul_ps(e, _mm512_loadu_ps(vs.as_ptr().add(i))),
+                );
+                i += 16;
+            }
+            let k = ((1u32 << (n - body)) - 1) as __mmask16;
+            let x = _mm512_mask_loadu_ps(m, k, p.add(body));
+            let e = _mm512_maskz_mov_ps(k, crate::elementwise::avx512::exp16(_mm512_sub_ps(x, m)));
+            sum = _mm512_add_ps(sum, e);
+            let w = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(k, vs.as_ptr().add(body)));
+            _mm512_mask_storeu_ps(p.add(body), k, w);
+        }
+        _mm512_reduce_add_ps(sum)
+    }
+
+    /// # Safety
+    /// AVX2+FMA; `v_scales.len() >= scores.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weights_avx2(scores: &mut [f32], max: f32, vs: &[f32]) -> f32 {
+        let n = scores.len();
+        let body = n / 8 * 8;
+        let m = _mm256_set1_ps(max);
+        let mut sum = _mm256_setzero_ps();
+        // SAFETY: full vectors at offsets < body; the tail is scalar.
+        unsafe {
+            let p = scores.as_mut_ptr();
+            let mut i = 0;
+            while i < body {
+                let e = crate::elementwise::avx2::exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
+                sum = _mm256_add_ps(sum, e);
+                _mm256_storeu_ps(
+                    p.add(i),
+                    _mm256_mul_ps(e, _mm256_loadu_ps(vs.as_ptr().add(i))),
+                );
+                i += 8;
+            }
+        }
+        crate::elementwise::avx2::hsum(sum)
+            + super::weights_scalar(&mut scores[body..], max, &vs[body..])
     }
 
     /// # Safety
