@@ -100,7 +100,9 @@ fn smollm2(isa: Isa, next: &mut impl FnMut() -> u64) {
     }
     mats.push(build(49152, 576, 8, next));
     let bytes: usize = mats.iter().map(QMatrix::size_bytes).sum();
-    let x: Vec<f32> = (0..1536).map(|_| (next() % 1000) as f32 / 500.0 - 1.0).collect();
+    let x: Vec<f32> = (0..1536)
+        .map(|_| (next() % 1000) as f32 / 500.0 - 1.0)
+        .collect();
     let (mut a576, mut a1536) = (QActs::new(), QActs::new());
     a576.quantize(isa, &x[..576], 1, 576);
     a1536.quantize(isa, &x, 1, 1536);

@@ -2,7 +2,7 @@
 //! (w = scale*u + min per group of 32 columns, scale and min in f16), its
 //! lossless import from ggml Q4_0/Q4_1/Q8_0 blocks, f32 quantization,
 //! dequantization and row slicing/stacking. Element order inside a row follows
-//! [`crate::layout`].
+//! `crate::layout`; where rows, scales and mins are stored follows `crate::storage`.
 
 use std::fmt;
 use std::ops::Range;

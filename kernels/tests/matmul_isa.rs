@@ -7,7 +7,7 @@ mod common;
 use cardinal_kernels::{GROUP, Isa, Pool, QActs, QMatrix, matmul, matmul_rows};
 use common::{Rng, dequantize, random_matrix};
 
-const COLS: [usize; 7] = [32, 64, 96, 256, 576, 1536, 32 * 27];
+const COLS: [usize; 8] = [32, 64, 96, 224, 256, 576, 1536, 32 * 27];
 
 /// Σ over groups of s·d·Σ|uq| + |m·d|·Σ|q|, in f64: an upper bound on the
 /// magnitude of every partial sum any kernel forms, whatever its lane split
@@ -178,18 +178,29 @@ fn pooled_matmul_equals_matmul_rows() {
 #[test]
 fn matmul_rows_writes_only_its_rows() {
     let mut rng = Rng::new(5);
-    let (rows, cols, m) = (40, 96, 3);
-    let w = random_matrix(&mut rng, rows, cols, 1);
-    let x = rng.vec_normal(m * cols, 1.0);
-    for isa in Isa::all_available() {
-        let mut a = QActs::new();
-        a.quantize(isa, &x, m, cols);
-        let mut out = vec![-7.0; m * rows];
-        matmul_rows(isa, &w, &a, 10..25, &mut out);
-        for i in 0..m {
-            for r in 0..rows {
-                let v = out[i * rows + r];
-                assert_eq!(v == -7.0, !(10..25).contains(&r), "{isa} i {i} r {r}");
+    let (rows, cols) = (40, 96);
+    for (kind, m) in [(1, 3), (0, 1), (2, 1), (2, 2)] {
+        let w = random_matrix(&mut rng, rows, cols, kind);
+        let x = rng.vec_normal(m * cols, 1.0);
+        for isa in Isa::all_available() {
+            let mut a = QActs::new();
+            a.quantize(isa, &x, m, cols);
+            let mut full = vec![0.0; m * rows];
+            matmul_rows(isa, &w, &a, 0..rows, &mut full);
+            // Ranges starting and ending inside 4-row storage blocks.
+            for range in [10..25, 3..4, 0..1, 37..40, 5..5] {
+                let mut out = vec![-7.0; m * rows];
+                matmul_rows(isa, &w, &a, range.clone(), &mut out);
+                for i in 0..m {
+                    for r in 0..rows {
+                        let v = out[i * rows + r];
+                        if range.contains(&r) {
+                            assert_eq!(v, full[i * rows + r], "{isa} m {m} {range:?} i {i} r {r}");
+                        } else {
+                            assert_eq!(v, -7.0, "{isa} m {m} {range:?} i {i} r {r}");
+                        }
+                    }
+                }
             }
         }
     }

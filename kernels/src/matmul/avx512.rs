@@ -184,26 +184,23 @@ pub(super) unsafe fn single_scales(w: WRow, t: usize, a: ActRow, g: usize) -> (_
     }
 }
 
-/// Sum all lanes of each accumulator: `y[k] = Σ acc[k]` for k < R.
+/// Sum all lanes of each accumulator: `y[k] = Σ acc[k]` for k < R. Every row
+/// is reduced by the same sequence of additions whatever `R` (missing rows are
+/// zero vectors), so a row's result does not depend on how rows are grouped.
 #[target_feature(enable = "avx512f,avx512dq,avx2")]
 #[inline]
 pub(super) fn reduce<const R: usize>(acc: &[__m512; R], y: &mut [f32]) {
-    if R == 4 {
-        let h =
-            |v: __m512| _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
-        let h01 = _mm256_hadd_ps(h(acc[0]), h(acc[1]));
-        let h23 = _mm256_hadd_ps(h(acc[2]), h(acc[3]));
-        let h = _mm256_hadd_ps(h01, h23);
-        let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-        let mut t = [0.0f32; 4];
-        // SAFETY: `t` has room for 4 f32.
-        unsafe { _mm_storeu_ps(t.as_mut_ptr(), s) };
-        y[..4].copy_from_slice(&t);
-    } else {
-        for k in 0..R {
-            y[k] = _mm512_reduce_add_ps(acc[k]);
-        }
-    }
+    let z = _mm512_setzero_ps();
+    let v = |k: usize| if k < R { acc[k] } else { z };
+    let h = |v: __m512| _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+    let h01 = _mm256_hadd_ps(h(v(0)), h(v(1)));
+    let h23 = _mm256_hadd_ps(h(v(2)), h(v(3)));
+    let h = _mm256_hadd_ps(h01, h23);
+    let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+    let mut t = [0.0f32; 4];
+    // SAFETY: `t` has room for 4 f32.
+    unsafe { _mm_storeu_ps(t.as_mut_ptr(), s) };
+    y[..R].copy_from_slice(&t[..R]);
 }
 
 /// `R` 4-bit weight rows against one activation row.

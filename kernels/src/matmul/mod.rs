@@ -1,8 +1,11 @@
 //! Quantized matrix multiplication `out[i][r] = dot(w row r, activation row i)`:
 //! argument checks, per-ISA dispatch, and the split of rows across a [`Pool`].
 //!
-//! Each ISA kernel walks weight rows in the outer loop and activation rows in the
-//! inner loop, so a weight row is streamed from memory once per call whatever `m`.
+//! Also the raw row views (`ActRow`, `WRow`) the SIMD kernels address data
+//! through, and the batched-loop order (`tiles`). For m = 1 the kernels read the
+//! 4 rows of a storage block together (one sequential stream); for m > 1 each
+//! block of weight rows (~256 KB) is read from memory once and reused from L2 by
+//! every tile of up to 4 activation rows.
 
 use std::ops::Range;
 
