@@ -1,5 +1,5 @@
 //! The internal element layout shared by weights and activations, the nibble
-//! packing of 4-bit weights, a 64-byte aligned byte buffer, and f16 rounding helpers.
+//! packing of 4-bit weights, and f16 rounding helpers.
 //!
 //! A row of `cols` elements has `groups = cols / 32` groups. The first
 //! `chunks * 8` groups are stored in *chunks* of 8 groups (256 elements) in a
@@ -134,64 +134,6 @@ pub(crate) fn unpack_nibbles(shape: &RowShape, bytes: &[u8], elems: &mut [u8]) {
     }
     if t < shape.tail {
         unpack_block(ts + t * G, G);
-    }
-}
-
-/// One cache line of bytes; the unit of [`AlignedBytes`].
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-struct Line([u8; 64]);
-
-/// A byte buffer whose start is 64-byte aligned (so full-width SIMD loads of
-/// aligned offsets never split a cache line).
-#[derive(Clone, Default)]
-pub(crate) struct AlignedBytes {
-    lines: Vec<Line>,
-    len: usize,
-}
-
-impl AlignedBytes {
-    pub(crate) fn zeroed(len: usize) -> AlignedBytes {
-        AlignedBytes {
-            lines: vec![Line([0; 64]); len.div_ceil(64)],
-            len,
-        }
-    }
-
-    /// Grow or shrink to `len` bytes (contents unspecified after a resize).
-    pub(crate) fn resize(&mut self, len: usize) {
-        let need = len.div_ceil(64);
-        if self.lines.len() < need {
-            self.lines.resize(need, Line([0; 64]));
-        }
-        self.len = len;
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        // SAFETY: `lines` holds at least `len` initialised bytes laid out
-        // contiguously (`Line` is repr(C) around a byte array, size 64, no padding).
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u8>(), self.len) }
-    }
-
-    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`, and `&mut self` guarantees exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<u8>(), self.len) }
-    }
-
-    pub(crate) fn as_i8(&self) -> &[i8] {
-        let s = self.as_slice();
-        // SAFETY: i8 and u8 have the same size, alignment and validity.
-        unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<i8>(), s.len()) }
-    }
-
-    pub(crate) fn as_i8_mut(&mut self) -> &mut [i8] {
-        let s = self.as_mut_slice();
-        // SAFETY: i8 and u8 have the same size, alignment and validity.
-        unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<i8>(), s.len()) }
     }
 }
 

@@ -18,6 +18,7 @@
 
 mod attention;
 mod attention_simd;
+mod buffer;
 mod elementwise;
 mod error;
 mod isa;

@@ -6,7 +6,8 @@
 use std::fmt;
 
 use crate::Isa;
-use crate::layout::{AlignedBytes, CG, G, RowShape};
+use crate::buffer::AlignedBytes;
+use crate::layout::{CG, G, RowShape};
 
 /// Reusable buffer of quantized activation rows.
 #[derive(Default, Clone)]

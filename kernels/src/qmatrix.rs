@@ -10,9 +10,9 @@ use std::ops::Range;
 use half::f16;
 
 use crate::KernelError;
+use crate::buffer::AlignedBytes;
 use crate::layout::{
-    AlignedBytes, G, RowShape, elem_pos, f16_ceil, f16_floor, nibble_pos, pack_nibbles, to_layout,
-    unpack_nibbles,
+    G, RowShape, elem_pos, f16_ceil, f16_floor, nibble_pos, pack_nibbles, to_layout, unpack_nibbles,
 };
 use crate::storage::Geom;
 
