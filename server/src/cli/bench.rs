@@ -178,15 +178,32 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         .map(|r| one_round(&rt, &a, r as u64))
         .collect::<Result<_>>()?;
     let m = |f: fn(&Round) -> f64| median(rounds.iter().map(f).collect());
-    let util: Vec<f64> = {
-        let modeled = rt.engine.stats.modeled_ns.load(Ordering::Acquire) as f64;
-        rt.engine
-            .cards
-            .cards
-            .iter()
-            .map(|c| c.counters.busy_ns.load(Ordering::Acquire) as f64 / modeled.max(1.0))
-            .collect()
-    };
+    let modeled_s = rt.engine.stats.modeled_ns.load(Ordering::Acquire) as f64 / 1e9;
+    let spec = &rt.engine.cards.spec;
+    let per_card: Vec<serde_json::Value> = rt
+        .engine
+        .cards
+        .cards
+        .iter()
+        .map(|c| {
+            let busy = c.counters.busy_ns.load(Ordering::Acquire) as f64 / 1e9;
+            serde_json::json!({
+                "card": c.id,
+                "parts": c.parts.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                "modeled_busy_seconds": busy,
+                "utilization": busy / modeled_s.max(1e-12),
+                "ops_int4_macs": c.counters.ops_int4.load(Ordering::Acquire),
+                "ops_int8_macs": c.counters.ops_int8.load(Ordering::Acquire),
+                "link_bytes": c.counters.link_bytes.load(Ordering::Acquire),
+                "link_messages": c.counters.link_messages.load(Ordering::Acquire),
+                "modeled_joules": spec.active_watts * busy + spec.idle_watts * (modeled_s - busy).max(0.0),
+            })
+        })
+        .collect();
+    let util: Vec<f64> = per_card
+        .iter()
+        .map(|c| c["utilization"].as_f64().unwrap_or(0.0))
+        .collect();
     let j = serde_json::json!({
         "model": rt.loaded.name,
         "cards": rt.plan.cards,
@@ -201,6 +218,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         "host_joules_per_token": m(|r| r.host_jpt),
         "host_energy_source": rt.engine.host_energy_source.label(),
         "card_utilization": util,
+        "per_card": per_card,
         "peak_rss_bytes": peak_rss_bytes(),
         "isa": rt.isa.to_string(),
         "threads": rt.threads,
