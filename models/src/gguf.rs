@@ -57,13 +57,28 @@ impl GgufFile {
                 "not a GGUF file (the first 4 bytes are not \"GGUF\")",
             ));
         }
-        file.seek(SeekFrom::Start(0))
-            .map_err(|source| ModelError::Io {
-                path: path.to_owned(),
-                source,
-            })?;
-        let content = Content::read(&mut file)
-            .map_err(|e| ModelError::file(path, format!("invalid GGUF header: {e}")))?;
+        let rewind = |file: &mut BufReader<File>| {
+            file.seek(SeekFrom::Start(0))
+                .map_err(|source| ModelError::Io {
+                    path: path.to_owned(),
+                    source,
+                })
+        };
+        rewind(&mut file)?;
+        // candle's reader divides by `general.alignment` without checking it.
+        if declared_alignment(&mut file) == Some(0) {
+            return Err(ModelError::file(
+                path,
+                "invalid GGUF header: general.alignment is 0 (it must be a positive number of bytes)",
+            ));
+        }
+        rewind(&mut file)?;
+        let content = Content::read(&mut file).map_err(|e| {
+            ModelError::file(
+                path,
+                format!("invalid GGUF header: {}", header_problem(e, file_len)),
+            )
+        })?;
         Ok(GgufFile {
             path: path.to_owned(),
             file,
@@ -140,12 +155,12 @@ impl GgufFile {
         let ctx_len = self.md_u32(&format!("{a}.context_length")).unwrap_or(2048);
         let vocab = match self.md_u32(&format!("{a}.vocab_size")) {
             Ok(v) => v,
-            Err(_) => self
-                .content
-                .tensor_infos
-                .get("token_embd.weight")
-                .map(|t| t.shape.dims()[0])
-                .ok_or_else(|| self.err("missing tensor token_embd.weight"))?,
+            Err(_) => {
+                let t = self.info("token_embd.weight")?;
+                *t.shape.dims().first().ok_or_else(|| {
+                    self.err("tensor token_embd.weight has no dimensions, so the vocabulary size is unknown")
+                })?
+            }
         };
         let rope_theta = self
             .md_f32(&format!("{a}.rope.freq_base"))?
@@ -329,6 +344,98 @@ impl GgufFile {
         model.validate().map_err(|e| self.err(e.to_string()))?;
         Ok(model)
     }
+}
+
+/// The message of a header error from candle's reader, without the
+/// backtrace candle attaches when `RUST_BACKTRACE` is set, and saying so
+/// plainly when the file ends inside the header.
+fn header_problem(e: candle_core::Error, file_len: u64) -> String {
+    let mut e = e;
+    while let candle_core::Error::WithBacktrace { inner, .. } = e {
+        e = *inner;
+    }
+    match e {
+        candle_core::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            format!("the file ends inside the header after {file_len} bytes: it is truncated")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The integer value of `general.alignment`, found by walking the metadata
+/// without building it. None when absent, not an integer, or the walk hits
+/// something odd (candle's reader then reports it properly).
+fn declared_alignment(r: &mut BufReader<File>) -> Option<i64> {
+    fn bytes<const N: usize>(r: &mut BufReader<File>) -> Option<[u8; N]> {
+        let mut b = [0u8; N];
+        r.read_exact(&mut b).ok().map(|_| b)
+    }
+    fn len(r: &mut BufReader<File>, v1: bool) -> Option<u64> {
+        if v1 {
+            bytes::<4>(r).map(|b| u32::from_le_bytes(b) as u64)
+        } else {
+            bytes::<8>(r).map(u64::from_le_bytes)
+        }
+    }
+    fn skip(r: &mut BufReader<File>, n: u64) -> Option<()> {
+        r.seek_relative(i64::try_from(n).ok()?).ok()
+    }
+    fn fixed_size(ty: u32) -> Option<u64> {
+        match ty {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        }
+    }
+    fn skip_value(r: &mut BufReader<File>, ty: u32, v1: bool, depth: usize) -> Option<()> {
+        if let Some(n) = fixed_size(ty) {
+            return skip(r, n);
+        }
+        match ty {
+            8 => {
+                let n = len(r, v1)?;
+                skip(r, n)
+            }
+            9 if depth < 4 => {
+                let elem = u32::from_le_bytes(bytes(r)?);
+                let n = len(r, v1)?;
+                match fixed_size(elem) {
+                    Some(size) => skip(r, n.checked_mul(size)?),
+                    None => (0..n).try_for_each(|_| skip_value(r, elem, v1, depth + 1)),
+                }
+            }
+            _ => None,
+        }
+    }
+    let _magic = bytes::<4>(r)?;
+    let v1 = u32::from_le_bytes(bytes(r)?) == 1;
+    let _tensors = len(r, v1)?;
+    let kvs = len(r, v1)?;
+    for _ in 0..kvs {
+        let key_len = len(r, v1)?;
+        let is_alignment = if key_len == 17 {
+            &bytes::<17>(r)? == b"general.alignment"
+        } else {
+            skip(r, key_len)?;
+            false
+        };
+        let ty = u32::from_le_bytes(bytes(r)?);
+        if is_alignment {
+            return match ty {
+                0 => bytes::<1>(r).map(|b| b[0] as i64),
+                1 => bytes::<1>(r).map(|b| b[0] as i8 as i64),
+                2 => bytes::<2>(r).map(|b| u16::from_le_bytes(b) as i64),
+                3 => bytes::<2>(r).map(|b| i16::from_le_bytes(b) as i64),
+                4 => bytes::<4>(r).map(|b| u32::from_le_bytes(b) as i64),
+                5 => bytes::<4>(r).map(|b| i32::from_le_bytes(b) as i64),
+                _ => None,
+            };
+        }
+        skip_value(r, ty, v1, 0)?;
+    }
+    None
 }
 
 fn floats(dtype: GgmlDType, raw: &[u8]) -> Vec<f32> {

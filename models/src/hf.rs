@@ -132,6 +132,7 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 
 /// All tensors of a directory's safetensors files, converted to f32 on demand.
 struct Tensors {
+    dir: PathBuf,
     files: Vec<(PathBuf, Vec<u8>)>,
     index: HashMap<String, usize>,
 }
@@ -167,16 +168,30 @@ impl Tensors {
             }
             files.push((p, bytes));
         }
-        Ok(Tensors { files, index })
+        Ok(Tensors {
+            dir: dir.to_owned(),
+            files,
+            index,
+        })
     }
 
     fn has(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
 
+    /// The file holding `name` (the directory if no file does).
+    fn path_of(&self, name: &str) -> &Path {
+        self.index
+            .get(name)
+            .map_or(self.dir.as_path(), |&i| self.files[i].0.as_path())
+    }
+
     fn get(&self, name: &str, dims: &[usize]) -> Result<Vec<f32>> {
         let &fi = self.index.get(name).ok_or_else(|| {
-            ModelError::Invalid(format!("missing tensor {name} in the safetensors files"))
+            ModelError::file(
+                &self.dir,
+                format!("missing tensor {name} in the *.safetensors files"),
+            )
         })?;
         let (path, bytes) = &self.files[fi];
         let st = SafeTensors::deserialize(bytes)
@@ -240,46 +255,65 @@ pub fn load_model(
     let cfg = read_config(dir)?;
     let t = Tensors::open(dir)?;
     let (h, qd, kvd, f) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.ffn);
-    let q = |rows: usize, cols: usize, w: &[f32]| -> Result<QMatrix> {
-        Ok(match bits {
-            LoadBits::Int4 => QMatrix::quantize_q4(rows, cols, w)?,
-            LoadBits::Int8 => QMatrix::quantize_q8(rows, cols, w)?,
-        })
+    // Quantization fails on non-finite or out-of-range weights; say which.
+    let named = |name: &str, m: std::result::Result<QMatrix, cardinal_kernels::KernelError>| {
+        m.map_err(|e| ModelError::file(t.path_of(name), format!("tensor {name}: {e}")))
+    };
+    let q = |name: &str, rows: usize, cols: usize, w: &[f32]| -> Result<QMatrix> {
+        named(
+            name,
+            match bits {
+                LoadBits::Int4 => QMatrix::quantize_q4(rows, cols, w),
+                LoadBits::Int8 => QMatrix::quantize_q8(rows, cols, w),
+            },
+        )
     };
     let total = cfg.n_layers + 2;
     progress(0, total);
-    let emb = t.get("model.embed_tokens.weight", &[cfg.vocab, h])?;
-    let embedding = Arc::new(QMatrix::quantize_q8(cfg.vocab, h, &emb)?);
+    let emb_name = "model.embed_tokens.weight";
+    let emb = t.get(emb_name, &[cfg.vocab, h])?;
+    let embedding = Arc::new(named(emb_name, QMatrix::quantize_q8(cfg.vocab, h, &emb))?);
     let mut layers = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
-        let p = format!("model.layers.{i}");
+        let n = |s: &str| format!("model.layers.{i}.{s}.weight");
+        let mat = |s: &str, rows: usize, cols: usize| t.get(&n(s), &[rows, cols]);
         let wq = permute_rope_rows(
-            &t.get(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?,
+            &mat("self_attn.q_proj", qd, h)?,
             cfg.n_heads,
             cfg.head_dim,
             h,
         );
         let wk = permute_rope_rows(
-            &t.get(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?,
+            &mat("self_attn.k_proj", kvd, h)?,
             cfg.n_kv_heads,
             cfg.head_dim,
             h,
         );
-        let wv = t.get(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?;
-        let wo = t.get(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?;
-        let wg = t.get(&format!("{p}.mlp.gate_proj.weight"), &[f, h])?;
-        let wu = t.get(&format!("{p}.mlp.up_proj.weight"), &[f, h])?;
-        let wd = t.get(&format!("{p}.mlp.down_proj.weight"), &[h, f])?;
+        let wv = mat("self_attn.v_proj", kvd, h)?;
+        let wo = mat("self_attn.o_proj", h, qd)?;
+        let wg = mat("mlp.gate_proj", f, h)?;
+        let wu = mat("mlp.up_proj", f, h)?;
+        let wd = mat("mlp.down_proj", h, f)?;
         layers.push(Layer {
-            attn_norm: t.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+            attn_norm: t.get(&n("input_layernorm"), &[h])?,
             wqkv: Linear::stack(
                 "qkv",
-                vec![q(qd, h, &wq)?, q(kvd, h, &wk)?, q(kvd, h, &wv)?],
+                vec![
+                    q(&n("self_attn.q_proj"), qd, h, &wq)?,
+                    q(&n("self_attn.k_proj"), kvd, h, &wk)?,
+                    q(&n("self_attn.v_proj"), kvd, h, &wv)?,
+                ],
             )?,
-            wo: Linear::stack("o_proj", vec![q(h, qd, &wo)?])?,
-            ffn_norm: t.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            w_gate_up: Linear::stack("gate_up", vec![q(f, h, &wg)?, q(f, h, &wu)?])?,
-            w_down: Linear::stack("down_proj", vec![q(h, f, &wd)?])?,
+            wo: Linear::stack("o_proj", vec![q(&n("self_attn.o_proj"), h, qd, &wo)?])?,
+            ffn_norm: t.get(&n("post_attention_layernorm"), &[h])?,
+            w_gate_up: Linear::stack(
+                "gate_up",
+                vec![
+                    q(&n("mlp.gate_proj"), f, h, &wg)?,
+                    q(&n("mlp.up_proj"), f, h, &wu)?,
+                ],
+            )?,
+            w_down: Linear::stack("down_proj", vec![q(&n("mlp.down_proj"), h, f, &wd)?])?,
         });
         progress(i + 2, total);
     }
@@ -287,10 +321,10 @@ pub fn load_model(
     let head = if cfg.tied_embeddings || !t.has("lm_head.weight") {
         embedding.clone()
     } else {
-        Arc::new(QMatrix::quantize_q8(
-            cfg.vocab,
-            h,
-            &t.get("lm_head.weight", &[cfg.vocab, h])?,
+        let w = t.get("lm_head.weight", &[cfg.vocab, h])?;
+        Arc::new(named(
+            "lm_head.weight",
+            QMatrix::quantize_q8(cfg.vocab, h, &w),
         )?)
     };
     progress(total, total);

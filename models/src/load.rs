@@ -187,7 +187,8 @@ fn check_vocab(model: &Model, tok: &Tokenizer, at: &Path) -> Result<()> {
 fn load_gguf(name: String, path: &Path, log: &mut dyn FnMut(&str)) -> Result<LoadedModel> {
     log(&format!("loading {}", path.display()));
     let mut f = GgufFile::open(path)?;
-    let tok = Tokenizer::from_gguf_metadata(f.metadata())?;
+    let tok = Tokenizer::from_gguf_metadata(f.metadata())
+        .map_err(|e| ModelError::file(path, format!("tokenizer metadata: {e}")))?;
     let model = f.load_model(&mut progress_logger(log))?;
     check_vocab(&model, &tok, path)?;
     let template = template_for(&tok)?;
