@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Server-level side-by-side: `cardinal serve` and llama.cpp's server
+# (llama-cpp-python's OpenAI server) on the same GGUF, both driven by
+# cardinal-loadtest at concurrency 1, 4 and 16 with 128-token outputs.
+#
+#   bash bench/serve_compare.sh [--llama-python /path/to/venv/bin/python] [--requests 48]
+#
+# Reports land in target/serve_compare/{cardinal,llama}/ (report.json, CSV, SVGs).
+# llama-cpp-python's server is started with --interrupt_requests False (its
+# default cuts running streams when a new request arrives) and 2 threads.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LLAMA_PY="" REQUESTS=48 OUT=target/serve_compare
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --llama-python) LLAMA_PY=$2; shift 2;;
+    --requests) REQUESTS=$2; shift 2;;
+    *) echo "unknown flag $1" >&2; exit 2;;
+  esac
+done
+cargo build --release -q -p cardinal-server -p cardinal-loadtest
+MODEL="${CARDINAL_HOME:-$HOME/.cache/cardinal}/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+mkdir -p "$OUT"
+wait_ready() { for _ in $(seq 1 120); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 1; done; return 1; }
+
+./target/release/cardinal serve --model "$MODEL" --port 18501 --threads 2 --max-num-seqs 16 >"$OUT/cardinal-server.log" 2>&1 &
+PID=$!
+wait_ready http://127.0.0.1:18501/ready
+./target/release/cardinal-loadtest --url http://127.0.0.1:18501 --concurrency 1,4,16 --requests "$REQUESTS" \
+  --output-tokens 128 --out "$OUT/cardinal" | tee "$OUT/cardinal.txt"
+kill -TERM "$PID"; wait "$PID" || true
+
+if [ -n "$LLAMA_PY" ]; then
+  "$LLAMA_PY" -m llama_cpp.server --model "$MODEL" --host 127.0.0.1 --port 18502 --n_threads 2 \
+    --n_ctx 8192 --interrupt_requests False >"$OUT/llama-server.log" 2>&1 &
+  LPID=$!
+  wait_ready http://127.0.0.1:18502/v1/models
+  ./target/release/cardinal-loadtest --url http://127.0.0.1:18502 --concurrency 1,4,16 --requests "$REQUESTS" \
+    --output-tokens 128 --out "$OUT/llama" | tee "$OUT/llama.txt"
+  kill "$LPID"; wait "$LPID" || true
+fi
