@@ -21,7 +21,7 @@ fn main() {
         seed
     };
     if args.get(3).map(String::as_str) == Some("smollm2") {
-        smollm2(isa, &mut next);
+        smollm2(isa, m, &mut next);
         return;
     }
     let custom: Option<(usize, usize, u8)> = args.get(3).map(|s| {
@@ -90,7 +90,7 @@ fn build(rows: usize, cols: usize, bits: u8, next: &mut impl FnMut() -> u64) -> 
     }
 }
 
-fn smollm2(isa: Isa, next: &mut impl FnMut() -> u64) {
+fn smollm2(isa: Isa, m: usize, next: &mut impl FnMut() -> u64) {
     let mut mats = Vec::new();
     for _ in 0..30 {
         mats.push(build(960, 576, 4, next));
@@ -100,26 +100,26 @@ fn smollm2(isa: Isa, next: &mut impl FnMut() -> u64) {
     }
     mats.push(build(49152, 576, 8, next));
     let bytes: usize = mats.iter().map(QMatrix::size_bytes).sum();
-    let x: Vec<f32> = (0..1536)
+    let x: Vec<f32> = (0..1536 * m)
         .map(|_| (next() % 1000) as f32 / 500.0 - 1.0)
         .collect();
     let (mut a576, mut a1536) = (QActs::new(), QActs::new());
-    a576.quantize(isa, &x[..576], 1, 576);
-    a1536.quantize(isa, &x, 1, 1536);
-    let mut out = vec![0.0; 49152];
+    a576.quantize(isa, &x[..576 * m], m, 576);
+    a1536.quantize(isa, &x, m, 1536);
+    let mut out = vec![0.0; 49152 * m];
     for threads in [1, 2] {
         let pool = Pool::new(threads);
         let mut best = f64::MAX;
-        for _ in 0..20 {
+        for _ in 0..(20 / m).max(5) {
             let t = Instant::now();
             for w in &mats {
                 let a = if w.cols() == 576 { &a576 } else { &a1536 };
-                matmul(&pool, isa, w, black_box(a), &mut out[..w.rows()]);
+                matmul(&pool, isa, w, black_box(a), &mut out[..m * w.rows()]);
             }
             best = best.min(t.elapsed().as_secs_f64());
         }
         println!(
-            "{isa} smollm2 token ({:.1} MB) on {threads} thread(s): {:.3} ms  {:.1} GB/s",
+            "{isa} smollm2 m={m} token ({:.1} MB) on {threads} thread(s): {:.3} ms  {:.1} GB/s",
             bytes as f64 / 1e6,
             best * 1e3,
             bytes as f64 / best / 1e9
