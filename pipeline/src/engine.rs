@@ -271,9 +271,17 @@ impl Engine {
                 });
             }
         }
-        let waiting = self.stats.waiting.fetch_add(1, Ordering::AcqRel);
-        if waiting >= self.config.max_queue {
-            self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
+        // Take a queue slot only if one is free, so `waiting` (and the
+        // `requests_waiting` gauge read from it) never exceeds `max_queue`,
+        // not even for an instant while a refused request backs out.
+        let max_queue = self.config.max_queue;
+        if let Err(waiting) =
+            self.stats
+                .waiting
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                    (w < max_queue).then_some(w + 1)
+                })
+        {
             return Err(SubmitError::QueueFull(waiting));
         }
         let (tx, rx) = mpsc::channel(req.max_tokens + 4);

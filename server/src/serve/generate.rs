@@ -50,6 +50,19 @@ async fn handle(s: AppState, endpoint: Endpoint, req: Request) -> Result<Respons
         .get::<Arrival>()
         .map_or_else(Instant::now, |a| a.0);
     let sv = served(&s)?;
+    // Shed load before doing any work (reading and parsing the body, the
+    // chat template, the tokenizer on a blocking thread): with the queue
+    // full now, the submit below would refuse too, and under a flood the
+    // 429 must come fast. (So a full server answers 429 even to a body that
+    // would have been a 400.)
+    let waiting = sv
+        .engine
+        .stats
+        .waiting
+        .load(std::sync::atomic::Ordering::Acquire);
+    if waiting >= sv.engine.config.max_queue {
+        return Err(ApiError::queue_full(waiting));
+    }
     let body = read_json(&s, req).await?;
     let g = openai::parse(
         endpoint,
