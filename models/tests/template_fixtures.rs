@@ -3,12 +3,13 @@
 //! helpers (`tojson`, `raise_exception`, string methods), and the sandbox:
 //! hostile templates must fail fast instead of hanging.
 //!
-//! The model comes from `CARDINAL_TEST_GGUF`, else from
-//! `fetch::default_model_path`; the fixtures from `CARDINAL_FIXTURES_DIR`,
-//! else the first of `fixtures/`, `models/tests/fixtures/` and
-//! `/work/shared/fixtures/` that has them. Nothing is skipped.
+//! The model and fixtures are found as `smollm2_common` says. Nothing is
+//! skipped.
 
-use std::path::PathBuf;
+mod smollm2_common;
+
+use smollm2_common::{fixtures, model_path};
+
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -16,46 +17,6 @@ use candle_core::quantized::gguf_file::Content;
 use cardinal_models::ModelError;
 use cardinal_models::template::{ChatMessage, ChatTemplate};
 use cardinal_models::tokenizer::Tokenizer;
-
-fn fixtures_path() -> PathBuf {
-    let name = "smollm2_public.json";
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut candidates = Vec::new();
-    if let Some(d) = std::env::var_os("CARDINAL_FIXTURES_DIR") {
-        candidates.push(PathBuf::from(d).join(name));
-    }
-    candidates.push(root.join("../fixtures").join(name));
-    candidates.push(root.join("tests/fixtures/smollm2").join(name));
-    candidates.push(PathBuf::from("/work/shared/fixtures").join(name));
-    match candidates.iter().find(|p| p.is_file()) {
-        Some(p) => p.clone(),
-        None => panic!("{name} not found; set CARDINAL_FIXTURES_DIR (looked at {candidates:?})"),
-    }
-}
-
-fn fixtures() -> Vec<serde_json::Value> {
-    let p = fixtures_path();
-    let text =
-        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
-    let v: Vec<serde_json::Value> =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", p.display()));
-    assert_eq!(
-        v.len(),
-        12,
-        "expected 12 fixture prompts in {}",
-        p.display()
-    );
-    v
-}
-
-fn model_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("CARDINAL_TEST_GGUF") {
-        return PathBuf::from(p);
-    }
-    cardinal_models::fetch::default_model_path(&mut |line| eprintln!("[fetch] {line}")).unwrap_or_else(|e| {
-        panic!("the SmolLM2 test model is not available: {e}\n(set CARDINAL_TEST_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf)")
-    })
-}
 
 fn tok() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
