@@ -100,11 +100,21 @@ impl LoadedModel {
         })
     }
 
-    /// Renders a chat with the model's template (ChatML when it has none).
+    /// Renders a chat with the model's template (ChatML when it has none),
+    /// ending with the assistant's turn.
     pub fn render_chat(&self, messages: &[crate::template::ChatMessage]) -> Result<String> {
+        self.render_chat_with(messages, true)
+    }
+
+    /// [`LoadedModel::render_chat`] with `add_generation_prompt` chosen.
+    pub fn render_chat_with(
+        &self,
+        messages: &[crate::template::ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         match &self.template {
-            Some(t) => t.render(messages, true),
-            None => ChatTemplate::chatml().render(messages, true),
+            Some(t) => t.render(messages, add_generation_prompt),
+            None => ChatTemplate::chatml().render(messages, add_generation_prompt),
         }
     }
 }

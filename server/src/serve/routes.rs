@@ -299,6 +299,16 @@ async fn model(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     }
 }
 
+/// The body of a small endpoint as a JSON object, or a 400 naming what it was.
+fn json_object(body: &Value) -> Result<&serde_json::Map<String, Value>, ApiError> {
+    body.as_object().ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "the request body must be a JSON object, not {}",
+            describe(body)
+        ))
+    })
+}
+
 /// `POST /tokenize`: `{"prompt": text}` (or llama.cpp's `content`), or
 /// `{"messages": [...]}` rendered with the chat template; answers
 /// `{"count", "max_model_len", "tokens"}` as vLLM does.
@@ -311,12 +321,7 @@ async fn tokenize(State(s): State<AppState>, req: Request) -> Response {
 async fn tokenize_inner(s: &AppState, req: Request) -> Result<Response, ApiError> {
     let sv = served(s)?;
     let body = read_json(s, req).await?;
-    let map = body.as_object().ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "the request body must be a JSON object, not {}",
-            describe(&body)
-        ))
-    })?;
+    let map = json_object(&body)?;
     let f = Fields::new(map, "");
     check_model(s, f.string("model")?.as_deref())?;
     let tok = sv
@@ -327,11 +332,10 @@ async fn tokenize_inner(s: &AppState, req: Request) -> Result<Response, ApiError
     let mut ids = if f.raw("messages").is_some() {
         let msgs = parse_messages(&f)?;
         let gen_prompt = f.bool("add_generation_prompt")?.unwrap_or(true);
-        let text = match &sv.loaded.template {
-            Some(t) => t.render(&msgs, gen_prompt),
-            None => cardinal_models::template::ChatTemplate::chatml().render(&msgs, gen_prompt),
-        }
-        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let text = sv
+            .loaded
+            .render_chat_with(&msgs, gen_prompt)
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         tok.encode(&text, true)
             .map_err(|e| ApiError::invalid("messages", e.to_string()))?
     } else {
@@ -368,12 +372,7 @@ async fn detokenize(State(s): State<AppState>, req: Request) -> Response {
 async fn detokenize_inner(s: &AppState, req: Request) -> Result<Response, ApiError> {
     let sv = served(s)?;
     let body = read_json(s, req).await?;
-    let map = body.as_object().ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "the request body must be a JSON object, not {}",
-            describe(&body)
-        ))
-    })?;
+    let map = json_object(&body)?;
     let f = Fields::new(map, "");
     check_model(s, f.string("model")?.as_deref())?;
     let tok = sv
