@@ -209,60 +209,71 @@ impl Sampler {
         }
     }
 
+    /// Draw a token with temperature, top-k, min-p and top-p applied.
+    ///
+    /// No step sorts the whole vocabulary: candidates are first cut to those
+    /// within 30 nats (at this temperature) of the best, which carry all but
+    /// 1e-13 of the mass; top-k is a selection; min-p a filter; and top-p sorts
+    /// only a growing prefix (64, 256, ... candidates) until it holds the
+    /// requested mass. The draw walks the candidates in a deterministic order,
+    /// so a seed always gives the same token.
     fn draw(&mut self, logits: &[f32], max: f32) -> usize {
-        let p = self.params.clone();
+        let p = &self.params;
         let t = p.temperature;
-        // Candidates sorted by logit, truncated by top-k.
-        let k = if p.top_k == 0 {
-            logits.len()
-        } else {
-            p.top_k.min(logits.len())
-        };
-        // Tokens more than 30 nats (at this temperature) below the best carry
-        // under 1e-13 of the mass; dropping them before sorting keeps
-        // sampling O(vocab) instead of a full sort of 49k logits.
+        let (top_k, min_p, top_p) = (p.top_k, p.min_p, p.top_p);
         let floor = max - 30.0 * t;
-        let mut cand: Vec<usize> = (0..logits.len()).filter(|&i| logits[i] >= floor).collect();
-        let cmp = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
-        if k < cand.len() {
-            cand.select_nth_unstable_by(k, cmp);
-            cand.truncate(k);
-        }
-        cand.sort_by(cmp);
-        let mut probs: Vec<f64> = cand
+        let inv_t = 1.0 / t;
+        // (token, weight exp((logit - max) / t)); the best token has weight 1.
+        let mut cand: Vec<(u32, f32)> = logits
             .iter()
-            .map(|&i| (((logits[i] - max) / t) as f64).exp())
+            .enumerate()
+            .filter(|&(_, &l)| l >= floor)
+            .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp()))
             .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= total);
-        if p.min_p > 0.0 {
-            let cut = probs[0] * p.min_p as f64;
-            let keep = probs.iter().take_while(|&&x| x >= cut).count().max(1);
-            cand.truncate(keep);
-            probs.truncate(keep);
+        // Larger weight first; ties: lower id first.
+        let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if top_k > 0 && top_k < cand.len() {
+            cand.select_nth_unstable_by(top_k - 1, cmp);
+            cand.truncate(top_k);
         }
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = probs.len();
-            for (j, x) in probs.iter().enumerate() {
-                acc += x;
-                if acc >= p.top_p as f64 {
-                    keep = j + 1;
+        let total: f64 = cand.iter().map(|c| c.1 as f64).sum();
+        if min_p > 0.0 {
+            cand.retain(|c| c.1 >= min_p);
+        }
+        if top_p < 1.0 {
+            let need = top_p as f64 * total;
+            let mut n = 64;
+            loop {
+                let len = cand.len();
+                let m = n.min(len);
+                if m < len {
+                    cand.select_nth_unstable_by(m - 1, cmp);
+                }
+                cand[..m].sort_by(cmp);
+                let mut acc = 0.0;
+                let hit = cand[..m].iter().position(|c| {
+                    acc += c.1 as f64;
+                    acc >= need
+                });
+                if let Some(j) = hit {
+                    cand.truncate(j + 1);
                     break;
                 }
+                if m == len {
+                    break;
+                }
+                n *= 4;
             }
-            cand.truncate(keep);
-            probs.truncate(keep);
         }
-        let total: f64 = probs.iter().sum();
-        let mut r = self.next_f32() as f64 * total;
-        for (j, x) in probs.iter().enumerate() {
-            r -= x;
+        let kept: f64 = cand.iter().map(|c| c.1 as f64).sum();
+        let mut r = self.next_f32() as f64 * kept;
+        for c in &cand {
+            r -= c.1 as f64;
             if r <= 0.0 {
-                return cand[j];
+                return c.0 as usize;
             }
         }
-        *cand.last().expect("at least one candidate")
+        cand.last().expect("at least one candidate").0 as usize
     }
 }
 
@@ -349,6 +360,79 @@ mod tests {
         assert_eq!(s.sample(&mut l.clone(), 0).id, 0);
         s.observe(0);
         assert_eq!(s.sample(&mut l, 0).id, 1);
+    }
+
+    /// Empirical token frequencies over `n` draws.
+    fn freqs(params: SamplingParams, logits: &[f32], n: usize) -> Vec<f64> {
+        let mut s = Sampler::new(params, &[]);
+        let mut c = vec![0usize; logits.len()];
+        for _ in 0..n {
+            c[s.sample(&mut logits.to_vec(), 0).id as usize] += 1;
+        }
+        c.iter().map(|&x| x as f64 / n as f64).collect()
+    }
+
+    #[test]
+    fn draws_follow_the_filtered_distribution() {
+        // 1000 tokens, so top-p must grow its sorted prefix past 64 and 256.
+        let logits: Vec<f32> = (0..1000).map(|i| -(i as f32) * 0.003).collect();
+        let w: Vec<f64> = logits.iter().map(|&l| (l as f64).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let base = SamplingParams {
+            temperature: 1.0,
+            seed: Some(3),
+            ..Default::default()
+        };
+        let n = 60_000;
+        // Plain temperature sampling: frequencies match softmax.
+        let f = freqs(base.clone(), &logits, n);
+        for (i, &x) in f.iter().enumerate().step_by(97) {
+            let want = w[i] / total;
+            assert!(
+                (x - want).abs() < 5.0 * (want / n as f64).sqrt() + 1e-4,
+                "token {i}: {x} vs {want}"
+            );
+        }
+        // top-p 0.9: exactly the smallest prefix (by logit) holding 90% of the mass.
+        let mut acc = 0.0;
+        let keep = w.iter().position(|&x| {
+            acc += x;
+            acc >= 0.9 * total
+        });
+        let keep = keep.unwrap() + 1;
+        assert!(keep > 256, "the case exercises prefix growth");
+        let f = freqs(
+            SamplingParams {
+                top_p: 0.9,
+                ..base.clone()
+            },
+            &logits,
+            n,
+        );
+        assert!(
+            f[keep..].iter().all(|&x| x == 0.0),
+            "nothing past the nucleus"
+        );
+        assert!(
+            f[keep - 5..keep].iter().any(|&x| x > 0.0),
+            "the nucleus edge is drawn"
+        );
+        // top-k 7: only the 7 best.
+        let f = freqs(
+            SamplingParams {
+                top_k: 7,
+                ..base.clone()
+            },
+            &logits,
+            5_000,
+        );
+        assert!(f[7..].iter().all(|&x| x == 0.0));
+        assert!(f[..7].iter().all(|&x| x > 0.0));
+        // min-p 0.5: weights >= half of the best, i.e. logits >= -ln 2.
+        let f = freqs(SamplingParams { min_p: 0.5, ..base }, &logits, 20_000);
+        let cut = logits.iter().position(|&l| (l as f64).exp() < 0.5).unwrap();
+        assert!(f[cut..].iter().all(|&x| x == 0.0));
+        assert!(f[cut - 1] > 0.0);
     }
 
     #[test]
