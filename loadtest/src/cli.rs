@@ -219,6 +219,10 @@ pub struct Args {
     /// stream_options.continuous_usage_stats.
     #[arg(long)]
     pub no_extensions: bool,
+    /// Sampling temperature sent with every request (0 = greedy, as in
+    /// llama.cpp's server benchmarks); default: not sent, the server decides.
+    #[arg(long, value_parser = parse_temperature)]
+    pub temperature: Option<f32>,
     /// JSONL dataset: one {"messages":[…]} or {"prompt":"…"} per line (instead
     /// of synthetic prompts).
     #[arg(long)]
@@ -327,5 +331,17 @@ mod tests {
         let j = serde_json::to_value(Args::try_parse_from(["x", "--api-key", "sekrit"]).unwrap())
             .unwrap();
         assert_eq!(j["api_key"], "<redacted>");
+    }
+}
+
+/// A temperature in [0, 2] (OpenAI's range).
+fn parse_temperature(s: &str) -> Result<f32, String> {
+    let t: f32 = s
+        .parse()
+        .map_err(|_| format!("temperature {s:?} is not a number"))?;
+    if (0.0..=2.0).contains(&t) {
+        Ok(t)
+    } else {
+        Err(format!("temperature {t} is outside [0, 2]"))
     }
 }

@@ -35,6 +35,8 @@ pub struct Target {
     pub force_length: bool,
     /// Ask for `stream_options.continuous_usage_stats`.
     pub continuous_usage: bool,
+    /// `temperature` sent with every request (None: not sent).
+    pub temperature: Option<f32>,
     /// Whole-request timeout.
     pub timeout: Duration,
     /// The `/tokenize` body key.
@@ -82,6 +84,7 @@ impl Target {
             max_tokens: None,
             force_length: false,
             continuous_usage: false,
+            temperature: None,
             timeout,
             tokenize_key: "prompt",
         })
@@ -204,6 +207,9 @@ impl Target {
                 opts["continuous_usage_stats"] = json!(true);
             }
             b["stream_options"] = opts;
+        }
+        if let Some(t) = self.temperature {
+            b["temperature"] = json!(t);
         }
         if let Some(n) = self.max_tokens {
             b["max_tokens"] = json!(n);

@@ -50,6 +50,8 @@ pub struct TargetInfo {
     pub stream: bool,
     /// `max_tokens` sent.
     pub max_tokens: Option<u32>,
+    /// `temperature` sent (None: not sent).
+    pub temperature: Option<f32>,
     /// `min_tokens` and `ignore_eos` were sent.
     pub length_forcing_sent: bool,
     /// `continuous_usage_stats` was asked for.

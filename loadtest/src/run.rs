@@ -94,6 +94,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>, mode: ProgressMode) ->
     target.max_tokens = (args.output_tokens > 0).then_some(args.output_tokens);
     target.force_length = !args.no_extensions && target.max_tokens.is_some();
     target.continuous_usage = !args.no_extensions && target.stream;
+    target.temperature = args.temperature;
     let mut notes = Vec::new();
     let source = match &args.dataset {
         Some(path) => Source::Dataset(workload::load_dataset(path)?),
@@ -135,6 +136,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>, mode: ProgressMode) ->
         endpoint: target.endpoint,
         stream: target.stream,
         max_tokens: target.max_tokens,
+        temperature: target.temperature,
         length_forcing_sent: target.force_length,
         continuous_usage_requested: target.continuous_usage,
         tokenize_available: match &source {

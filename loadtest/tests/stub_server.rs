@@ -113,6 +113,7 @@ async fn chat_stream_matches_the_script() {
     assert_eq!(body["min_tokens"], n);
     assert_eq!(body["ignore_eos"], true);
     assert_eq!(body["model"], "stub-model");
+    assert!(body.get("temperature").is_none(), "not sent unless asked");
     let line = r.summary_line();
     assert!(
         line.starts_with("SUMMARY status=complete levels=1 requests=8 errors=0 "),
@@ -179,11 +180,19 @@ async fn strict_server_and_non_streaming() {
     let stub = Stub::start(script.clone()).await;
     let r = run_ok(args(
         &stub.url,
-        &["--requests", "3", "--output-tokens", "11"],
+        &[
+            "--requests",
+            "3",
+            "--output-tokens",
+            "11",
+            "--temperature",
+            "0",
+        ],
     ))
     .await;
     let s = &r.levels[0].stats;
     assert_eq!((s.ok, s.errors.total), (3, 0));
+    assert_eq!(r.target.as_ref().unwrap().temperature, Some(0.0));
     assert!(s.output_forcing.is_none());
     assert!(!r.target.as_ref().unwrap().length_forcing_sent);
     assert!(
@@ -198,6 +207,7 @@ async fn strict_server_and_non_streaming() {
     );
     let last = stub.bodies().pop().unwrap();
     assert!(last.get("ignore_eos").is_none() && last["max_tokens"] == 11);
+    assert_eq!(last["temperature"], 0.0);
     // Without streaming: E2E and usage counts, no TTFT or ITL.
     let stub = Stub::start(script).await;
     let r = run_ok(args(
