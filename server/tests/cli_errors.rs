@@ -1,5 +1,6 @@
 //! The `cardinal` binary on bad input: an empty prompt, a model path that
-//! does not exist, and a plan with too few cards each exit non-zero with one
+//! does not exist, a plan with too few cards and an out-of-range
+//! `--prefill-chunk` each exit non-zero with one
 //! clear line on stderr (exit 2 for the plan, as scripts rely on), and never
 //! a panic.
 
@@ -107,4 +108,26 @@ fn plan_with_too_few_cards() {
     );
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
     assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn serve_with_a_bad_prefill_chunk() {
+    let model = tiny_granite();
+    for (v, want) in [
+        ("0", "--prefill-chunk 0: must be between 1 and 4096"),
+        ("5000", "--prefill-chunk 5000: must be between 1 and 4096"),
+    ] {
+        let out = cardinal(&[
+            "serve",
+            "--model",
+            &model,
+            "--threads",
+            "1",
+            "--port",
+            "0",
+            "--prefill-chunk",
+            v,
+        ]);
+        assert_fails(&out, 1, &[want]);
+    }
 }

@@ -13,7 +13,7 @@ use cardinal_pipeline::energy::peak_rss_bytes;
 use cardinal_pipeline::{Event, Request, SamplingParams};
 
 use super::generate::log_stderr;
-use crate::setup::{self, Limits, ModelArgs, Runtime};
+use crate::setup::{self, CLI_PREFILL_CHUNK, Limits, ModelArgs, Runtime};
 
 /// Flags of `bench`.
 #[derive(clap::Args, Debug)]
@@ -158,7 +158,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
     let limits = Limits {
         max_num_seqs: a.concurrency,
         max_queue: a.concurrency.max(4),
-        max_model_len: None,
+        prefill_chunk: CLI_PREFILL_CHUNK,
+        ..Default::default()
     };
     let rt = setup::start(&a.model, &limits, &mut log_stderr)?;
     // Warm-up: page in weights and grow buffers.
@@ -280,7 +281,8 @@ pub fn perplexity(a: PerplexityArgs) -> Result<ExitCode> {
         &Limits {
             max_num_seqs: 1,
             max_queue: 1,
-            max_model_len: None,
+            prefill_chunk: CLI_PREFILL_CHUNK,
+            ..Default::default()
         },
         &mut log_stderr,
     )?;

@@ -11,7 +11,7 @@ use cardinal_models::tokenizer::IncrementalDecoder;
 use cardinal_models::{LoadOptions, LoadedModel, ModelSource};
 use cardinal_pipeline::{Event, Request, SamplingParams};
 
-use crate::setup::{self, Limits, ModelArgs};
+use crate::setup::{self, CLI_PREFILL_CHUNK, Limits, ModelArgs};
 
 /// Flags of `generate`.
 #[derive(clap::Args, Debug)]
@@ -107,6 +107,7 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
         &a.model,
         &Limits {
             max_num_seqs: 1,
+            prefill_chunk: CLI_PREFILL_CHUNK,
             ..Default::default()
         },
         &mut log_stderr,

@@ -102,6 +102,11 @@ pub struct ServeOptions {
     /// Context limit in tokens, prompt plus output (default: the model's, at most 8192).
     #[arg(long, env = "CARDINAL_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
+    /// Most prompt tokens computed per engine step (chunked prefill): smaller
+    /// keeps running streams smooth while long prompts arrive, larger gives
+    /// faster prefill.
+    #[arg(long, env = "CARDINAL_PREFILL_CHUNK", default_value_t = crate::setup::DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
     /// Require `Authorization: Bearer KEY` on every endpoint but /health (and /metrics).
     #[arg(long, env = "CARDINAL_API_KEY", hide_env_values = true)]
     pub api_key: Option<ApiKey>,
@@ -146,6 +151,7 @@ impl Default for ServeOptions {
             max_num_seqs: DEFAULT_MAX_NUM_SEQS,
             max_queue: DEFAULT_MAX_QUEUE,
             max_model_len: None,
+            prefill_chunk: crate::setup::DEFAULT_PREFILL_CHUNK,
             api_key: None,
             request_timeout: 600.0,
             log_format: LogFormat::Text,
@@ -168,6 +174,7 @@ impl ServeOptions {
             max_num_seqs: self.max_num_seqs,
             max_queue: self.max_queue,
             max_model_len: self.max_model_len,
+            prefill_chunk: self.prefill_chunk,
         }
     }
 
