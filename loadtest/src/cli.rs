@@ -289,6 +289,18 @@ impl Args {
     }
 }
 
+/// A temperature in [0, 2] (OpenAI's range).
+fn parse_temperature(s: &str) -> Result<f32, String> {
+    let t: f32 = s
+        .parse()
+        .map_err(|_| format!("temperature {s:?} is not a number"))?;
+    if (0.0..=2.0).contains(&t) {
+        Ok(t)
+    } else {
+        Err(format!("temperature {t} is outside [0, 2]"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,17 +343,5 @@ mod tests {
         let j = serde_json::to_value(Args::try_parse_from(["x", "--api-key", "sekrit"]).unwrap())
             .unwrap();
         assert_eq!(j["api_key"], "<redacted>");
-    }
-}
-
-/// A temperature in [0, 2] (OpenAI's range).
-fn parse_temperature(s: &str) -> Result<f32, String> {
-    let t: f32 = s
-        .parse()
-        .map_err(|_| format!("temperature {s:?} is not a number"))?;
-    if (0.0..=2.0).contains(&t) {
-        Ok(t)
-    } else {
-        Err(format!("temperature {t} is outside [0, 2]"))
     }
 }
