@@ -50,6 +50,7 @@ fn greedy_agrees_with_llama_cpp_up_to_swapped_runner_ups() {
             max_num_seqs: 4,
             max_queue: 16,
             max_model_len: Some(2048),
+            ..Default::default()
         },
         &mut |l| eprintln!("{l}"),
     )
