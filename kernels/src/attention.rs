@@ -18,20 +18,31 @@ pub fn quantize_kv(x: &[f32], out: &mut [i8]) -> f32 {
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+        *o = round_half_even(v * id).clamp(-127.0, 127.0) as i8;
     }
     d
+}
+
+/// `x.round_ties_even()` for |x| < 2^22, without a libm call: adding and
+/// subtracting 1.5 * 2^23 leaves no fraction bits, and f32 addition rounds
+/// to nearest-even. Baseline x86-64 (no SSE4.1 `roundps`) otherwise calls
+/// `rintf` per value; this form vectorizes. Larger |x| (only NaN/inf or
+/// values clamped right after) may differ, which the clamp then hides.
+#[inline(always)]
+fn round_half_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
 }
 
 /// Online-softmax state for one query head: running max, running sum of
 /// exponentials and the weighted sum of values.
 #[derive(Clone, Debug)]
 pub struct AttnState {
-    head_dim: usize,
+    pub(crate) head_dim: usize,
     max: f32,
     sum: f32,
-    acc: Vec<f32>,
-    scores: Vec<f32>,
+    pub(crate) acc: Vec<f32>,
+    pub(crate) scores: Vec<f32>,
 }
 
 impl AttnState {
@@ -90,18 +101,32 @@ pub fn attend(
     let mut scores = std::mem::take(&mut st.scores);
     scores.resize(n, 0.0);
     crate::attention_simd::scores(isa, q, k, k_scales, scale, &mut scores);
+    if let Some(corr) = online_update(isa, st, &mut scores, v_scales) {
+        crate::attention_simd::accumulate(isa, &mut st.acc, corr, &scores, v);
+    }
+    st.scores = scores;
+}
+
+/// The online-softmax step for one block of `scores` (turned into value
+/// weights in place): updates the running max and sum of `st` and returns the
+/// factor the accumulated values must be rescaled by, or `None` when every
+/// score so far is -inf (nothing to accumulate).
+pub(crate) fn online_update(
+    isa: Isa,
+    st: &mut AttnState,
+    scores: &mut [f32],
+    v_scales: &[f32],
+) -> Option<f32> {
     let bmax = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let new_max = st.max.max(bmax);
     if new_max == f32::NEG_INFINITY {
-        st.scores = scores;
-        return;
+        return None;
     }
     let corr = (st.max - new_max).exp();
     st.sum *= corr;
-    st.sum += crate::attention_simd::weights(isa, &mut scores, new_max, v_scales);
-    crate::attention_simd::accumulate(isa, &mut st.acc, corr, &scores, v);
+    st.sum += crate::attention_simd::weights(isa, scores, new_max, v_scales);
     st.max = new_max;
-    st.scores = scores;
+    Some(corr)
 }
 
 /// Write the attention output (`acc / sum`) of `st` into `out[..head_dim]`;

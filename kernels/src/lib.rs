@@ -17,6 +17,7 @@
 //! - `pool`: the persistent thread pool (index claiming, spin/yield/park).
 
 mod attention;
+mod attention_group;
 mod attention_simd;
 mod buffer;
 mod elementwise;
@@ -35,6 +36,7 @@ mod storage;
 pub const GROUP: usize = 32;
 
 pub use attention::{AttnState, attend, attend_finish, quantize_kv};
+pub use attention_group::attend_group;
 pub use elementwise::{add_scaled, rmsnorm, softmax, swiglu};
 pub use error::KernelError;
 pub use isa::{ISA_ENV, Isa, active_isa, init_isa};

@@ -6,7 +6,8 @@
 mod common;
 
 use cardinal_kernels::{
-    AttnState, Isa, Rope, add_scaled, attend, attend_finish, quantize_kv, rmsnorm, softmax, swiglu,
+    AttnState, Isa, Rope, add_scaled, attend, attend_finish, attend_group, quantize_kv, rmsnorm,
+    softmax, swiglu,
 };
 use common::Rng;
 
@@ -170,6 +171,35 @@ fn quantize_kv_error_is_half_a_step() {
     assert_eq!(q, [0; 4]);
 }
 
+/// Rounding is to nearest, ties to even, exactly as `f32::round_ties_even`
+/// (the kernel avoids the libm call): checked on exact half steps and on
+/// random values.
+#[test]
+fn quantize_kv_rounds_half_to_even() {
+    // amax 127 makes d exactly 1, so q = round(x) with ties on the .5s.
+    let mut x: Vec<f32> = (-254..=254).map(|i| i as f32 / 2.0).collect();
+    x.push(127.0);
+    let mut q = vec![0i8; x.len()];
+    assert_eq!(quantize_kv(&x, &mut q), 1.0);
+    for (k, &v) in x.iter().enumerate() {
+        assert_eq!(
+            q[k] as f32,
+            v.round_ties_even().clamp(-127.0, 127.0),
+            "x {v}"
+        );
+    }
+    let mut rng = Rng::new(9);
+    for _ in 0..200 {
+        let x = rng.vec_normal(64, 2.0);
+        let mut q = vec![0i8; 64];
+        let d = quantize_kv(&x, &mut q);
+        let id = 1.0 / d;
+        for (k, &v) in x.iter().enumerate() {
+            assert_eq!(q[k] as f32, (v * id).round_ties_even().clamp(-127.0, 127.0));
+        }
+    }
+}
+
 /// A random int8 cache of `n` tokens.
 fn cache(rng: &mut Rng, n: usize, hd: usize) -> (Vec<i8>, Vec<f32>) {
     let mut k = vec![0i8; n * hd];
@@ -244,6 +274,46 @@ fn attention_over_blocks_matches_f64_softmax() {
                     st.reset();
                     attend_finish(&st, &mut out);
                     assert!(out.iter().all(|&x| x == 0.0));
+                }
+            }
+        }
+    }
+}
+
+/// `attend_group` over the query heads of one KV head equals `attend` called
+/// head by head, bit for bit, on every ISA: over several blocks, with token
+/// counts that hit the 4-token and single-token paths, group sizes 1 to 4 and
+/// head sizes on and off the AVX-512 fast path.
+#[test]
+fn grouped_attention_equals_per_head_attention() {
+    let mut rng = Rng::new(11);
+    for hd in [64, 128, 48, 8] {
+        for g in 1..=4 {
+            for blocks in [[1, 0, 0], [16, 16, 3], [5, 2, 9]] {
+                let n: usize = blocks.iter().sum();
+                let qs = rng.vec_normal(g * hd, 1.0);
+                let (k, ks) = cache(&mut rng, n, hd);
+                let (v, vs) = cache(&mut rng, n, hd);
+                let scale = 1.0 / (hd as f32).sqrt();
+                for isa in Isa::all_available() {
+                    let mut grouped: Vec<AttnState> = (0..g).map(|_| AttnState::new(hd)).collect();
+                    let mut single: Vec<AttnState> = (0..g).map(|_| AttnState::new(hd)).collect();
+                    let mut t0 = 0;
+                    for &len in blocks.iter().filter(|&&l| l > 0) {
+                        let (kb, kbs) = (&k[t0 * hd..(t0 + len) * hd], &ks[t0..t0 + len]);
+                        let (vb, vbs) = (&v[t0 * hd..(t0 + len) * hd], &vs[t0..t0 + len]);
+                        attend_group(isa, &qs, kb, kbs, vb, vbs, scale, &mut grouped);
+                        for (j, st) in single.iter_mut().enumerate() {
+                            attend(isa, &qs[j * hd..(j + 1) * hd], kb, kbs, vb, vbs, scale, st);
+                        }
+                        t0 += len;
+                    }
+                    for j in 0..g {
+                        let (mut a, mut b) = (vec![0.0; hd], vec![0.0; hd]);
+                        attend_finish(&grouped[j], &mut a);
+                        attend_finish(&single[j], &mut b);
+                        assert_eq!(a, b, "{isa} hd {hd} g {g} blocks {blocks:?} head {j}");
+                    }
                 }
             }
         }

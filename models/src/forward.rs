@@ -218,20 +218,34 @@ fn attention(
     let (qd, kvd, hdim) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
     let qkv_w = qd + 2 * kvd;
     let group = cfg.n_heads / cfg.n_kv_heads;
-    let tasks = rows.len() * cfg.n_heads;
+    // One task per (row, KV head): its `group` query heads are attended
+    // together, so each cached key and value is widened once for all of them.
+    // With too few such tasks to keep the threads evenly busy (one sequence
+    // decoding), one task per query head instead.
+    let per_task = if rows.len() * cfg.n_kv_heads >= 2 * pool.threads() {
+        group
+    } else {
+        1
+    };
+    let splits = group / per_task;
+    let tasks = rows.len() * cfg.n_kv_heads * splits;
     let out_ptr = SyncPtr(out.as_mut_ptr());
     assert!(out.len() >= rows.len() * qd);
     let caches: &[&mut SeqKv] = caches;
     let work = |t: usize, nt: usize| {
         let p = out_ptr;
-        let mut st = AttnState::new(hdim);
+        let mut sts: Vec<AttnState> = (0..per_task).map(|_| AttnState::new(hdim)).collect();
         let mut task = t;
         while task < tasks {
-            let (i, h) = (task / cfg.n_heads, task % cfg.n_heads);
+            let (i, rest) = (
+                task / (cfg.n_kv_heads * splits),
+                task % (cfg.n_kv_heads * splits),
+            );
+            let (kvh, sub) = (rest / splits, rest % splits);
             let r = rows[i];
-            let q = &qkv[i * qkv_w + h * hdim..i * qkv_w + (h + 1) * hdim];
-            let kvh = h / group;
-            st.reset();
+            let h0 = kvh * group + sub * per_task;
+            let qs = &qkv[i * qkv_w + h0 * hdim..i * qkv_w + (h0 + per_task) * hdim];
+            sts.iter_mut().for_each(AttnState::reset);
             let n_tok = r.pos + 1;
             for (b, block) in caches[r.seq].blocks(local).iter().enumerate() {
                 let start = b * KV_BLOCK;
@@ -241,22 +255,26 @@ fn attention(
                 let len = (n_tok - start).min(KV_BLOCK);
                 let base = kvh * KV_BLOCK * hdim;
                 let sb = kvh * KV_BLOCK;
-                k::attend(
+                k::attend_group(
                     isa,
-                    q,
+                    qs,
                     &block.k[base..base + len * hdim],
                     &block.k_scale[sb..sb + len],
                     &block.v[base..base + len * hdim],
                     &block.v_scale[sb..sb + len],
                     cfg.attention_scale,
-                    &mut st,
+                    &mut sts,
                 );
             }
-            // SAFETY: task (i, h) owns out[i*qd + h*hdim .. +hdim]; tasks are
-            // distinct across threads (strided by nt), the range is in bounds
-            // (asserted above), and `out` is exclusively borrowed for this call.
-            let dst = unsafe { std::slice::from_raw_parts_mut(p.0.add(i * qd + h * hdim), hdim) };
-            k::attend_finish(&st, dst);
+            // SAFETY: the task owns out[i*qd + h0*hdim .. +per_task*hdim];
+            // tasks are distinct across threads (strided by nt), the range is
+            // in bounds (asserted above), and `out` is exclusively borrowed.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(p.0.add(i * qd + h0 * hdim), per_task * hdim)
+            };
+            for (j, st) in sts.iter().enumerate() {
+                k::attend_finish(st, &mut dst[j * hdim..(j + 1) * hdim]);
+            }
             task += nt;
         }
     };
