@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Server-level side-by-side: `cardinal serve` and llama.cpp's server
 # (llama-cpp-python's OpenAI server) on the same GGUF, both driven by
-# cardinal-loadtest at concurrency 1, 4 and 16 with 128-token outputs.
+# cardinal-loadtest at concurrency 1, 4 and 16 with 128-token outputs at
+# temperature 0 (as llama.cpp's published server figures).
 #
 #   bash bench/serve_compare.sh [--llama-python /path/to/venv/bin/python] [--requests 48]
 #
@@ -27,7 +28,7 @@ wait_ready() { for _ in $(seq 1 120); do curl -fsS "$1" >/dev/null 2>&1 && retur
 PID=$!
 wait_ready http://127.0.0.1:18501/ready
 ./target/release/cardinal-loadtest --url http://127.0.0.1:18501 --concurrency 1,4,16 --requests "$REQUESTS" \
-  --output-tokens 128 --out "$OUT/cardinal" | tee "$OUT/cardinal.txt"
+  --output-tokens 128 --temperature 0 --out "$OUT/cardinal" | tee "$OUT/cardinal.txt"
 kill -TERM "$PID"; wait "$PID" || true
 
 if [ -n "$LLAMA_PY" ]; then
@@ -36,6 +37,6 @@ if [ -n "$LLAMA_PY" ]; then
   LPID=$!
   wait_ready http://127.0.0.1:18502/v1/models
   ./target/release/cardinal-loadtest --url http://127.0.0.1:18502 --concurrency 1,4,16 --requests "$REQUESTS" \
-    --output-tokens 128 --out "$OUT/llama" | tee "$OUT/llama.txt"
+    --output-tokens 128 --temperature 0 --out "$OUT/llama" | tee "$OUT/llama.txt"
   kill "$LPID"; wait "$LPID" || true
 fi
