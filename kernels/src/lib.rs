@@ -41,7 +41,7 @@ pub use elementwise::{add_scaled, rmsnorm, softmax, swiglu};
 pub use error::KernelError;
 pub use isa::{ISA_ENV, Isa, active_isa, init_isa};
 pub use matmul::{matmul, matmul_rows};
-pub use pool::Pool;
+pub use pool::{Pool, set_thread_nice};
 pub use qacts::QActs;
 pub use qmatrix::QMatrix;
 pub use rope::Rope;

@@ -119,6 +119,13 @@ impl Pool {
     /// # Panics
     /// If `threads == 0` or a thread cannot be spawned.
     pub fn new(threads: usize) -> Pool {
+        Pool::with_nice(threads, 0)
+    }
+
+    /// As [`Pool::new`], with every worker's scheduling priority lowered by
+    /// `nice` (see [`set_thread_nice`]), so that latency-sensitive threads of
+    /// the same process (an HTTP runtime) win the CPU when they need it.
+    pub fn with_nice(threads: usize, nice: i32) -> Pool {
         assert!(
             threads >= 1 && (threads as u64) < IDX_MASK,
             "Pool::new: threads is {threads}, must be at least 1"
@@ -137,7 +144,12 @@ impl Pool {
                 let s = Arc::clone(&shared);
                 let h = thread::Builder::new()
                     .name(format!("cardinal-pool-{t}"))
-                    .spawn(move || worker(s, t - 1))
+                    .spawn(move || {
+                        // Best effort: a pool that keeps the default priority
+                        // still computes correctly.
+                        let _ = set_thread_nice(nice);
+                        worker(s, t - 1)
+                    })
                     .expect("Pool::new: failed to spawn a worker thread");
                 (h.thread().clone(), Some(h))
             })
@@ -202,6 +214,35 @@ impl Pool {
             resume_unwind(p);
         }
     }
+}
+
+/// Lower the calling thread's scheduling priority to `nice` (0 = default,
+/// up to 19 = lowest). Linux keeps a nice value per thread (`setpriority` on
+/// the thread id); elsewhere, and for 0, this does nothing. Raising a
+/// priority (negative values) needs privileges and is refused.
+pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    if nice == 0 {
+        return Ok(());
+    }
+    if !(1..=19).contains(&nice) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("nice {nice} must be between 0 and 19"),
+        ));
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid has no preconditions; setpriority only reads its
+        // integer arguments and acts on this thread.
+        let rc = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn worker(s: Arc<Shared>, k: usize) {

@@ -93,3 +93,43 @@ fn pool_is_send_sync_and_debug() {
     assert!(format!("{p:?}").contains("threads: 2"));
     drop(p);
 }
+
+/// The nice value of the calling thread (Linux, per thread).
+#[cfg(target_os = "linux")]
+fn own_nice() -> i32 {
+    // SAFETY: gettid has no preconditions; getpriority only reads integers.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::getpriority(libc::PRIO_PROCESS, tid)
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn workers_run_at_the_requested_nice_and_the_caller_keeps_its_own() {
+    use std::sync::Mutex;
+    let before = own_nice();
+    let pool = cardinal_kernels::Pool::with_nice(3, 7);
+    let seen = Mutex::new(Vec::new());
+    // Several calls, so that the workers (not only the caller) claim indices.
+    for _ in 0..200 {
+        pool.run(&|_, _| {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            seen.lock().unwrap().push((name, own_nice()));
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        });
+    }
+    let seen = seen.into_inner().unwrap();
+    let workers: Vec<_> = seen
+        .iter()
+        .filter(|(n, _)| n.starts_with("cardinal-pool-"))
+        .collect();
+    assert!(!workers.is_empty(), "the workers ran some indices");
+    assert!(workers.iter().all(|&(_, nice)| *nice == 7), "{workers:?}");
+    assert_eq!(own_nice(), before, "the caller's priority is untouched");
+    assert!(
+        cardinal_kernels::set_thread_nice(-1).is_err(),
+        "raising priority is refused"
+    );
+    assert!(cardinal_kernels::set_thread_nice(20).is_err());
+}

@@ -148,6 +148,10 @@ pub struct EngineConfig {
     pub isa: Isa,
     /// Watts per busy core for the host energy estimate when RAPL is absent.
     pub host_watts_per_core: f64,
+    /// Nice value of the engine and pool threads (0: default priority). A
+    /// server sets it above 0 so its HTTP threads, which answer health
+    /// checks and shed load with fast 429s, win the cores when they need them.
+    pub nice: i32,
 }
 
 /// Live figures, shared with metrics readers.
@@ -355,7 +359,7 @@ impl Worker {
         stats: Arc<EngineStats>,
         host: HostEnergy,
     ) -> Self {
-        let pool = Pool::new(cfg.threads.max(1));
+        let pool = Pool::with_nice(cfg.threads.max(1), cfg.nice);
         Worker {
             cards,
             cfg,
@@ -366,6 +370,9 @@ impl Worker {
     }
 
     fn run(self, rx: Receiver<Cmd>) {
+        if let Err(e) = cardinal_kernels::set_thread_nice(self.cfg.nice) {
+            tracing::warn!(nice = self.cfg.nice, error = %e, "could not lower the engine thread's priority");
+        }
         let mut waiting: VecDeque<Pending> = VecDeque::new();
         let mut running: Vec<Seq> = Vec::new();
         let mut scratch = StepScratch::default();

@@ -54,6 +54,7 @@ fn engine(model: Arc<Model>, cards: usize, max_num_seqs: usize) -> Engine {
             threads: 2,
             isa: Isa::from_env().unwrap(),
             host_watts_per_core: 10.0,
+            nice: 0,
         },
     )
 }
@@ -209,6 +210,7 @@ fn admission_never_overcommits_and_impossible_requests_are_refused() {
             threads: 1,
             isa: Isa::from_env().unwrap(),
             host_watts_per_core: 10.0,
+            nice: 0,
         },
     );
     // Many concurrent requests: usage is sampled while they run and must stay under each card's limit.

@@ -87,7 +87,17 @@ pub struct Limits {
     pub max_model_len: Option<usize>,
     /// Most prompt tokens computed per engine step (chunked prefill).
     pub prefill_chunk: usize,
+    /// Nice value of the compute threads (0 for the CLI; the server uses
+    /// [`SERVE_COMPUTE_NICE`]).
+    pub compute_nice: i32,
 }
+
+/// Nice value of the server's engine and kernel-pool threads. On 2 cores the
+/// compute threads would otherwise hold both cores while the HTTP runtime
+/// waits to accept, reject (429) or answer /health; at nice 5 the scheduler
+/// gives a runnable HTTP thread about 3x their weight, and compute keeps
+/// every cycle the HTTP side does not use.
+pub const SERVE_COMPUTE_NICE: i32 = 5;
 
 /// Prefill chunk of the one-shot CLI commands (generate, bench, perplexity):
 /// no other stream waits on them, so prefill runs in large, fast chunks.
@@ -109,6 +119,7 @@ impl Default for Limits {
             max_queue: 64,
             max_model_len: None,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            compute_nice: 0,
         }
     }
 }
@@ -173,6 +184,7 @@ pub fn start(args: &ModelArgs, limits: &Limits, log: &mut dyn FnMut(&str)) -> Re
             threads,
             isa,
             host_watts_per_core: 10.0,
+            nice: limits.compute_nice,
         },
     );
     Ok(Runtime {

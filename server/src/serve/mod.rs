@@ -175,6 +175,7 @@ impl ServeOptions {
             max_queue: self.max_queue,
             max_model_len: self.max_model_len,
             prefill_chunk: self.prefill_chunk,
+            compute_nice: crate::setup::SERVE_COMPUTE_NICE,
         }
     }
 
