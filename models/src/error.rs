@@ -23,6 +23,13 @@ pub enum ModelError {
     /// The chat template failed to compile or render.
     #[error("chat template: {0}")]
     Template(String),
+    /// The chat template's render sandbox stopped it (memory budget, time
+    /// limit) or refuses to run it after such a stop: a fault of the model's
+    /// template, not of the request.
+    /// (Not a `#[source]`: the message already says it all, and error
+    /// chains printed with their causes would say it twice.)
+    #[error("chat template: {0}")]
+    TemplateStopped(crate::sandbox::Stopped),
     /// The default model could not be fetched or verified.
     #[error("default model: {0}")]
     Fetch(String),
@@ -39,6 +46,12 @@ pub enum ModelError {
 
 /// Shorthand for results in this crate.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+impl From<crate::sandbox::Stopped> for ModelError {
+    fn from(e: crate::sandbox::Stopped) -> Self {
+        ModelError::TemplateStopped(e)
+    }
+}
 
 impl ModelError {
     /// A [`ModelError::File`] for `path` with a message.

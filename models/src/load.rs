@@ -101,7 +101,10 @@ impl LoadedModel {
     }
 
     /// Renders a chat with the model's template (ChatML when it has none),
-    /// ending with the assistant's turn.
+    /// ending with the assistant's turn. A model's own template renders in
+    /// its sandbox (see [`ChatTemplate::render`]): this blocks for at most
+    /// [`crate::template::RENDER_TIMEOUT`], and fails with
+    /// [`ModelError::TemplateStopped`] once the template broke a limit.
     pub fn render_chat(&self, messages: &[crate::template::ChatMessage]) -> Result<String> {
         self.render_chat_with(messages, true)
     }

@@ -3,19 +3,27 @@
 //! template once with minijinja, configured like `apply_chat_template`
 //! (`trim_blocks`, `lstrip_blocks`, Python string methods, `raise_exception`,
 //! `strftime_now`, and a `tojson` that matches Python's `json.dumps`), and
-//! renders it in a sandbox: a fuel budget, a recursion limit and an output
-//! cap, so a hostile template fails fast instead of hanging or eating memory.
-//! Models without a template get ChatML ([`ChatTemplate::chatml`]). It also
-//! finds the template source of a Hugging Face directory.
+//! renders it in a sandbox, so a hostile template fails fast instead of
+//! hanging or eating memory: minijinja's fuel budget (CPU), a recursion
+//! limit and an output cap, and around them a render thread per render with
+//! a memory budget enforced by the global allocator and a wall-clock
+//! timeout ([`crate::sandbox`]), which also catch what minijinja does not
+//! charge fuel for (materialising `list + list`, say). A template that
+//! breaks the budget or the timeout is disabled for the life of the process
+//! ([`ModelError::TemplateStopped`]). Models without a template get ChatML
+//! ([`ChatTemplate::chatml`]). It also finds the template source of a
+//! Hugging Face directory.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use minijinja::syntax::SyntaxConfig;
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind};
 
 use crate::error::{ModelError, Result};
+use crate::sandbox::{Limits, Sandbox};
 
 /// Largest template source accepted, in bytes.
 pub const MAX_TEMPLATE_BYTES: usize = 1 << 20;
@@ -26,6 +34,20 @@ pub const MAX_OUTPUT_BYTES: usize = 1 << 20;
 pub const FUEL_PER_RENDER: u64 = 2_000_000;
 /// Maximum template recursion depth (a macro call counts for several levels).
 pub const RECURSION_LIMIT: usize = 200;
+/// Net bytes one render may allocate (input conversion, intermediate values
+/// and output). Messages are refused above [`MAX_OUTPUT_BYTES`] before
+/// rendering, and real templates rendering 1 MiB of them peak at about
+/// 5 MiB (`server/tests/fuzz_text.rs` prints and checks it), so this leaves
+/// ample room while keeping what a stopped render holds small.
+pub const RENDER_MEMORY_BYTES: usize = 64 << 20;
+/// Wall-clock time one render may take. SmolLM2's template renders a short
+/// chat in well under a millisecond, a 1 MiB one in tens of milliseconds.
+pub const RENDER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The sandbox limits of [`ChatTemplate::new`].
+pub const RENDER_LIMITS: Limits = Limits {
+    memory_bytes: RENDER_MEMORY_BYTES,
+    timeout: RENDER_TIMEOUT,
+};
 
 const TEMPLATE_NAME: &str = "chat_template";
 const RAISE_MARKER: &str = "raise_exception: ";
@@ -55,26 +77,39 @@ pub struct ChatTemplate {
 
 #[derive(Clone)]
 enum Kind {
-    Jinja {
-        env: Arc<Environment<'static>>,
-        bos: String,
-        eos: String,
-    },
+    /// Shared by clones, so a template disabled by its sandbox is disabled
+    /// everywhere.
+    Jinja(Arc<Jinja>),
     ChatMl,
+}
+
+struct Jinja {
+    env: Environment<'static>,
+    bos: String,
+    eos: String,
+    sandbox: Sandbox,
 }
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
-            Kind::Jinja { env, bos, eos } => {
-                let len = env
+            Kind::Jinja(j) => {
+                let len = j
+                    .env
                     .get_template(TEMPLATE_NAME)
                     .map(|t| t.source().len())
                     .unwrap_or(0);
                 write!(
                     f,
-                    "ChatTemplate(jinja, {len} bytes, bos={bos:?}, eos={eos:?})"
-                )
+                    "ChatTemplate(jinja, {len} bytes, bos={:?}, eos={:?}, {:?})",
+                    j.bos,
+                    j.eos,
+                    j.sandbox.limits()
+                )?;
+                match j.sandbox.poisoned() {
+                    Some(why) => write!(f, " disabled: {why}"),
+                    None => Ok(()),
+                }
             }
             Kind::ChatMl => write!(f, "ChatTemplate(chatml)"),
         }
@@ -83,8 +118,19 @@ impl std::fmt::Debug for ChatTemplate {
 
 impl ChatTemplate {
     /// Compiles `source`; `bos_token`/`eos_token` are the strings the
-    /// template sees as `bos_token` and `eos_token`.
+    /// template sees as `bos_token` and `eos_token`. Renders run within
+    /// [`RENDER_LIMITS`].
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        Self::with_limits(source, bos_token, eos_token, RENDER_LIMITS)
+    }
+
+    /// [`ChatTemplate::new`] with other sandbox limits (tests use small ones).
+    pub fn with_limits(
+        source: &str,
+        bos_token: &str,
+        eos_token: &str,
+        limits: Limits,
+    ) -> Result<Self> {
         if source.len() > MAX_TEMPLATE_BYTES {
             return Err(ModelError::Template(format!(
                 "the template source is {} bytes, over the limit of {MAX_TEMPLATE_BYTES}",
@@ -107,12 +153,14 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|e| ModelError::Template(format!("cannot compile: {}", describe(&e))))?;
+        warm_up(&env);
         Ok(ChatTemplate {
-            kind: Kind::Jinja {
-                env: Arc::new(env),
+            kind: Kind::Jinja(Arc::new(Jinja {
+                env,
                 bos: bos_token.to_string(),
                 eos: eos_token.to_string(),
-            },
+                sandbox: Sandbox::new(limits),
+            })),
         })
     }
 
@@ -124,35 +172,94 @@ impl ChatTemplate {
     }
 
     /// Renders `messages`; `add_generation_prompt` appends the header of the
-    /// assistant's turn.
+    /// assistant's turn. A Jinja template renders on its own thread within
+    /// its sandbox limits, so this blocks for at most the timeout (plus the
+    /// wait for another render of the same template: they run one at a
+    /// time). Errors are [`ModelError::Template`] for what the template or
+    /// the messages got wrong, [`ModelError::TemplateStopped`] when the
+    /// sandbox stopped the render or the template is disabled.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         match &self.kind {
             Kind::ChatMl => render_chatml(messages, add_generation_prompt),
-            Kind::Jinja { env, bos, eos } => {
-                let tmpl = env
-                    .get_template(TEMPLATE_NAME)
-                    .map_err(|e| ModelError::Template(describe(&e)))?;
-                let ctx = minijinja::context! {
-                    messages => minijinja::value::Serde(messages),
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => bos.as_str(),
-                    eos_token => eos.as_str(),
-                };
-                let mut out = CappedWriter {
-                    buf: Vec::new(),
-                    overflow: false,
-                };
-                match tmpl.render_captured_to(ctx, &mut out) {
-                    Ok(_) => String::from_utf8(out.buf)
-                        .map_err(|e| ModelError::Template(format!("the output is not UTF-8: {e}"))),
-                    Err(_) if out.overflow => Err(ModelError::Template(format!(
-                        "the rendered prompt exceeds the limit of {MAX_OUTPUT_BYTES} bytes"
-                    ))),
-                    Err(e) => Err(render_error(&e)),
+            Kind::Jinja(j) => {
+                // Messages the prompt could not hold are refused before
+                // they reach the template (and its memory budget).
+                let size: usize = messages
+                    .iter()
+                    .map(|m| m.role.len() + m.content.len())
+                    .sum();
+                if size > MAX_OUTPUT_BYTES {
+                    return Err(ModelError::Template(format!(
+                        "the messages hold {size} bytes of text, more than the rendered prompt's limit of {MAX_OUTPUT_BYTES} bytes"
+                    )));
                 }
+                let job = j.clone();
+                let messages = messages.to_vec();
+                j.sandbox
+                    .run(move || job.render(&messages, add_generation_prompt))?
             }
         }
     }
+
+    /// The most net bytes one finished render of this template allocated
+    /// (0 for ChatML, which renders without the sandbox).
+    pub fn peak_render_bytes(&self) -> usize {
+        match &self.kind {
+            Kind::Jinja(j) => j.sandbox.peak_bytes(),
+            Kind::ChatMl => 0,
+        }
+    }
+
+    /// Why this template is disabled (see [`ChatTemplate::render`]), if it is.
+    pub fn disabled(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Jinja(j) => j.sandbox.poisoned(),
+            Kind::ChatMl => None,
+        }
+    }
+}
+
+impl Jinja {
+    /// The render itself, run on the sandbox's thread.
+    fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| ModelError::Template(describe(&e)))?;
+        let ctx = minijinja::context! {
+            messages => minijinja::value::Serde(messages),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos.as_str(),
+            eos_token => self.eos.as_str(),
+        };
+        let mut out = CappedWriter {
+            buf: Vec::new(),
+            overflow: false,
+        };
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.buf)
+                .map_err(|e| ModelError::Template(format!("the output is not UTF-8: {e}"))),
+            Err(_) if out.overflow => Err(ModelError::Template(format!(
+                "the rendered prompt exceeds the limit of {MAX_OUTPUT_BYTES} bytes"
+            ))),
+            Err(e) => Err(render_error(&e)),
+        }
+    }
+}
+
+/// Runs minijinja's one-time global initialisations (number formatting
+/// cache, filter and test tables) once per process, here on the compiling
+/// thread: a render stopped by its memory budget in the middle of one would
+/// leave it pending forever and block every other template's renders.
+fn warm_up(env: &Environment<'static>) {
+    static WARM: std::sync::Once = std::sync::Once::new();
+    WARM.call_once(|| {
+        let _ = env.render_str(
+            "{% for m in [1, 2.5, 'x', {'a': 1}] %}{{ m }}{{ m | tojson }}{{ loop.index }}{% endfor %}\
+             {{ (['b', 'a'] | sort | join(',')) ~ ('x' | trim | upper) ~ (3 | string) }}",
+            (),
+        );
+    });
 }
 
 /// The chat template source of a Hugging Face directory: `chat_template` of

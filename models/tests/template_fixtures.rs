@@ -1,7 +1,8 @@
 //! Chat templates against the reference prompts of `smollm2_public.json`
 //! (the GGUF's own template rendered by Python Jinja2), Python-compatible
 //! helpers (`tojson`, `raise_exception`, string methods), and the sandbox:
-//! hostile templates must fail fast instead of hanging.
+//! hostile templates must fail fast instead of hanging (fuel, recursion
+//! limit, output cap, and the render memory budget for a string doubling).
 //!
 //! The model and fixtures are found as `smollm2_common` says. Nothing is
 //! skipped.
@@ -181,7 +182,13 @@ fn hostile(src: &str) -> (String, Duration) {
         .recv_timeout(Duration::from_secs(10))
         .expect("the hostile template did not finish within 10 s");
     let err = r.expect_err("a hostile template must fail");
-    assert!(matches!(err, ModelError::Template(_)), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ModelError::Template(_) | ModelError::TemplateStopped(_)
+        ),
+        "{err:?}"
+    );
     assert!(took < Duration::from_secs(2), "took {took:?}: {err}");
     (err.to_string(), took)
 }
@@ -228,6 +235,10 @@ fn hostile_templates_fail_fast() {
     assert!(err.contains("fuel"), "fuel: {err}");
     let (err, _) = hostile(cases[2].1);
     assert!(err.contains("recursion"), "{err}");
+    // Doubling a string grows faster than fuel is charged for the bytes
+    // produced: the render sandbox's memory budget stops it.
+    let (err, _) = hostile(cases[4].1);
+    assert!(err.contains("memory budget"), "memory budget: {err}");
     let (err, _) = hostile(cases[6].1);
     assert!(err.contains("recursion"), "{err}");
 }

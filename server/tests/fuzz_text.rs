@@ -8,18 +8,21 @@
 //! tokenizer. The incremental detokenizer, both its byte-level path and its
 //! window path, takes arbitrary ids (out-of-range ones included): no panic,
 //! an error exactly for the out-of-range ids, and pieces that add up to
-//! `decode` of the valid ids. Last, a regression test (ignored until
-//! minijinja charges fuel for it) for a template that doubles a list past
-//! minijinja's lazy-concatenation depth and so escapes the fuel budget.
+//! `decode` of the valid ids. Last, memory bombs that escape minijinja's
+//! fuel (a list doubled past its lazy-concatenation depth, and others):
+//! the render sandbox stops each within seconds, with an error naming the
+//! memory budget, without the process growing past the budget, and the
+//! template is disabled so later renders fail at once.
 
 use std::cell::Cell;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use cardinal_models::template::{ChatMessage, ChatTemplate, MAX_OUTPUT_BYTES};
+use cardinal_models::sandbox::Limits;
+use cardinal_models::template::{ChatMessage, ChatTemplate, MAX_OUTPUT_BYTES, RENDER_MEMORY_BYTES};
 use cardinal_models::tokenizer::{IncrementalDecoder, Tokenizer};
-use cardinal_models::{LoadOptions, LoadedModel, ModelSource};
+use cardinal_models::{LoadOptions, LoadedModel, ModelError, ModelSource};
 use proptest::prelude::*;
 use proptest::test_runner::{TestCaseError, TestRunner};
 
@@ -207,16 +210,23 @@ fn templates_render_hostile_messages_safely() {
         });
         eprintln!(
             "template {name}: 256 hostile conversations in {:.1} s: {} rendered (largest {} bytes), \
-             {} refused with an error; slowest render {:.1} ms",
+             {} refused with an error; slowest render {:.1} ms, most memory {:.1} MiB",
             t0.elapsed().as_secs_f64(),
             ok.get(),
             biggest.get(),
             refused.get(),
-            slowest.get().as_secs_f64() * 1e3
+            slowest.get().as_secs_f64() * 1e3,
+            tmpl.peak_render_bytes() as f64 / (1 << 20) as f64
         );
         if let Err(e) = result {
             panic!("{name}: {e}");
         }
+        // Real templates stay far from the render memory budget.
+        assert!(
+            tmpl.peak_render_bytes() < RENDER_MEMORY_BYTES / 4,
+            "{name}: a render held {} bytes",
+            tmpl.peak_render_bytes()
+        );
     }
 }
 
@@ -292,22 +302,178 @@ fn incremental_decoder_window_path() {
     check_decoder("window", window_tokenizer(), 512);
 }
 
+/// Memory bombs run one test at a time, so the RSS measured around one
+/// is not another's. (Stopped render threads keep what they hold, at most
+/// their budget, for the life of the process.)
+static BOMBS: Mutex<()> = Mutex::new(());
+
+fn bomb_lane() -> std::sync::MutexGuard<'static, ()> {
+    BOMBS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// This process's resident set size, from /proc/self/status.
+fn rss_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kib: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kib << 10
+}
+
 /// minijinja keeps `list + list` lazy until the chain is 32 deep, then
-/// copies every item without charging fuel: 33 doublings ask for 2^33
-/// items, so this render runs until memory is gone. The server cannot stop
-/// a render already running, so the fix belongs in minijinja (charge
-/// `len * SLOT_COST` before materializing) or in a patched copy of it.
+/// copies every item into a new list without charging fuel: 40 doublings
+/// ask for 2^40 items. The render sandbox's memory budget stops it.
+const LIST_DOUBLING: &str = "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | length }}";
+
+fn hi() -> [ChatMessage; 1] {
+    [ChatMessage::new("user", "hi")]
+}
+
 #[test]
-#[ignore = "minijinja 3.1 does not charge fuel for materialized list concatenation"]
 fn list_doubling_template_is_stopped() {
-    let src = "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | length }}";
-    let t = ChatTemplate::new(src, "", "").unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(t.render(&[ChatMessage::new("user", "hi")], true).is_err());
+    let _lane = bomb_lane();
+    // The default memory budget, but a time limit long enough that the
+    // budget, not the clock, stops this bomb however slow the machine is.
+    // (With the default time limit as well, whichever comes first stops
+    // it: see the HTTP test in http_api_limits.rs.)
+    let limits = Limits {
+        memory_bytes: RENDER_MEMORY_BYTES,
+        timeout: Duration::from_secs(60),
+    };
+    let t = ChatTemplate::with_limits(LIST_DOUBLING, "", "", limits).unwrap();
+    let rss0 = rss_bytes();
+    let t0 = Instant::now();
+    let err = t.render(&hi(), true).expect_err("the render is refused");
+    let took = t0.elapsed();
+    let grew = rss_bytes().saturating_sub(rss0);
+    let msg = err.to_string();
+    eprintln!(
+        "list doubling: refused in {:.0} ms, RSS grew {:.1} MiB (budget {} MiB): {msg}",
+        took.as_secs_f64() * 1e3,
+        grew as f64 / (1 << 20) as f64,
+        RENDER_MEMORY_BYTES >> 20
+    );
+    assert!(
+        matches!(err, ModelError::TemplateStopped(_)),
+        "stopped by the sandbox: {err:?}"
+    );
+    assert!(msg.contains("memory budget"), "{msg}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(
+        grew < RENDER_MEMORY_BYTES + (64 << 20),
+        "RSS grew by {grew} bytes"
+    );
+    // The template is now disabled: the next render fails at once, for the
+    // same reason, and leaves no other thread behind.
+    let t1 = Instant::now();
+    let again = t.render(&hi(), false).expect_err("disabled");
+    assert!(
+        t1.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        t1.elapsed()
+    );
+    let again = again.to_string();
+    assert!(
+        again.contains("disabled") && again.contains("memory budget"),
+        "{again}"
+    );
+    assert!(t.disabled().is_some());
+}
+
+#[test]
+fn a_disabled_template_fails_fast_everywhere() {
+    let _lane = bomb_lane();
+    let limits = Limits {
+        memory_bytes: 16 << 20,
+        timeout: Duration::from_secs(2),
+    };
+    let t = ChatTemplate::with_limits(LIST_DOUBLING, "", "", limits).unwrap();
+    let copy = t.clone();
+    let first = t.render(&hi(), true).unwrap_err().to_string();
+    assert!(first.contains("memory budget of 16.0 MiB"), "{first}");
+    // Clones share the state; many threads at once all fail at once.
+    let t0 = Instant::now();
+    let errors: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| copy.render(&hi(), true).unwrap_err().to_string()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let failed = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the render ends within 5 s");
-    assert!(failed, "the render is refused");
+    let took = t0.elapsed();
+    eprintln!(
+        "8 renders of a disabled template in {:.2} ms",
+        took.as_secs_f64() * 1e3
+    );
+    assert!(took < Duration::from_millis(200), "{took:?}");
+    for e in errors {
+        assert!(
+            e.starts_with(
+                "chat template: disabled: an earlier render was stopped at its memory budget"
+            ),
+            "{e}"
+        );
+    }
+    // A slow render is stopped by the time limit and disables its template.
+    let slow = ChatTemplate::with_limits(
+        "{% for i in range(100000) %}{{ i }}{% endfor %}",
+        "",
+        "",
+        Limits {
+            memory_bytes: 64 << 20,
+            timeout: Duration::from_millis(1),
+        },
+    )
+    .unwrap();
+    let e = slow.render(&hi(), true).unwrap_err().to_string();
+    assert!(e.contains("time limit of 0.001 s"), "{e}");
+    let e = slow.render(&hi(), true).unwrap_err().to_string();
+    assert!(e.contains("disabled") && e.contains("time limit"), "{e}");
+}
+
+#[test]
+fn other_memory_bombs_are_stopped() {
+    let _lane = bomb_lane();
+    let limits = Limits {
+        memory_bytes: 32 << 20,
+        timeout: Duration::from_secs(2),
+    };
+    let bombs = [
+        (
+            "string doubling (~)",
+            "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}",
+        ),
+        (
+            "string doubling (+)",
+            "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s | length }}",
+        ),
+        ("string repeat", "{{ ('x' * 999999999) | length }}"),
+        ("list repeat", "{{ ([1] * 999999999) | list | length }}"),
+        (
+            "list repeat joined",
+            "{{ (['xxxxxxxx'] * 99999999) | join | length }}",
+        ),
+        ("huge range", "{{ range(999999999) | list | length }}"),
+        (
+            "list doubling, sorted",
+            "{% set ns = namespace(l=[3, 1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | sort | length }}",
+        ),
+        (
+            "list of lists",
+            "{% set ns = namespace(l=[[1, 2, 3, 4]]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | map('length') | sum }}",
+        ),
+    ];
+    for (name, src) in bombs {
+        let t = ChatTemplate::with_limits(src, "", "", limits).unwrap();
+        let t0 = Instant::now();
+        let r = t.render(&hi(), true);
+        let took = t0.elapsed();
+        let err = r.expect_err(name);
+        eprintln!(
+            "{name}: refused in {:.0} ms: {err}",
+            took.as_secs_f64() * 1e3
+        );
+        assert!(took < Duration::from_secs(3), "{name}: took {took:?}");
+    }
 }

@@ -2,12 +2,16 @@
 //! the router without a socket on the tiny-granite fixture: every bad-input
 //! case of the spec with its status and `param`, auth, metric names after
 //! traffic, 429 with Retry-After, request timeouts, CORS and drain, the
-//! loading state, and aborts.
+//! loading state, aborts, and a model whose chat template is a memory bomb
+//! (a 500 in the OpenAI shape, fast, while raw prompts keep being served).
 
 mod http_support;
 
+use std::time::{Duration, Instant};
+
 use axum::body::Body;
 use axum::http::Request;
+use cardinal_models::template::{ChatTemplate, RENDER_TIMEOUT};
 use cardinal_server::serve::{ApiKey, ServeOptions};
 use http_support::*;
 use serde_json::{Value, json};
@@ -421,6 +425,81 @@ async fn request_timeout_ends_requests() {
         "one error event, then [DONE]"
     );
     assert_eq!(events.iter().filter(|e| e.contains("\"error\"")).count(), 1);
+}
+
+/// Doubles a list 40 times: past minijinja's lazy-concatenation depth every
+/// doubling copies all items without charging fuel.
+const LIST_DOUBLING: &str = "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | length }}";
+
+#[tokio::test]
+async fn a_template_memory_bomb_is_a_server_error_and_raw_prompts_still_work() {
+    // The real sandbox limits: the memory budget or the time limit stops
+    // the render, whichever comes first on this machine.
+    let a = app_with_template(ChatTemplate::new(LIST_DOUBLING, "", "").unwrap());
+    let chat = json!({"messages": user("hi"), "max_tokens": 2});
+    let t = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        post_json(&a.router, "/v1/chat/completions", chat.clone()),
+    )
+    .await
+    .expect("the chat request is answered");
+    let took = t.elapsed();
+    let v = r.assert_error(500, None);
+    let msg = v["error"]["message"].as_str().unwrap();
+    eprintln!(
+        "bomb template: 500 in {:.0} ms: {msg}",
+        took.as_secs_f64() * 1e3
+    );
+    assert_eq!(v["error"]["type"], "server_error");
+    assert_eq!(v["error"]["code"], "chat_template_error");
+    assert!(
+        msg.contains("memory budget") || msg.contains("time limit"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("/v1/completions"),
+        "the way out is named: {msg}"
+    );
+    assert!(took < RENDER_TIMEOUT + Duration::from_secs(2), "{took:?}");
+
+    // Text prompts do not need the template and are still served.
+    let r = post_json(
+        &a.router,
+        "/v1/completions",
+        json!({"prompt": "Hello there", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["choices"][0]["text"].is_string());
+
+    // The template is disabled: chat and /tokenize with messages fail at once.
+    for (path, body) in [
+        ("/v1/chat/completions", chat.clone()),
+        ("/tokenize", json!({"messages": user("hi")})),
+    ] {
+        let t = Instant::now();
+        let r = post_json(&a.router, path, body).await;
+        let took = t.elapsed();
+        let v = r.assert_error(500, None);
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("disabled"), "{path}: {msg}");
+        assert!(took < Duration::from_millis(500), "{path}: {took:?}");
+    }
+    assert_eq!(
+        post_json(&a.router, "/tokenize", json!({"prompt": "Hello"}))
+            .await
+            .status,
+        200
+    );
+    let metrics = call(&a.router, get("/metrics")).await.text();
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("cardinal_request_errors_total{") && l.contains("type=\"template\"")
+        })
+        .expect("template errors are counted");
+    assert!(line.ends_with(" 3"), "{line}");
 }
 
 #[tokio::test]

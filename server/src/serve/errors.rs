@@ -7,6 +7,8 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use cardinal_models::ModelError;
+use cardinal_models::sandbox::Stopped;
 use cardinal_pipeline::SubmitError;
 use serde_json::{Map, Value, json};
 
@@ -215,6 +217,43 @@ impl ApiError {
         e
     }
 
+    /// 500 for a chat template its sandbox stopped (memory budget, time
+    /// limit) or disabled after such a stop. The model's own template is at
+    /// fault, not the request, so this is not a 4xx: vLLM answers a failure
+    /// inside the server with 500 (`InternalServerError`) and OpenAI with
+    /// 500 `server_error`, and clients treat 5xx as the server's problem. It
+    /// is not a 503 either: retrying does not help while this process runs
+    /// (the template stays disabled), though a prompt sent as text to
+    /// /v1/completions still works, which the message says.
+    pub fn template_stopped(message: impl std::fmt::Display) -> Self {
+        let mut e = Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!(
+                "{message}. The model's chat template cannot be used; send the prompt as text to /v1/completions instead"
+            ),
+        );
+        e.code = Some("chat_template_error");
+        e
+    }
+
+    /// Maps a failure to render the chat template: a 500 when the sandbox
+    /// stopped the template ([`ApiError::template_stopped`]), else a 400
+    /// naming `param` (what the messages or the template's checks of them,
+    /// such as `raise_exception`, refused).
+    pub fn from_render(e: ModelError, param: &str) -> Self {
+        match e {
+            ModelError::TemplateStopped(ref why) => {
+                if !matches!(why, Stopped::Poisoned(_)) {
+                    // Once per template: later renders are `Poisoned`.
+                    tracing::error!("the model's chat template is disabled: {why}");
+                }
+                Self::template_stopped(e)
+            }
+            e => Self::invalid(param, e.to_string()),
+        }
+    }
+
     /// 504: the request ran past --request-timeout.
     pub fn timeout(seconds: f64) -> Self {
         let mut e = Self::new(
@@ -257,6 +296,7 @@ impl ApiError {
             413 => "too_large",
             415 => "unsupported_media_type",
             504 => "timeout",
+            500 if self.code == Some("chat_template_error") => "template",
             400..=499 => "invalid_request",
             500 => "engine",
             _ => "server",
@@ -347,6 +387,27 @@ mod tests {
         assert_eq!(b["error"]["n_prompt_tokens"], 300);
         assert_eq!(b["error"]["n_ctx"], 256);
         assert!(b["error"]["message"].as_str().unwrap().contains("300"));
+    }
+
+    #[test]
+    fn stopped_templates_are_server_errors() {
+        let stopped =
+            ModelError::TemplateStopped(Stopped::Timeout(std::time::Duration::from_secs(2)));
+        let e = ApiError::from_render(stopped, "messages");
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(e.metric_type(), "template");
+        let b = e.body();
+        assert_eq!(b["error"]["type"], "server_error");
+        assert_eq!(b["error"]["code"], "chat_template_error");
+        assert!(b["error"]["param"].is_null());
+        let m = b["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("time limit of 2 s") && m.contains("/v1/completions"),
+            "{m}"
+        );
+        let bad = ApiError::from_render(ModelError::Template("no".into()), "messages");
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+        assert_eq!(bad.param.as_deref(), Some("messages"));
     }
 
     #[test]

@@ -162,7 +162,7 @@ async fn prompt_ids(sv: &Served, g: &GenRequest) -> Result<Vec<Vec<u32>>, ApiErr
             Prompt::Chat(msgs) => {
                 let text = loaded
                     .render_chat(&msgs)
-                    .map_err(|e| ApiError::invalid(param, e.to_string()))?;
+                    .map_err(|e| ApiError::from_render(e, param))?;
                 Ok(vec![with_bos(
                     tok.encode(&text, true)
                         .map_err(|e| ApiError::invalid(param, e.to_string()))?,

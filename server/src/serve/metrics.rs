@@ -363,6 +363,7 @@ impl Metrics {
             "unsupported_media_type",
             "timeout",
             "engine",
+            "template",
         ] {
             m.errors.with_label_values(&[t]).inc_by(0);
         }

@@ -332,10 +332,13 @@ async fn tokenize_inner(s: &AppState, req: Request) -> Result<Response, ApiError
     let mut ids = if f.raw("messages").is_some() {
         let msgs = parse_messages(&f)?;
         let gen_prompt = f.bool("add_generation_prompt")?.unwrap_or(true);
-        let text = sv
-            .loaded
-            .render_chat_with(&msgs, gen_prompt)
-            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        // The template renders on its own thread and can take up to its
+        // time limit: wait for it off the async workers.
+        let loaded = sv.loaded.clone();
+        let text = tokio::task::spawn_blocking(move || loaded.render_chat_with(&msgs, gen_prompt))
+            .await
+            .map_err(|e| ApiError::internal(format!("rendering failed: {e}")))?
+            .map_err(|e| ApiError::from_render(e, "messages"))?;
         tok.encode(&text, true)
             .map_err(|e| ApiError::invalid("messages", e.to_string()))?
     } else {

@@ -55,6 +55,26 @@ pub fn app_with(opts: ServeOptions) -> App {
     }
 }
 
+/// An app over tiny-granite whose chat template is `template` instead of
+/// its own (as a GGUF or tokenizer_config.json could carry), served as "tiny".
+pub fn app_with_template(template: cardinal_models::template::ChatTemplate) -> App {
+    let opts = ServeOptions {
+        served_model_name: Some("tiny".into()),
+        ..Default::default()
+    };
+    let mut rt = runtime(&opts);
+    Arc::get_mut(&mut rt.loaded)
+        .expect("only the runtime holds the loaded model")
+        .template = Some(template);
+    let engine = rt.engine.clone();
+    let state = AppState::new(opts, rt);
+    App {
+        router: router(state.clone()),
+        engine,
+        state,
+    }
+}
+
 /// An app with default options, served as "tiny".
 pub fn app() -> App {
     app_with(ServeOptions {

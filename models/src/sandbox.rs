@@ -1,0 +1,263 @@
+//! The render sandbox: this module owns running untrusted work (a model's
+//! chat template) on a dedicated thread bounded in memory and wall-clock
+//! time, and disabling that work for good once it has broken a bound.
+//!
+//! [`Sandbox::run`] spawns one thread per job, opens an
+//! [`alloc_guard`](crate::alloc_guard) budget scope on it and waits, with a
+//! timeout, for its answer on a bounded channel. If the job goes over its
+//! memory budget, the allocator stops its thread for good (it keeps at most
+//! the budget); if it runs past the timeout, the budget is cancelled so the
+//! thread stops at its next allocation instead of burning CPU. Either way
+//! the caller gets a [`Stopped`] naming the limit, and the sandbox is
+//! *poisoned*: every later job fails at once with the same reason instead
+//! of leaking another stuck thread. Jobs of one sandbox run one at a time
+//! (a lane held by the waiting caller, never by the job thread), so a
+//! sandbox leaks at most one stuck thread, holding at most its budget, over
+//! the life of the process.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::alloc_guard::{self, Budget, Trip};
+
+/// How often the caller looks at the budget while it waits.
+const POLL: Duration = Duration::from_millis(5);
+/// Stack of a job thread: room for minijinja's recursion limit with margin
+/// (reserved, not committed: only the pages touched are used).
+const STACK_BYTES: usize = 8 << 20;
+
+/// The bounds of one job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Net bytes the job's thread may allocate.
+    pub memory_bytes: usize,
+    /// Wall-clock time the caller waits for the answer.
+    pub timeout: Duration,
+}
+
+/// Why a job gave no answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Stopped {
+    /// This job went over the memory budget; the sandbox is now poisoned.
+    #[error("rendering {}; it is disabled from now on", self.cause())]
+    Memory {
+        budget: usize,
+        in_use: usize,
+        requested: usize,
+    },
+    /// This job ran past the time limit; the sandbox is now poisoned.
+    #[error("rendering {}; it is disabled from now on", self.cause())]
+    Timeout(Duration),
+    /// An earlier job broke a limit (the cause), so no job runs any more.
+    #[error("disabled: an earlier render {0}")]
+    Poisoned(String),
+    /// The job's thread could not be started or panicked.
+    #[error("the render thread {0}")]
+    Failed(String),
+}
+
+impl Stopped {
+    /// What the job did, e.g. "was stopped at its memory budget of 256.0 MiB
+    /// (...)"; empty for the other kinds.
+    fn cause(&self) -> String {
+        match self {
+            Stopped::Memory {
+                budget,
+                in_use,
+                requested,
+            } => format!(
+                "was stopped at its memory budget of {} (it asked for {} more with {} in use)",
+                mib(*budget),
+                mib(*requested),
+                mib(*in_use)
+            ),
+            Stopped::Timeout(t) => format!(
+                "did not finish within its time limit of {} s",
+                t.as_secs_f64()
+            ),
+            Stopped::Poisoned(_) | Stopped::Failed(_) => String::new(),
+        }
+    }
+}
+
+/// Bytes as MiB for messages.
+fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// A sandbox for one piece of untrusted work (one chat template).
+#[derive(Debug)]
+pub struct Sandbox {
+    limits: Limits,
+    /// Held by the waiting caller while a job runs: jobs run one at a time.
+    lane: Mutex<()>,
+    /// Set once, by the first job that breaks a limit: what it broke.
+    poisoned: OnceLock<String>,
+    /// The most net bytes any finished job held at once.
+    peak: AtomicUsize,
+}
+
+impl Sandbox {
+    /// A sandbox whose jobs run within `limits`.
+    pub fn new(limits: Limits) -> Self {
+        Sandbox {
+            limits,
+            lane: Mutex::new(()),
+            poisoned: OnceLock::new(),
+            peak: AtomicUsize::new(0),
+        }
+    }
+
+    /// The bounds of each job.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The most net bytes a job of this sandbox that answered held at once:
+    /// how close real work comes to the budget.
+    pub fn peak_bytes(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Why the sandbox is disabled, if it is.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.get().map(String::as_str)
+    }
+
+    /// Runs `job` on a fresh thread within the limits and returns its
+    /// answer, or why there is none. Blocks the caller for at most the
+    /// timeout (plus the wait for an earlier job of this sandbox).
+    pub fn run<T, F>(&self, job: F) -> Result<T, Stopped>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        self.check()?;
+        // The lane is held only by callers, who never block past their
+        // timeout, so a poisoned std mutex (a panicking caller) is still fine.
+        let _lane = self.lane.lock().unwrap_or_else(PoisonError::into_inner);
+        self.check()?;
+        let budget = Budget::new(self.limits.memory_bytes);
+        let (tx, rx) = mpsc::sync_channel(1);
+        let scoped = budget.clone();
+        std::thread::Builder::new()
+            .name("chat-template".into())
+            .stack_size(STACK_BYTES)
+            .spawn(move || {
+                let scope = alloc_guard::enter(scoped);
+                let answer = job();
+                drop(scope);
+                // The caller may have given up (timeout): nothing to do then.
+                let _ = tx.send(answer);
+            })
+            .map_err(|e| Stopped::Failed(format!("could not be started: {e}")))?;
+        let deadline = Instant::now() + self.limits.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(POLL)) {
+                Ok(answer) => {
+                    // The scope closed before the answer was sent.
+                    self.peak.fetch_max(budget.peak(), Ordering::Relaxed);
+                    return Ok(answer);
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(Stopped::Failed("panicked".into()));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            let stopped = match budget.tripped() {
+                Some(Trip::Memory { in_use, requested }) => Stopped::Memory {
+                    budget: budget.limit(),
+                    in_use,
+                    requested,
+                },
+                // Only this function cancels, after a timeout it reports.
+                Some(Trip::Cancelled) => Stopped::Timeout(self.limits.timeout),
+                None if left.is_zero() => {
+                    budget.cancel();
+                    Stopped::Timeout(self.limits.timeout)
+                }
+                None => continue,
+            };
+            let _ = self.poisoned.set(stopped.cause());
+            return Err(stopped);
+        }
+    }
+
+    fn check(&self) -> Result<(), Stopped> {
+        match self.poisoned.get() {
+            Some(why) => Err(Stopped::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sandbox(memory_bytes: usize, timeout_ms: u64) -> Sandbox {
+        Sandbox::new(Limits {
+            memory_bytes,
+            timeout: Duration::from_millis(timeout_ms),
+        })
+    }
+
+    #[test]
+    fn answers_come_back() {
+        let s = sandbox(16 << 20, 5000);
+        for i in 0..8u32 {
+            assert_eq!(s.run(move || vec![i; 1000].len()), Ok(1000));
+        }
+        assert!(s.peak_bytes() >= 4000, "{}", s.peak_bytes());
+        assert_eq!(s.poisoned(), None);
+    }
+
+    #[test]
+    fn a_memory_hog_is_stopped_and_poisons_the_sandbox() {
+        let s = sandbox(8 << 20, 10_000);
+        let t = Instant::now();
+        let e = s
+            .run(|| {
+                let mut v = vec![0u8; 1];
+                loop {
+                    v.extend_from_within(..);
+                }
+            })
+            .unwrap_err();
+        assert!(matches!(e, Stopped::Memory { .. }), "{e}");
+        assert!(e.to_string().contains("memory budget of 8.0 MiB"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let t = Instant::now();
+        let again = s.run(|| 1).unwrap_err();
+        assert!(t.elapsed() < Duration::from_millis(50));
+        assert!(matches!(again, Stopped::Poisoned(_)), "{again}");
+        assert!(again.to_string().contains("memory budget"), "{again}");
+    }
+
+    #[test]
+    fn a_slow_job_times_out_and_poisons_the_sandbox() {
+        let s = sandbox(16 << 20, 50);
+        let e = s
+            .run(|| {
+                loop {
+                    std::hint::black_box(Box::new(0u8));
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+            .unwrap_err();
+        assert_eq!(e, Stopped::Timeout(Duration::from_millis(50)));
+        assert!(e.to_string().contains("time limit of 0.05 s"), "{e}");
+        assert!(matches!(s.run(|| 1), Err(Stopped::Poisoned(_))));
+    }
+
+    #[test]
+    fn a_panicking_job_is_an_error_but_does_not_poison() {
+        let s = sandbox(16 << 20, 5000);
+        let e = s.run(|| -> u32 { panic!("boom") }).unwrap_err();
+        assert!(matches!(e, Stopped::Failed(_)), "{e}");
+        assert_eq!(s.run(|| 2), Ok(2));
+    }
+}
