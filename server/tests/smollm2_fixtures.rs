@@ -35,11 +35,15 @@ fn default_model(cards: Option<usize>) -> ModelArgs {
     }
 }
 
-/// Prompts that must match llama.cpp over every generated id (measured: 4;
-/// see ARCHITECTURE.md, "Agreement with llama.cpp").
-const MIN_FULL: usize = 4;
-/// Mean |top-1 log-prob difference| allowed along shared prefixes.
-const MAX_MEAN_LOGPROB_ERR: f64 = 0.15;
+/// Prompts that must match llama.cpp over every generated id (measured: 4
+/// with AVX-512 VNNI and AVX2, 3 with `CARDINAL_ISA=scalar`, whose sums are
+/// ordered differently; the rest diverge at near-ties, see ARCHITECTURE.md,
+/// "Agreement with llama.cpp").
+const MIN_FULL: usize = 3;
+/// Mean |top-1 log-prob difference| allowed along shared prefixes (measured
+/// 0.066 with AVX-512 VNNI; most of it is the A8 round trip of the residual
+/// stream at every part boundary, see ARCHITECTURE.md).
+const MAX_MEAN_LOGPROB_ERR: f64 = 0.09;
 
 #[test]
 fn greedy_agrees_with_llama_cpp_up_to_swapped_runner_ups() {
@@ -75,6 +79,14 @@ fn greedy_agrees_with_llama_cpp_up_to_swapped_runner_ups() {
             .iter()
             .map(|v| v.as_u64().unwrap() as u32)
             .collect();
+        // `greedy_top2` holds one entry per chunk llama.cpp's server streamed;
+        // where it merged byte tokens into one character (cjk_emoji: 21
+        // entries for 64 ids) entry i is not about token i, so such a prompt
+        // has no per-token reference.
+        let top2: &[serde_json::Value] = match e["greedy_top2"].as_array() {
+            Some(a) if a.len() == want.len() => a,
+            _ => &[],
+        };
         let mut s = rt
             .engine
             .submit(Request {
@@ -95,7 +107,7 @@ fn greedy_agrees_with_llama_cpp_up_to_swapped_runner_ups() {
                     got.push(t.id);
                     if got.len() <= want.len() && got[i] != want[i] && got[..i] == want[..i] {
                         // At the divergence: are both engines choosing between the same two tokens?
-                        let f = &e["greedy_top2"][i];
+                        let f = top2.get(i).unwrap_or(&serde_json::Value::Null);
                         let theirs: Vec<u64> = f["top2_ids"]
                             .as_array()
                             .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
@@ -105,15 +117,16 @@ fn greedy_agrees_with_llama_cpp_up_to_swapped_runner_ups() {
                             "{name} @{i}: our top-3 {:?}; llama.cpp top-2 {theirs:?}, top-1 log-prob {}, gap {}",
                             t.top, f["logprob_top1"], f["logprob_gap_top1_top2"]
                         );
-                        if theirs.first().is_none_or(|c| !ours.contains(c)) {
+                        if !top2.is_empty() && theirs.first().is_none_or(|c| !ours.contains(c)) {
                             top2_mismatch.push(format!(
                                 "{name} @{i}: our top-3 {ours:?} vs llama.cpp's top-2 {theirs:?}"
                             ));
                         }
                     }
                     // Along the shared prefix, compare our top-1 log-prob and top-2 gap with llama.cpp's.
-                    if got[..] == want[..got.len().min(want.len())] {
-                        let f = &e["greedy_top2"][i];
+                    if let (true, Some(f)) =
+                        (got[..] == want[..got.len().min(want.len())], top2.get(i))
+                    {
                         let gap = t
                             .top
                             .first()
@@ -137,11 +150,12 @@ fn greedy_agrees_with_llama_cpp_up_to_swapped_runner_ups() {
             full += 1;
             report.push(format!("{name}: all {} ids equal", want.len()));
         } else {
-            let gap = e["greedy_top2"][same]["logprob_gap_top1_top2"]
-                .as_f64()
+            let gap = top2
+                .get(same)
+                .and_then(|f| f["logprob_gap_top1_top2"].as_f64())
                 .unwrap_or(f64::NAN);
             report.push(format!("{name}: {same}/{} equal; diverges at {same} where llama.cpp's top-2 gap is {gap:.4}", want.len()));
-            if gap.is_nan() {
+            if same >= want.len() {
                 failures.push(format!(
                     "{name}: diverged at {same}, past llama.cpp's output"
                 ));
