@@ -33,8 +33,12 @@ pub const WORKERS: usize = 2;
 /// Jobs waiting for a worker before callers block.
 const QUEUE: usize = 64;
 
-/// A job and the budget its worker runs it under.
-type Work = (Arc<Budget>, Box<dyn FnOnce() + Send>);
+/// A job and the budget its worker runs it under. The job runs inside the
+/// budget scope and returns what delivers its answer, which the worker calls
+/// after closing the scope, so the budget's peak is final by then.
+type Work = (Arc<Budget>, Box<dyn FnOnce() -> Deliver + Send>);
+/// Sends a finished job's answer to its caller.
+type Deliver = Box<dyn FnOnce() + Send>;
 
 /// Stack of a job thread: room for minijinja's recursion limit with margin
 /// (reserved, not committed: only the pages touched are used).
@@ -167,9 +171,12 @@ impl Sandbox {
         self.check()?;
         let budget = Budget::new(self.limits.memory_bytes);
         let (tx, rx) = mpsc::sync_channel(1);
-        let task: Box<dyn FnOnce() + Send> = Box::new(move || {
-            // The caller may have given up (timeout): nothing to do then.
-            let _ = tx.send(job());
+        let task: Box<dyn FnOnce() -> Deliver + Send> = Box::new(move || {
+            let answer = job();
+            Box::new(move || {
+                // The caller may have given up (timeout): nothing to do then.
+                let _ = tx.send(answer);
+            })
         });
         self.queue()?
             .send((budget.clone(), task))
@@ -179,7 +186,7 @@ impl Sandbox {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left.min(POLL)) {
                 Ok(answer) => {
-                    // The scope closed before the answer was sent.
+                    // The worker closed the scope before delivering the answer.
                     self.peak.fetch_max(budget.peak(), Ordering::Relaxed);
                     return Ok(answer);
                 }
@@ -227,8 +234,11 @@ fn worker(rx: &Mutex<Receiver<Work>>) {
             return;
         };
         let scope = alloc_guard::enter(budget);
-        let _ = catch_unwind(AssertUnwindSafe(task));
+        let deliver = catch_unwind(AssertUnwindSafe(task));
         drop(scope);
+        if let Ok(deliver) = deliver {
+            deliver();
+        }
     }
 }
 
