@@ -110,6 +110,7 @@ pub enum SubmitError {
 pub struct Stream {
     rx: mpsc::Receiver<Event>,
     cancel: Arc<AtomicBool>,
+    finish: Arc<AtomicBool>,
 }
 
 impl Stream {
@@ -126,6 +127,14 @@ impl Stream {
     /// Cancels the sequence without dropping the stream.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Release);
+    }
+
+    /// Ends the sequence before its next step with reason `stop`, as when the
+    /// caller matched a stop string: unlike a cancel, the stream still gets
+    /// [`Event::Done`] with the sequence's figures (tokens, energy). Tokens
+    /// already in flight may arrive before it.
+    pub fn finish(&self) {
+        self.finish.store(true, Ordering::Release);
     }
 }
 
@@ -193,6 +202,8 @@ struct Pending {
     req: Request,
     tx: mpsc::Sender<Event>,
     cancel: Arc<AtomicBool>,
+    /// Set by [`Stream::finish`].
+    finish: Arc<AtomicBool>,
     arrived: Instant,
 }
 
@@ -290,14 +301,16 @@ impl Engine {
         }
         let (tx, rx) = mpsc::channel(req.max_tokens + 4);
         let cancel = Arc::new(AtomicBool::new(false));
+        let finish = Arc::new(AtomicBool::new(false));
         let p = Pending {
             req,
             tx,
             cancel: cancel.clone(),
+            finish: finish.clone(),
             arrived: Instant::now(),
         };
         match self.tx.try_send(Cmd::Submit(Box::new(p))) {
-            Ok(()) => Ok(Stream { rx, cancel }),
+            Ok(()) => Ok(Stream { rx, cancel, finish }),
             Err(e) => {
                 self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
                 Err(match e {
@@ -342,6 +355,24 @@ struct Seq {
     first_token: Option<Instant>,
     card_joules: f64,
     host_joules: f64,
+}
+
+impl Seq {
+    /// The figures of this sequence, ending now for `reason`.
+    fn finished(&self, reason: FinishReason, now: Instant) -> Finished {
+        let first = self.first_token;
+        Finished {
+            reason,
+            prompt_tokens: self.p.req.prompt.len(),
+            completion_tokens: self.generated,
+            queue_seconds: (self.admitted - self.p.arrived).as_secs_f64(),
+            ttft_seconds: first.map_or(0.0, |t| (t - self.p.arrived).as_secs_f64()),
+            prefill_seconds: first.map_or(0.0, |t| (t - self.admitted).as_secs_f64()),
+            decode_seconds: first.map_or(0.0, |t| (now - t).as_secs_f64()),
+            card_joules: self.card_joules,
+            host_joules: self.host_joules,
+        }
+    }
 }
 
 struct Worker {
@@ -411,6 +442,7 @@ impl Worker {
                 }
             }
             self.drop_cancelled(&mut waiting, &mut running);
+            self.finish_requested(&mut running);
             self.admit(&mut waiting, &mut running);
             if running.is_empty() {
                 continue;
@@ -448,6 +480,24 @@ impl Worker {
         self.stats
             .cancelled
             .fetch_add(removed as u64, Ordering::Relaxed);
+        self.stats.running.store(running.len(), Ordering::Release);
+    }
+
+    /// Ends, with reason stop, the running sequences whose caller asked for
+    /// it ([`Stream::finish`]); their caches go back to the cards.
+    fn finish_requested(&self, running: &mut Vec<Seq>) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < running.len() {
+            if running[i].p.finish.load(Ordering::Acquire) {
+                let s = running.swap_remove(i);
+                let _ =
+                    s.p.tx
+                        .try_send(Event::Done(s.finished(FinishReason::Stop, now)));
+            } else {
+                i += 1;
+            }
+        }
         self.stats.running.store(running.len(), Ordering::Release);
     }
 
@@ -614,23 +664,7 @@ impl Worker {
         }
         for &(si, reason) in finished.iter().rev() {
             let s = running.swap_remove(si);
-            let ttft = s
-                .first_token
-                .map_or(0.0, |t| (t - s.p.arrived).as_secs_f64());
-            let done = Finished {
-                reason,
-                prompt_tokens: s.p.req.prompt.len(),
-                completion_tokens: s.generated,
-                queue_seconds: (s.admitted - s.p.arrived).as_secs_f64(),
-                ttft_seconds: ttft,
-                prefill_seconds: s
-                    .first_token
-                    .map_or(0.0, |t| (t - s.admitted).as_secs_f64()),
-                decode_seconds: s.first_token.map_or(0.0, |t| (now - t).as_secs_f64()),
-                card_joules: s.card_joules,
-                host_joules: s.host_joules,
-            };
-            let _ = s.p.tx.try_send(Event::Done(done));
+            let _ = s.p.tx.try_send(Event::Done(s.finished(reason, now)));
         }
         self.stats.running.store(running.len(), Ordering::Release);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);

@@ -301,16 +301,40 @@ async fn stop_strings_never_leak() {
     assert_eq!(v["choices"][0]["text"].as_str().unwrap(), &text[..cut]);
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["choices"][0]["stop_reason"], stop.as_str());
-    let r = post_json(&a.router, "/v1/completions", body(true)).await;
+    // The engine still reports the stopped sequence's figures.
+    let through_stop = (1..=toks.len())
+        .find(|&j| toks[..j].concat().len() >= cut + stop.len())
+        .unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], through_stop, "{v}");
+    assert!(
+        v["usage"]["cardinal"]["card_joules"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+    assert!(
+        v["usage"]["cardinal"]["host_joules"].as_f64().is_some(),
+        "{v}"
+    );
+    let mut streaming = body(true);
+    streaming["stream_options"] = json!({"include_usage": true});
+    let r = post_json(&a.router, "/v1/completions", streaming).await;
     let events = sse_data(&r.text());
     let mut streamed = String::new();
+    let mut usage = Value::Null;
     for e in &events[..events.len() - 1] {
         let c: Value = serde_json::from_str(e).unwrap();
-        let piece = c["choices"][0]["text"].as_str().unwrap();
-        assert!(!piece.contains(&stop));
-        streamed.push_str(piece);
+        if let Some(piece) = c["choices"][0]["text"].as_str() {
+            assert!(!piece.contains(&stop));
+            streamed.push_str(piece);
+        }
+        if !c["usage"].is_null() {
+            usage = c["usage"].clone();
+        }
     }
     assert_eq!(streamed, &text[..cut]);
+    assert!(
+        usage["cardinal"]["card_joules"].as_f64().unwrap() > 0.0,
+        "{usage}"
+    );
     // Chat takes a single string too.
     let v = post_json(
         &a.router,

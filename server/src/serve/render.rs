@@ -5,7 +5,7 @@
 //!
 //! | field | meaning |
 //! | --- | --- |
-//! | `card_joules` | modeled energy of the request on the cards (null if a sequence was stopped early by a stop string) |
+//! | `card_joules` | modeled energy of the request on the cards (null only if the engine failed before reporting a sequence's figures) |
 //! | `host_joules` | host energy attributed to the request (same caveat) |
 //! | `host_energy_source` | `measured` (RAPL) or `estimate` (CPU time × watts per core) |
 //! | `decode_tokens_per_second` | tokens after the first, over the time from first to last token |

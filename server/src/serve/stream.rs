@@ -4,7 +4,9 @@
 //! deltas, finishes, errors), records the per-token metrics and computes the
 //! usage. Stop strings never leak: text that could be the start of a stop
 //! string is held back until it is known not to be one, and a match ends the
-//! sequence (its engine stream is dropped, which cancels it).
+//! sequence: the engine is asked to finish it before its next step, and the
+//! driver waits for its figures (energy, queue time) before the usage is
+//! final.
 //!
 //! Dropping a `Driver` drops its engine streams, so a client that goes away
 //! cancels its sequences; the drop is counted as a cancellation unless the
@@ -154,6 +156,8 @@ pub struct Choice {
     last_id: Option<u32>,
     pub finish: Option<FinishInfo>,
     pub stats: Option<Finished>,
+    /// Finished by a stop string; the engine's figures are still to come.
+    awaiting_stats: bool,
 }
 
 /// Request-wide settings of a driver.
@@ -220,6 +224,7 @@ impl Driver {
                 last_id: None,
                 finish: None,
                 stats: None,
+                awaiting_stats: false,
             })
             .collect();
         let open = choices.len();
@@ -254,7 +259,7 @@ impl Driver {
             if let Some(u) = self.pending.pop_front() {
                 return Some(u);
             }
-            if self.open == 0 || self.ended {
+            if self.ended || (self.open == 0 && !self.choices.iter().any(|c| c.awaiting_stats)) {
                 return None;
             }
             let (i, ev) = self.recv_any().await;
@@ -270,7 +275,7 @@ impl Driver {
             for k in 0..n {
                 let i = (start + k) % n;
                 let c = &mut self.choices[i];
-                if c.finish.is_some() {
+                if c.finish.is_some() && !c.awaiting_stats {
                     continue;
                 }
                 if let Some(s) = c.stream.as_mut() {
@@ -288,6 +293,19 @@ impl Driver {
     }
 
     fn handle(&mut self, i: usize, ev: Option<Event>) {
+        let c = &mut self.choices[i];
+        if c.awaiting_stats {
+            // Tokens past the stop string are not part of the answer; the
+            // figures are, whether they come or the engine failed first.
+            match ev {
+                Some(Event::Token(_)) => return,
+                Some(Event::Done(f)) => c.stats = Some(f),
+                Some(Event::Error(_)) | None => {}
+            }
+            c.awaiting_stats = false;
+            c.stream = None;
+            return;
+        }
         match ev {
             Some(Event::Token(t)) => self.on_token(
                 i,
@@ -336,7 +354,12 @@ impl Driver {
         let (text, hit) = c.stops.push(&piece);
         if let Some(s) = hit {
             let stop = c.stops.stop(s).to_string();
-            c.stream = None; // Cancels the sequence in the engine.
+            // The engine ends the sequence before its next step and still
+            // reports its figures (energy), which `next` waits for.
+            if let Some(st) = &c.stream {
+                st.finish();
+                c.awaiting_stats = true;
+            }
             self.emit(i, text, true);
             self.finish(
                 i,
