@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use cardinal_kernels::Pool;
 use cardinal_pipeline::energy::peak_rss_bytes;
+use cardinal_pipeline::engine::Finished;
 use cardinal_pipeline::{Event, Request, SamplingParams};
 
 use super::generate::log_stderr;
@@ -73,6 +74,7 @@ fn synthetic_prompt(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
 struct Round {
     prefill_tps: f64,
     decode_tps: f64,
+    span_tps: f64,
     wall_tokens_per_s: f64,
     modeled_tps: f64,
     card_jpt: f64,
@@ -102,45 +104,84 @@ fn one_round(rt: &Runtime, a: &BenchArgs, salt: u64) -> Result<Round> {
         };
         streams.push(rt.engine.submit(req)?);
     }
-    let mut fins = Vec::new();
-    for mut s in streams {
-        loop {
-            match s.blocking_recv().context("engine stopped")? {
-                Event::Token(_) => {}
-                Event::Done(f) => {
-                    fins.push(f);
-                    break;
-                }
-                Event::Error(e) => bail!("bench request failed: {e}"),
-            }
-        }
-    }
+    // One receiver thread per stream, so each token's arrival time is real.
+    let received: Vec<Result<(Vec<Instant>, Finished)>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = streams
+            .into_iter()
+            .map(|mut s| {
+                sc.spawn(move || {
+                    let mut times = Vec::new();
+                    loop {
+                        match s.blocking_recv().context("engine stopped")? {
+                            Event::Token(_) => times.push(Instant::now()),
+                            Event::Done(f) => return Ok((times, f)),
+                            Event::Error(e) => bail!("bench request failed: {e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| bail!("a bench receiver panicked"))
+            })
+            .collect()
+    });
+    let (times, fins): (Vec<Vec<Instant>>, Vec<Finished>) = received
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
     let wall = t0.elapsed().as_secs_f64();
     let generated = (st.generated_tokens.load(Ordering::Acquire) - tok0) as f64;
     let modeled = (st.modeled_ns.load(Ordering::Acquire) - modeled0) as f64 / 1e9;
     let f = &fins[0];
+    // Tokens after each stream's first, over the span from the first stream's
+    // first token to the last stream's last: later streams' prefill included.
+    let span_tps = {
+        let first = times.iter().filter_map(|t| t.first()).min();
+        let last = times.iter().filter_map(|t| t.last()).max();
+        let tokens: usize = times.iter().map(|t| t.len().saturating_sub(1)).sum();
+        match (first, last) {
+            (Some(&a), Some(&b)) if b > a => tokens as f64 / (b - a).as_secs_f64(),
+            _ => 0.0,
+        }
+    };
     let decode_tps = if a.concurrency == 1 {
         (f.completion_tokens - 1) as f64 / f.decode_seconds.max(1e-9)
     } else {
-        // Aggregate: tokens after each stream's first, over the span of decoding.
-        let decode_span = fins
-            .iter()
-            .map(|f| f.ttft_seconds + f.decode_seconds)
-            .fold(0.0, f64::max)
-            - fins.iter().map(|f| f.ttft_seconds).fold(f64::MAX, f64::min);
-        fins.iter()
-            .map(|f| (f.completion_tokens - 1) as f64)
-            .sum::<f64>()
-            / decode_span.max(1e-9)
+        all_decoding_tps(&times).unwrap_or(span_tps)
     };
     Ok(Round {
         prefill_tps: f.prompt_tokens as f64 / f.prefill_seconds.max(1e-9),
         decode_tps,
+        span_tps,
         wall_tokens_per_s: generated / wall,
         modeled_tps: generated / modeled.max(1e-12),
         card_jpt: (st.card_energy_uj.load(Ordering::Acquire) - card0) as f64 / 1e6 / generated,
         host_jpt: (st.host_energy_uj.load(Ordering::Acquire) - host0) as f64 / 1e6 / generated,
     })
+}
+
+/// Aggregate decode rate while every stream is decoding, as
+/// `llama-batched-bench` measures its generation phase: the tokens that
+/// arrive after the last stream's first token and up to the first stream's
+/// last, over that window. None when the window is empty (streams too short
+/// to overlap).
+fn all_decoding_tps(times: &[Vec<Instant>]) -> Option<f64> {
+    let start = *times.iter().map(|t| t.first()).max()??;
+    let end = *times.iter().map(|t| t.last()).min()??;
+    if end <= start {
+        return None;
+    }
+    let tokens = times
+        .iter()
+        .flatten()
+        .filter(|&&t| t > start && t <= end)
+        .count();
+    Some(tokens as f64 / (end - start).as_secs_f64())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -213,6 +254,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         "gen_tokens": a.gen_tokens,
         "prefill_tokens_per_second": m(|r| r.prefill_tps),
         "decode_tokens_per_second": m(|r| r.decode_tps),
+        "decode_span_tokens_per_second": m(|r| r.span_tps),
         "measured_tokens_per_second": m(|r| r.wall_tokens_per_s),
         "modeled_card_tokens_per_second": m(|r| r.modeled_tps),
         "modeled_card_joules_per_token": m(|r| r.card_jpt),
@@ -237,11 +279,24 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             a.prompt_tokens,
             a.reps
         );
-        println!(
-            "decode   {:>9.1} tok/s  ({} tokens per stream)",
-            j["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
-            a.gen_tokens
-        );
+        if a.concurrency == 1 {
+            println!(
+                "decode   {:>9.1} tok/s  ({} tokens)",
+                j["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
+                a.gen_tokens
+            );
+        } else {
+            println!(
+                "decode   {:>9.1} tok/s  aggregate while all {} streams decode ({} tokens per stream)",
+                j["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
+                a.concurrency,
+                a.gen_tokens
+            );
+            println!(
+                "span     {:>9.1} tok/s  from the first stream's first token to the last one's last (prefill of later streams included)",
+                j["decode_span_tokens_per_second"].as_f64().unwrap_or(0.0)
+            );
+        }
         println!(
             "measured {:>9.1} tok/s end to end on this CPU",
             j["measured_tokens_per_second"].as_f64().unwrap_or(0.0)
@@ -317,4 +372,30 @@ pub fn perplexity(a: PerplexityArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn all_decoding_window_counts_only_tokens_while_every_stream_runs() {
+        let t0 = Instant::now();
+        let ms = |v: &[u64]| -> Vec<Instant> {
+            v.iter().map(|&m| t0 + Duration::from_millis(m)).collect()
+        };
+        // Stream b starts at 30 ms, stream a ends at 70 ms: the window is
+        // (30, 70] and holds a's 40, 50, 60, 70 and b's 40, 50, 60, 70.
+        let times = vec![
+            ms(&[0, 10, 20, 30, 40, 50, 60, 70]),
+            ms(&[30, 40, 50, 60, 70, 80]),
+        ];
+        let tps = all_decoding_tps(&times).unwrap();
+        assert!((tps - 8.0 / 0.040).abs() < 1e-6, "{tps}");
+        // No overlap: no window.
+        assert_eq!(all_decoding_tps(&[ms(&[0, 10]), ms(&[20, 30])]), None);
+        assert_eq!(all_decoding_tps(&[ms(&[0, 10]), Vec::new()]), None);
+    }
 }
