@@ -1,7 +1,9 @@
 //! Grouped-query attention over one block of the int8 KV cache: the `g` query
 //! heads that share a KV head are attended together, so each cached key and
 //! value is widened from int8 to f32 once for the group instead of once per
-//! head. The AVX-512 path performs, per head, exactly the f32 operations of
+//! head, in registers: keys four tokens at a time for every head's scores,
+//! values one token at a time for up to four heads' accumulators. The
+//! AVX-512 path performs, per head, exactly the f32 operations of
 //! [`crate::attend`] in the same order, so results are bit-identical to
 //! calling it head by head; other ISAs (and head sizes the fast path does not
 //! cover) simply do that.
@@ -15,8 +17,8 @@ use crate::{Isa, attend};
 const MAX_GROUP: usize = 64;
 
 thread_local! {
-    /// Widened keys or values of the current block (`n * head_dim` f32).
-    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Scores, then weights, of the current block: `g * n` f32, head-major.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Attend the `sts.len()` query heads in `qs` (head-major, `head_dim` each)
@@ -45,7 +47,7 @@ pub fn attend_group(
     );
     let isa = isa.checked();
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && (2..=MAX_GROUP).contains(&g) && hd.is_multiple_of(16) && hd <= 256 {
+    if isa == Isa::Avx512 && (2..=MAX_GROUP).contains(&g) && matches!(hd, 32 | 64 | 128 | 256) {
         let n = k_scales.len();
         assert!(
             k.len() == n * hd && v.len() == n * hd && v_scales.len() == n,
@@ -58,31 +60,23 @@ pub fn attend_group(
         if n == 0 {
             return;
         }
-        WIDE.with(|w| {
-            let mut wide = w.borrow_mut();
-            wide.resize(n * hd, 0.0);
-            // SAFETY: AVX-512 was checked above; `wide` has n*hd values like `k`.
-            unsafe { x86::widen(k, &mut wide) };
-            let mut corrs = [None; MAX_GROUP];
+        SCORES.with(|b| {
+            let mut buf = b.borrow_mut();
+            buf.resize(g * n, 0.0);
+            // SAFETY: AVX-512 was checked above; qs has g rows of hd, k and
+            // v n rows of hd, k_scales n values, buf g rows of n.
+            unsafe { x86::scores(hd, qs, k, k_scales, scale, &mut buf) };
+            let mut heads = [(0usize, 0.0f32); MAX_GROUP];
+            let mut live = 0;
             for (j, st) in sts.iter_mut().enumerate() {
-                let mut scores = std::mem::take(&mut st.scores);
-                scores.resize(n, 0.0);
-                let q = &qs[j * hd..(j + 1) * hd];
-                // SAFETY: AVX-512; q has hd (a multiple of 16, <= 256) values
-                // and `wide` n rows of hd.
-                unsafe { x86::scores(q, &wide, k_scales, scale, &mut scores) };
-                corrs[j] = online_update(isa, st, &mut scores, v_scales);
-                st.scores = scores;
-            }
-            // SAFETY: as above, for `v`.
-            unsafe { x86::widen(v, &mut wide) };
-            for (st, corr) in sts.iter_mut().zip(corrs) {
-                if let Some(corr) = corr {
-                    // SAFETY: AVX-512; acc has hd values and `wide` n rows of hd;
-                    // st.scores holds the n weights.
-                    unsafe { x86::accumulate(&mut st.acc, corr, &st.scores, &wide) };
+                let w = &mut buf[j * n..(j + 1) * n];
+                if let Some(corr) = online_update(isa, st, w, v_scales) {
+                    heads[live] = (j, corr);
+                    live += 1;
                 }
             }
+            // SAFETY: as above; every head index is below g.
+            unsafe { x86::accumulate(hd, sts, &heads[..live], &buf, v) };
         });
         return;
     }
@@ -104,122 +98,212 @@ pub fn attend_group(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// `dst[i] = src[i] as f32`.
-    ///
-    /// # Safety
-    /// AVX-512F; `dst.len() == src.len()`, a multiple of 16.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn widen(src: &[i8], dst: &mut [f32]) {
-        debug_assert_eq!(src.len(), dst.len());
-        // SAFETY: 16 values at a time, all below len (a multiple of 16).
-        unsafe {
-            for i in (0..src.len()).step_by(16) {
-                let x = _mm_loadu_si128(src.as_ptr().add(i).cast());
-                _mm512_storeu_ps(
-                    dst.as_mut_ptr().add(i),
-                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x)),
-                );
-            }
-        }
-    }
+    use crate::attention::AttnState;
 
-    /// q·k of one token from widened keys, as `attention_simd`'s `dot_token`
-    /// forms it (even vectors into one sum, odd into another).
+    /// Token row `p` (`16 * NV` int8) widened to f32 registers.
     ///
     /// # Safety
-    /// `q` and `kp` readable for `16 * nv` f32.
+    /// AVX-512F; `p` readable for `16 * NV` bytes.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn dot(q: *const f32, kp: *const f32, nv: usize) -> __m512 {
-        // SAFETY: j < nv, so every load is inside both rows.
+    unsafe fn widen<const NV: usize>(p: *const i8) -> [__m512; NV] {
+        // SAFETY: j < NV, inside the row (caller contract).
+        std::array::from_fn(|j| unsafe {
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16 * j).cast())))
+        })
+    }
+
+    /// q·k of one token as `attention_simd`'s `dot_token` forms it (even
+    /// vectors into one sum, odd into another).
+    ///
+    /// # Safety
+    /// AVX-512F; `q` readable for `16 * NV` f32.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn dot<const NV: usize>(q: *const f32, k: &[__m512; NV]) -> __m512 {
+        // SAFETY: j < NV, inside q.
+        let ld = |j: usize| unsafe { _mm512_loadu_ps(q.add(16 * j)) };
+        let mut a0 = _mm512_setzero_ps();
+        let mut a1 = _mm512_setzero_ps();
+        let mut j = 0;
+        while j + 1 < NV {
+            a0 = _mm512_fmadd_ps(ld(j), k[j], a0);
+            a1 = _mm512_fmadd_ps(ld(j + 1), k[j + 1], a1);
+            j += 2;
+        }
+        if j < NV {
+            a0 = _mm512_fmadd_ps(ld(j), k[j], a0);
+        }
+        _mm512_add_ps(a0, a1)
+    }
+
+    /// `out[j*n + t] = scale * ks[t] * q_j·k[t]` for every head j of `qs`,
+    /// with `attention_simd`'s AVX-512 reductions (4 tokens transposed, then
+    /// singles); each key is widened once for all heads.
+    ///
+    /// # Safety
+    /// AVX-512F/DQ; `hd` is 32, 64, 128 or 256; `qs` holds g rows of hd, `k`
+    /// n rows of hd, `ks` n values and `out` g*n values (n = ks.len()).
+    #[target_feature(enable = "avx512f,avx512dq,avx2")]
+    pub(super) unsafe fn scores(
+        hd: usize,
+        qs: &[f32],
+        k: &[i8],
+        ks: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        // SAFETY: forwarded contract; NV * 16 == hd.
         unsafe {
-            let ld = |p: *const f32, j: usize| _mm512_loadu_ps(p.add(16 * j));
-            let mut a0 = _mm512_setzero_ps();
-            let mut a1 = _mm512_setzero_ps();
-            let mut j = 0;
-            while j + 1 < nv {
-                a0 = _mm512_fmadd_ps(ld(q, j), ld(kp, j), a0);
-                a1 = _mm512_fmadd_ps(ld(q, j + 1), ld(kp, j + 1), a1);
-                j += 2;
+            match hd {
+                32 => scores_nv::<2>(qs, k, ks, scale, out),
+                64 => scores_nv::<4>(qs, k, ks, scale, out),
+                128 => scores_nv::<8>(qs, k, ks, scale, out),
+                _ => scores_nv::<16>(qs, k, ks, scale, out),
             }
-            if j < nv {
-                a0 = _mm512_fmadd_ps(ld(q, j), ld(kp, j), a0);
-            }
-            _mm512_add_ps(a0, a1)
         }
     }
 
-    /// `scores[t] = scale * ks[t] * q·k[t]` with the same reductions as
-    /// `attention_simd`'s AVX-512 scores (4 tokens transposed, then singles).
+    /// [`scores`] for `hd = 16 * NV`.
     ///
     /// # Safety
-    /// AVX-512F/DQ; `q.len() % 16 == 0`; `k` holds `scores.len()` rows of `q.len()`.
+    /// As for [`scores`].
     #[target_feature(enable = "avx512f,avx512dq,avx2")]
-    pub(super) unsafe fn scores(q: &[f32], k: &[f32], ks: &[f32], scale: f32, scores: &mut [f32]) {
-        let hd = q.len();
-        let nv = hd / 16;
-        let n = scores.len();
+    unsafe fn scores_nv<const NV: usize>(
+        qs: &[f32],
+        k: &[i8],
+        ks: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let hd = 16 * NV;
+        let n = ks.len();
+        let g = qs.len() / hd;
         let sc = _mm_set1_ps(scale);
-        // SAFETY: token t reads k[t*hd..(t+1)*hd]; four tokens t..t+4 <= n per step.
+        let h =
+            |v: __m512| _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+        // SAFETY: token t reads k[t*hd..(t+1)*hd] with t < n; head j reads
+        // qs[j*hd..(j+1)*hd] and writes out[j*n + t] with j < g.
         unsafe {
-            let qp = q.as_ptr();
             let mut t = 0;
             while t + 4 <= n {
-                let a: [__m512; 4] =
-                    std::array::from_fn(|u| dot(qp, k.as_ptr().add((t + u) * hd), nv));
-                let h = |v: __m512| {
-                    _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v))
-                };
-                let h01 = _mm256_hadd_ps(h(a[0]), h(a[1]));
-                let h23 = _mm256_hadd_ps(h(a[2]), h(a[3]));
-                let hh = _mm256_hadd_ps(h01, h23);
-                let r = _mm_add_ps(_mm256_castps256_ps128(hh), _mm256_extractf128_ps::<1>(hh));
-                let r = _mm_mul_ps(_mm_mul_ps(r, sc), _mm_loadu_ps(ks.as_ptr().add(t)));
-                _mm_storeu_ps(scores.as_mut_ptr().add(t), r);
+                let kb: [[__m512; NV]; 4] =
+                    std::array::from_fn(|u| widen::<NV>(k.as_ptr().add((t + u) * hd)));
+                let kscale = _mm_loadu_ps(ks.as_ptr().add(t));
+                for j in 0..g {
+                    let q = qs.as_ptr().add(j * hd);
+                    let a: [__m512; 4] = std::array::from_fn(|u| dot::<NV>(q, &kb[u]));
+                    // Transposed reduction: lane u of `r` is the sum of a[u].
+                    let h01 = _mm256_hadd_ps(h(a[0]), h(a[1]));
+                    let h23 = _mm256_hadd_ps(h(a[2]), h(a[3]));
+                    let hh = _mm256_hadd_ps(h01, h23);
+                    let r = _mm_add_ps(_mm256_castps256_ps128(hh), _mm256_extractf128_ps::<1>(hh));
+                    let r = _mm_mul_ps(_mm_mul_ps(r, sc), kscale);
+                    _mm_storeu_ps(out.as_mut_ptr().add(j * n + t), r);
+                }
                 t += 4;
             }
             while t < n {
-                let d = _mm512_reduce_add_ps(dot(qp, k.as_ptr().add(t * hd), nv));
-                scores[t] = scale * ks[t] * d;
+                let kr = widen::<NV>(k.as_ptr().add(t * hd));
+                for j in 0..g {
+                    let d = _mm512_reduce_add_ps(dot::<NV>(qs.as_ptr().add(j * hd), &kr));
+                    out[j * n + t] = scale * ks[t] * d;
+                }
                 t += 1;
             }
         }
     }
 
-    /// `acc = acc * corr + Σ_t w[t] * v[t]` from widened values, in the order
-    /// of `attention_simd`'s AVX-512 accumulate.
+    /// For each `(j, corr)` of `heads`: `acc_j = acc_j * corr + Σ_t w_j[t] *
+    /// v[t]`, with `w_j = weights[j*n..(j+1)*n]`, in the order of
+    /// `attention_simd`'s AVX-512 accumulate; each value row is widened once
+    /// per chunk of up to four heads.
     ///
     /// # Safety
-    /// AVX-512F; `acc.len() % 16 == 0`; `v` holds `w.len()` rows of `acc.len()`.
+    /// AVX-512F; `hd` is 32, 64, 128 or 256 and every state's head_dim; `v`
+    /// holds n rows of hd and `weights` g*n values (n = v.len() / hd); every
+    /// j < sts.len() = g.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn accumulate(acc: &mut [f32], corr: f32, w: &[f32], v: &[f32]) {
-        let hd = acc.len();
-        let c = _mm512_set1_ps(corr);
-        // SAFETY: blocks of up to 8 vectors of acc and the matching values of
-        // each token row of v.
+    pub(super) unsafe fn accumulate(
+        hd: usize,
+        sts: &mut [AttnState],
+        heads: &[(usize, f32)],
+        weights: &[f32],
+        v: &[i8],
+    ) {
+        // SAFETY: forwarded contract; NV * 16 == hd.
         unsafe {
-            let mut base = 0;
-            while base < hd {
-                let nv = ((hd - base) / 16).min(8);
-                let ap = acc.as_mut_ptr().add(base);
-                let mut a: [__m512; 8] = std::array::from_fn(|j| {
-                    if j < nv {
-                        _mm512_mul_ps(_mm512_loadu_ps(ap.add(16 * j)), c)
-                    } else {
-                        _mm512_setzero_ps()
-                    }
-                });
-                for (t, &p) in w.iter().enumerate() {
-                    let vp = v.as_ptr().add(t * hd + base);
-                    let pv = _mm512_set1_ps(p);
-                    for j in 0..nv {
-                        a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(vp.add(16 * j)), pv, a[j]);
+            match hd {
+                32 => acc_chunks::<2>(sts, heads, weights, v),
+                64 => acc_chunks::<4>(sts, heads, weights, v),
+                128 => acc_chunks::<8>(sts, heads, weights, v),
+                _ => acc_chunks::<16>(sts, heads, weights, v),
+            }
+        }
+    }
+
+    /// Splits `heads` into chunks whose accumulators fit in registers.
+    ///
+    /// # Safety
+    /// As for [`accumulate`], with `hd = 16 * NV`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn acc_chunks<const NV: usize>(
+        sts: &mut [AttnState],
+        heads: &[(usize, f32)],
+        weights: &[f32],
+        v: &[i8],
+    ) {
+        let per = (16 / NV).clamp(1, 4);
+        for chunk in heads.chunks(per) {
+            // SAFETY: forwarded contract; chunk.len() <= per <= 4.
+            unsafe {
+                match chunk.len() {
+                    1 => acc_heads::<NV, 1>(sts, chunk, weights, v),
+                    2 => acc_heads::<NV, 2>(sts, chunk, weights, v),
+                    3 => acc_heads::<NV, 3>(sts, chunk, weights, v),
+                    _ => acc_heads::<NV, 4>(sts, chunk, weights, v),
+                }
+            }
+        }
+    }
+
+    /// [`accumulate`] for exactly `H` heads.
+    ///
+    /// # Safety
+    /// As for [`accumulate`], with `hd = 16 * NV` and `heads.len() == H`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn acc_heads<const NV: usize, const H: usize>(
+        sts: &mut [AttnState],
+        heads: &[(usize, f32)],
+        weights: &[f32],
+        v: &[i8],
+    ) {
+        let hd = 16 * NV;
+        let n = v.len() / hd;
+        // SAFETY: each state's acc has hd = 16*NV values; row t of v is inside
+        // v for t < n; weights of head j are weights[j*n..(j+1)*n].
+        unsafe {
+            let mut a: [[__m512; NV]; H] = std::array::from_fn(|u| {
+                let (j, corr) = heads[u];
+                let c = _mm512_set1_ps(corr);
+                let p = sts[j].acc.as_ptr();
+                std::array::from_fn(|x| _mm512_mul_ps(_mm512_loadu_ps(p.add(16 * x)), c))
+            });
+            let w: [*const f32; H] = std::array::from_fn(|u| weights.as_ptr().add(heads[u].0 * n));
+            for t in 0..n {
+                let vr = widen::<NV>(v.as_ptr().add(t * hd));
+                for u in 0..H {
+                    let pv = _mm512_set1_ps(*w[u].add(t));
+                    for x in 0..NV {
+                        a[u][x] = _mm512_fmadd_ps(vr[x], pv, a[u][x]);
                     }
                 }
-                for j in 0..nv {
-                    _mm512_storeu_ps(ap.add(16 * j), a[j]);
+            }
+            for u in 0..H {
+                let p = sts[heads[u].0].acc.as_mut_ptr();
+                for x in 0..NV {
+                    _mm512_storeu_ps(p.add(16 * x), a[u][x]);
                 }
-                base += 16 * nv;
             }
         }
     }

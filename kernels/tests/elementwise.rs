@@ -282,13 +282,14 @@ fn attention_over_blocks_matches_f64_softmax() {
 
 /// `attend_group` over the query heads of one KV head equals `attend` called
 /// head by head, bit for bit, on every ISA: over several blocks, with token
-/// counts that hit the 4-token and single-token paths, group sizes 1 to 4 and
-/// head sizes on and off the AVX-512 fast path.
+/// counts that hit the 4-token and single-token paths, group sizes 1 to 8
+/// (several register chunks of heads) and head sizes on and off the AVX-512
+/// fast path.
 #[test]
 fn grouped_attention_equals_per_head_attention() {
     let mut rng = Rng::new(11);
-    for hd in [64, 128, 48, 8] {
-        for g in 1..=4 {
+    for hd in [64, 128, 256, 32, 48, 8] {
+        for g in [1, 2, 3, 4, 5, 8] {
             for blocks in [[1, 0, 0], [16, 16, 3], [5, 2, 9]] {
                 let n: usize = blocks.iter().sum();
                 let qs = rng.vec_normal(g * hd, 1.0);
