@@ -9,7 +9,7 @@ use super::{
     combine, fold_halves, nibbles, pair_nibbles, pair_scales, reduce, single_nibbles, single_scales,
 };
 use crate::layout::{CG, CHUNK, G, RowShape};
-use crate::matmul::{ActRow, Out, WRow, tiles};
+use crate::matmul::{ActRow, Out, WRow, tile_blocks};
 use crate::{QActs, QMatrix};
 
 /// Activation rows processed per pass over a weight row.
@@ -23,32 +23,57 @@ const MAX_TILE: usize = 4;
 pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
     let shape = *w.shape();
     let acts: Vec<ActRow> = (0..a.m()).map(|i| ActRow::new(a, i)).collect();
-    tiles(w, rows, a.m(), MAX_TILE, |r, i0, n| {
-        let wr = WRow::new(w, r);
-        {
-            let at = &acts[i0..i0 + n];
-            let mut y = [0.0f32; MAX_TILE];
-            // SAFETY: `wr` and `at` point at full rows of `w` and `a`, whose
-            // shapes match `shape` (checked by the caller); the CPU features are
-            // guaranteed by this function's contract.
-            unsafe {
-                match (w.bits(), n) {
-                    (4, 1) => row4::<1>(wr, &shape, at, &mut y),
-                    (4, 2) => row4::<2>(wr, &shape, at, &mut y),
-                    (4, 3) => row4::<3>(wr, &shape, at, &mut y),
-                    (4, _) => row4::<4>(wr, &shape, at, &mut y),
-                    (_, 1) => row8::<1>(wr, &shape, at, &mut y),
-                    (_, 2) => row8::<2>(wr, &shape, at, &mut y),
-                    (_, 3) => row8::<3>(wr, &shape, at, &mut y),
-                    (_, _) => row8::<4>(wr, &shape, at, &mut y),
-                }
-            }
-            for (k, &v) in y[..n].iter().enumerate() {
-                // SAFETY: i0 + k < m and r is in this call's rows (caller contract).
-                unsafe { out.write(i0 + k, r, v) };
+    tile_blocks(w, rows, a.m(), MAX_TILE, |block, i0, n| {
+        let at = &acts[i0..i0 + n];
+        // SAFETY: every row of `block` is a full row of `w` and `at` full rows
+        // of `a`, whose shapes match `shape` (checked by the caller); the
+        // rows are this call's (caller contract); the CPU features are
+        // guaranteed by this function's contract.
+        unsafe {
+            match (w.bits(), n) {
+                (4, 1) => rows_of::<1, 4>(w, &shape, at, block, i0, out),
+                (4, 2) => rows_of::<2, 4>(w, &shape, at, block, i0, out),
+                (4, 3) => rows_of::<3, 4>(w, &shape, at, block, i0, out),
+                (4, _) => rows_of::<4, 4>(w, &shape, at, block, i0, out),
+                (_, 1) => rows_of::<1, 8>(w, &shape, at, block, i0, out),
+                (_, 2) => rows_of::<2, 8>(w, &shape, at, block, i0, out),
+                (_, 3) => rows_of::<3, 8>(w, &shape, at, block, i0, out),
+                (_, _) => rows_of::<4, 8>(w, &shape, at, block, i0, out),
             }
         }
     });
+}
+
+/// Weight rows `block` of a `BITS`-bit matrix against the `M` activation rows
+/// `acts` (rows `i0..i0 + M` of the output).
+///
+/// # Safety
+/// As for [`matmul_rows`]; `acts.len() == M` and every row of `block` is one
+/// of this call's rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+unsafe fn rows_of<const M: usize, const BITS: u8>(
+    w: &QMatrix,
+    shape: &RowShape,
+    acts: &[ActRow],
+    block: Range<usize>,
+    i0: usize,
+    out: Out,
+) {
+    for r in block {
+        let wr = WRow::new(w, r);
+        let mut y = [0.0f32; MAX_TILE];
+        // SAFETY: forwarded contract.
+        unsafe {
+            if BITS == 4 {
+                row4::<M>(wr, shape, acts, &mut y);
+            } else {
+                row8::<M>(wr, shape, acts, &mut y);
+            }
+            for (k, &v) in y[..M].iter().enumerate() {
+                out.write(i0 + k, r, v);
+            }
+        }
+    }
 }
 
 /// Add the tail groups (after the chunks) of a 4-bit row to the accumulators.
@@ -100,6 +125,7 @@ unsafe fn tail4<const M: usize>(
 /// # Safety
 /// `w` and every `acts[..M]` point at complete rows of shape `shape`; CPU has the features.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+#[inline]
 unsafe fn row4<const M: usize>(
     w: WRow,
     shape: &RowShape,
@@ -177,6 +203,7 @@ unsafe fn row4<const M: usize>(
 /// # Safety
 /// As for [`row4`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+#[inline]
 unsafe fn row8<const M: usize>(
     w: WRow,
     shape: &RowShape,

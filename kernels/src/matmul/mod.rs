@@ -217,6 +217,25 @@ pub(crate) fn tiles(
     max: usize,
     mut f: impl FnMut(usize, usize, usize),
 ) {
+    tile_blocks(w, rows, m, max, |block, i0, n| {
+        for r in block {
+            f(r, i0, n);
+        }
+    });
+}
+
+/// [`tiles`] a block at a time: `f(block, i0, n)` visits every row of
+/// `block` with activation rows `i0..i0 + n`, so a kernel can keep its
+/// per-tile set-up out of the row loop.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[inline(always)]
+pub(crate) fn tile_blocks(
+    w: &QMatrix,
+    rows: Range<usize>,
+    m: usize,
+    max: usize,
+    mut f: impl FnMut(Range<usize>, usize, usize),
+) {
     let per_row = w.geom().row_rec.max(1);
     let block = (BLOCK_BYTES / per_row).max(crate::storage::RB);
     let mut r0 = rows.start;
@@ -225,9 +244,7 @@ pub(crate) fn tiles(
         let mut i0 = 0;
         while i0 < m {
             let n = (m - i0).min(max);
-            for r in r0..r1 {
-                f(r, i0, n);
-            }
+            f(r0..r1, i0, n);
             i0 += n;
         }
         r0 = r1;
