@@ -221,64 +221,68 @@ fn attention(
     // One task per (row, KV head): its `group` query heads are attended
     // together, so each cached key and value is widened once for all of them.
     // With too few such tasks to keep the threads evenly busy (one sequence
-    // decoding), one task per query head instead.
-    let per_task = if rows.len() * cfg.n_kv_heads >= 2 * pool.threads() {
-        group
+    // decoding), each row's query heads are cut into one contiguous range per
+    // thread instead, attended KV group by KV group within the range.
+    let parts = if rows.len() * cfg.n_kv_heads >= 2 * pool.threads() {
+        cfg.n_kv_heads
     } else {
-        1
+        pool.threads().min(cfg.n_heads)
     };
-    let splits = group / per_task;
-    let tasks = rows.len() * cfg.n_kv_heads * splits;
+    let tasks = rows.len() * parts;
     let out_ptr = SyncPtr(out.as_mut_ptr());
     assert!(out.len() >= rows.len() * qd);
     let caches: &[&mut SeqKv] = caches;
     let work = |t: usize, nt: usize| {
         let p = out_ptr;
-        let mut sts: Vec<AttnState> = (0..per_task).map(|_| AttnState::new(hdim)).collect();
+        let mut sts: Vec<AttnState> = (0..group).map(|_| AttnState::new(hdim)).collect();
         let mut task = t;
         while task < tasks {
-            let (i, rest) = (
-                task / (cfg.n_kv_heads * splits),
-                task % (cfg.n_kv_heads * splits),
-            );
-            let (kvh, sub) = (rest / splits, rest % splits);
+            let (i, part) = (task / parts, task % parts);
             let r = rows[i];
-            let h0 = kvh * group + sub * per_task;
-            let qs = &qkv[i * qkv_w + h0 * hdim..i * qkv_w + (h0 + per_task) * hdim];
-            sts.iter_mut().for_each(AttnState::reset);
             let n_tok = r.pos + 1;
-            for (b, block) in caches[r.seq].blocks(local).iter().enumerate() {
-                let start = b * KV_BLOCK;
-                if start >= n_tok {
-                    break;
+            let heads = part * cfg.n_heads / parts..(part + 1) * cfg.n_heads / parts;
+            let mut h0 = heads.start;
+            while h0 < heads.end {
+                let kvh = h0 / group;
+                let h1 = heads.end.min((kvh + 1) * group);
+                let sts = &mut sts[..h1 - h0];
+                let qs = &qkv[i * qkv_w + h0 * hdim..i * qkv_w + h1 * hdim];
+                sts.iter_mut().for_each(AttnState::reset);
+                for (b, block) in caches[r.seq].blocks(local).iter().enumerate() {
+                    let start = b * KV_BLOCK;
+                    if start >= n_tok {
+                        break;
+                    }
+                    let len = (n_tok - start).min(KV_BLOCK);
+                    let base = kvh * KV_BLOCK * hdim;
+                    let sb = kvh * KV_BLOCK;
+                    k::attend_group(
+                        isa,
+                        qs,
+                        &block.k[base..base + len * hdim],
+                        &block.k_scale[sb..sb + len],
+                        &block.v[base..base + len * hdim],
+                        &block.v_scale[sb..sb + len],
+                        cfg.attention_scale,
+                        sts,
+                    );
                 }
-                let len = (n_tok - start).min(KV_BLOCK);
-                let base = kvh * KV_BLOCK * hdim;
-                let sb = kvh * KV_BLOCK;
-                k::attend_group(
-                    isa,
-                    qs,
-                    &block.k[base..base + len * hdim],
-                    &block.k_scale[sb..sb + len],
-                    &block.v[base..base + len * hdim],
-                    &block.v_scale[sb..sb + len],
-                    cfg.attention_scale,
-                    &mut sts,
-                );
-            }
-            // SAFETY: the task owns out[i*qd + h0*hdim .. +per_task*hdim];
-            // tasks are distinct across threads (strided by nt), the range is
-            // in bounds (asserted above), and `out` is exclusively borrowed.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(p.0.add(i * qd + h0 * hdim), per_task * hdim)
-            };
-            for (j, st) in sts.iter().enumerate() {
-                k::attend_finish(st, &mut dst[j * hdim..(j + 1) * hdim]);
+                // SAFETY: the task owns out[i*qd + h0*hdim .. i*qd + h1*hdim]
+                // (its heads of row i); tasks are distinct across threads
+                // (strided by nt), the range is in bounds (asserted above), and
+                // `out` is exclusively borrowed.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(p.0.add(i * qd + h0 * hdim), (h1 - h0) * hdim)
+                };
+                for (j, st) in sts.iter().enumerate() {
+                    k::attend_finish(st, &mut dst[j * hdim..(j + 1) * hdim]);
+                }
+                h0 = h1;
             }
             task += nt;
         }
     };
-    if tasks >= 2 * pool.threads() && rows.iter().map(|r| r.pos).max().unwrap_or(0) >= 64 {
+    if tasks >= pool.threads() && rows.iter().map(|r| r.pos).max().unwrap_or(0) >= 64 {
         pool.run(&work);
     } else {
         work(0, 1);
