@@ -52,17 +52,18 @@ async fn handle(s: AppState, endpoint: Endpoint, req: Request) -> Result<Respons
     let sv = served(&s)?;
     // Shed load before doing any work (reading and parsing the body, the
     // chat template, the tokenizer on a blocking thread): with the queue
-    // full now, the submit below would refuse too, and under a flood the
+    // full now, or sure to be once the requests already preparing are
+    // submitted, the submit below would refuse too, and under a flood the
     // 429 must come fast. (So a full server answers 429 even to a body that
     // would have been a 400.)
-    let waiting = sv
-        .engine
-        .stats
-        .waiting
-        .load(std::sync::atomic::Ordering::Acquire);
-    if waiting >= sv.engine.config.max_queue {
-        return Err(ApiError::queue_full(waiting));
-    }
+    let preparing = s
+        .inner
+        .admit(
+            &sv.engine.stats,
+            sv.engine.config.max_num_seqs,
+            sv.engine.config.max_queue,
+        )
+        .map_err(ApiError::queue_full)?;
     let body = read_json(&s, req).await?;
     let g = openai::parse(
         endpoint,
@@ -92,6 +93,7 @@ async fn handle(s: AppState, endpoint: Endpoint, req: Request) -> Result<Respons
     }
     let prompts = prompt_ids(sv, &g).await?;
     let seqs = submit(&s, sv, &g, &prompts)?;
+    drop(preparing);
     let inflight = s.inner.inflight_guard();
     let tok = sv.loaded.tokenizer.clone();
     let cfg = DriverConfig {

@@ -235,6 +235,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
     inflight: AtomicUsize,
+    /// Requests past the load-shedding check and not yet submitted to the
+    /// engine (reading the body, rendering the template, tokenizing).
+    preparing: AtomicUsize,
     /// Set to end every in-flight request now (drain timeout, second signal).
     pub abort: watch::Sender<bool>,
     unknown: Mutex<HashSet<String>>,
@@ -279,6 +282,7 @@ impl AppState {
                 served: OnceLock::new(),
                 draining: AtomicBool::new(false),
                 inflight: AtomicUsize::new(0),
+                preparing: AtomicUsize::new(0),
                 abort: watch::Sender::new(false),
                 unknown: Mutex::new(HashSet::new()),
                 key_digest,
@@ -321,6 +325,29 @@ impl AppState {
 
 impl Shared {
     /// Counts a generation request in flight until the guard drops.
+    /// Load shedding at arrival: counts the request as preparing and returns
+    /// its guard, or the number of requests waiting when the engine's queue
+    /// is full or would be once every request already preparing is
+    /// submitted (running + waiting + preparing reaching `max_num_seqs +
+    /// max_queue`). Without the second condition a burst of N requests all
+    /// pass while the queue is still empty, and N − capacity of them are
+    /// refused only after rendering and tokenizing, behind the others.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        stats: &cardinal_pipeline::engine::EngineStats,
+        max_num_seqs: usize,
+        max_queue: usize,
+    ) -> Result<PreparingGuard, usize> {
+        let preparing = self.preparing.fetch_add(1, Ordering::AcqRel);
+        let guard = PreparingGuard(self.clone());
+        let waiting = stats.waiting.load(Ordering::Acquire);
+        let running = stats.running.load(Ordering::Acquire);
+        if waiting >= max_queue || running + waiting + preparing >= max_num_seqs + max_queue {
+            return Err(waiting);
+        }
+        Ok(guard)
+    }
+
     pub(crate) fn inflight_guard(self: &Arc<Self>) -> InflightGuard {
         self.inflight.fetch_add(1, Ordering::AcqRel);
         InflightGuard(self.clone())
@@ -361,6 +388,15 @@ impl Shared {
 /// Decrements the in-flight count on drop.
 #[derive(Debug)]
 pub(crate) struct InflightGuard(Arc<Shared>);
+
+/// Counts a request as preparing until dropped (see [`Shared::admit`]).
+pub(crate) struct PreparingGuard(Arc<Shared>);
+
+impl Drop for PreparingGuard {
+    fn drop(&mut self) {
+        self.0.preparing.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
