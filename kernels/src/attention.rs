@@ -84,16 +84,12 @@ pub fn attend(
     st: &mut AttnState,
 ) {
     let hd = st.head_dim;
-    let n = k_scales.len();
     assert!(
-        q.len() == hd && k.len() == n * hd && v.len() == n * hd && v_scales.len() == n,
-        "attend: head_dim {hd}, n {n}: q has {} values (want {hd}), k {} and v {} (want {}), v_scales {} (want {n})",
-        q.len(),
-        k.len(),
-        v.len(),
-        n * hd,
-        v_scales.len()
+        q.len() == hd,
+        "attend: head_dim {hd}: q has {} values",
+        q.len()
     );
+    let n = check_block("attend", hd, k, k_scales, v, v_scales);
     if n == 0 {
         return;
     }
@@ -111,6 +107,28 @@ pub fn attend(
 /// weights in place): updates the running max and sum of `st` and returns the
 /// factor the accumulated values must be rescaled by, or `None` when every
 /// score so far is -inf (nothing to accumulate).
+/// Checks that a cache block of `n = k_scales.len()` tokens holds `n *
+/// head_dim` keys and values and `n` value scales; returns n.
+pub(crate) fn check_block(
+    what: &str,
+    hd: usize,
+    k: &[i8],
+    k_scales: &[f32],
+    v: &[i8],
+    v_scales: &[f32],
+) -> usize {
+    let n = k_scales.len();
+    assert!(
+        k.len() == n * hd && v.len() == n * hd && v_scales.len() == n,
+        "{what}: head_dim {hd}, n {n}: k {} and v {} (want {}), v_scales {} (want {n})",
+        k.len(),
+        v.len(),
+        n * hd,
+        v_scales.len()
+    );
+    n
+}
+
 pub(crate) fn online_update(
     isa: Isa,
     st: &mut AttnState,

@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 
-use crate::attention::{AttnState, online_update};
+use crate::attention::{AttnState, check_block, online_update};
 use crate::{Isa, attend};
 
 /// Most query heads per KV head on the fast path (others go head by head).
@@ -48,15 +48,7 @@ pub fn attend_group(
     let isa = isa.checked();
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && (2..=MAX_GROUP).contains(&g) && matches!(hd, 32 | 64 | 128 | 256) {
-        let n = k_scales.len();
-        assert!(
-            k.len() == n * hd && v.len() == n * hd && v_scales.len() == n,
-            "attend_group: head_dim {hd}, n {n}: k {} and v {} (want {}), v_scales {} (want {n})",
-            k.len(),
-            v.len(),
-            n * hd,
-            v_scales.len()
-        );
+        let n = check_block("attend_group", hd, k, k_scales, v, v_scales);
         if n == 0 {
             return;
         }

@@ -46,6 +46,11 @@ pub struct App {
 /// An app over tiny-granite with `opts`.
 pub fn app_with(opts: ServeOptions) -> App {
     let rt = runtime(&opts);
+    serve(opts, rt)
+}
+
+/// An app serving `rt` with `opts`.
+fn serve(opts: ServeOptions, rt: Runtime) -> App {
     let engine = rt.engine.clone();
     let state = AppState::new(opts, rt);
     App {
@@ -66,13 +71,7 @@ pub fn app_with_template(template: cardinal_models::template::ChatTemplate) -> A
     Arc::get_mut(&mut rt.loaded)
         .expect("only the runtime holds the loaded model")
         .template = Some(template);
-    let engine = rt.engine.clone();
-    let state = AppState::new(opts, rt);
-    App {
-        router: router(state.clone()),
-        engine,
-        state,
-    }
+    serve(opts, rt)
 }
 
 /// An app with default options, served as "tiny".
