@@ -5,8 +5,9 @@
 //! 32 tokens, each checked in full. The first window is the warm-up; the
 //! run is then cut into windows of 10 s (20 s from 300 s on). Must hold:
 //! no error of any kind, the process's RSS (from /proc/PID/status) at the
-//! end under 5% above its value after the warm-up, and the last window's
-//! throughput within 10% of the first measured window's. Prints the
+//! end under 5% above its value after the warm-up, and the throughput of
+//! the last stretch within 10% of the first's (a stretch is a minute, 3
+//! windows, in the full mode; 2 windows, 20 s, in CI). Prints the
 //! figures of every window. The prompts repeat (see `one`), so RSS
 //! measures the server, not the fill of the tokenizer's bounded word cache.
 //!
@@ -185,8 +186,16 @@ async fn soak_keeps_memory_and_throughput_flat() {
             f.4
         );
     }
-    let first = figures[1].0;
-    let last = figures[windows - 1].0;
+    // First and last stretch of measured windows: a minute each in the full
+    // mode (3 windows of 20 s), as the requirement reads; 20 s each in CI
+    // (2 of 10 s), so one window slowed by the machine cannot decide alone.
+    let span = (if window >= 20 { 3 } else { 2 })
+        .min((windows - 1) / 2)
+        .max(1);
+    let mean =
+        |w: &[(f64, usize, f64, f64, u64)]| w.iter().map(|f| f.0).sum::<f64>() / w.len() as f64;
+    let first = mean(&figures[1..1 + span]);
+    let last = mean(&figures[windows - span..]);
     let change = (last - first) / first * 100.0;
     let growth = (rss_end as f64 - rss_base as f64) / rss_base as f64 * 100.0;
     let peak_growth = (rss_peak as f64 - rss_base as f64) / rss_base as f64 * 100.0;
@@ -199,7 +208,7 @@ async fn soak_keeps_memory_and_throughput_flat() {
     let errors = std::mem::take(&mut *errors.lock().unwrap());
     eprintln!(
         "soak: {} s ({} windows of {window} s after a {window} s warm-up), {CLIENTS} clients, {} requests, \
-         {} errors (server counted {server_errors}); throughput first {first:.0} tokens/s, last {last:.0} \
+         {} errors (server counted {server_errors}); throughput first {span} window(s) {first:.0} tokens/s, last {span} {last:.0} \
          tokens/s ({change:+.1}%); RSS {rss_base} KiB after warm-up, {rss_end} KiB at the end ({growth:+.2}%), \
          peak {rss_peak} KiB ({peak_growth:+.2}%); KV usage after {kv}",
         run.as_secs(),
