@@ -6,8 +6,8 @@
 mod common;
 
 use cardinal_kernels::{
-    AttnState, Isa, Rope, add_scaled, attend, attend_finish, attend_group, quantize_kv, rmsnorm,
-    softmax, swiglu,
+    AttnState, Isa, Rope, add_scaled, attend, attend_finish, attend_group, hadamard32, quantize_kv,
+    rmsnorm, softmax, swiglu,
 };
 use common::Rng;
 
@@ -40,6 +40,45 @@ fn rmsnorm_matches_scalar() {
                     want[k]
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn hadamard32_matches_scalar_bit_for_bit() {
+    let mut rng = Rng::new(12);
+    for &n in LENS.iter().chain(&[32, 96]) {
+        let mut x = rng.vec_normal(n, 3.0);
+        if n > 5 {
+            x[5] = 400.0; // an outlier channel, as SmolLM2's residual has
+        }
+        for scale in [1.0, 1.0 / 32.0, 0.3] {
+            let mut want = x.clone();
+            hadamard32(Isa::Scalar, &mut want, scale);
+            for isa in Isa::all_available() {
+                let mut got = x.clone();
+                hadamard32(isa, &mut got, scale);
+                let (g, w): (Vec<u32>, Vec<u32>) = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a.to_bits(), b.to_bits()))
+                    .unzip();
+                assert_eq!(g, w, "{isa} n {n} scale {scale}");
+            }
+            // The tail past the last whole block is untouched.
+            assert_eq!(want[n / 32 * 32..], x[n / 32 * 32..], "n {n}");
+        }
+        // Forward then back with 1/32 restores the input.
+        let mut y = x.clone();
+        hadamard32(Isa::Scalar, &mut y, 1.0);
+        hadamard32(Isa::Scalar, &mut y, 1.0 / 32.0);
+        for k in 0..n {
+            assert!(
+                close(y[k], x[k], 1e-5, 1e-4),
+                "n {n} k {k}: {} vs {}",
+                y[k],
+                x[k]
+            );
         }
     }
 }

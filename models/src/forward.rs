@@ -120,6 +120,7 @@ pub fn forward_layer(
     let hd = cfg.hidden;
     let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
     let qkv_w = qd + 2 * kvd;
+    let rotate_kv = rotates_kv(cfg);
     resize(&mut ws.xn, n * hd);
     resize(&mut ws.qkv, n * qkv_w);
     resize(&mut ws.attn, n * qd);
@@ -147,9 +148,19 @@ pub fn forward_layer(
         let (kk, vv) = kv.split_at_mut(kvd);
         rope.apply(q, cfg.n_heads, r.pos);
         rope.apply(kk, cfg.n_kv_heads, r.pos);
+        if rotate_kv {
+            // The cache holds H·k and H·v; with q' = H·q/32, q'·(H·k) = q·k.
+            k::hadamard32(isa, q, 1.0 / 32.0);
+            k::hadamard32(isa, kk, 1.0);
+            k::hadamard32(isa, vv, 1.0);
+        }
         caches[r.seq].write(local, r.pos, kk, vv);
     }
     attention(pool, isa, cfg, local, rows, caches, &ws.qkv, &mut ws.attn);
+    if rotate_kv {
+        // Attention over H·v gives H·(attention over v): rotate back.
+        k::hadamard32(isa, &mut ws.attn[..n * qd], 1.0 / 32.0);
+    }
     ws.acts.quantize(isa, &ws.attn[..n * qd], n, qd);
     linear(pool, isa, &layer.wo, &ws.acts, &mut ws.proj, &mut ws.part);
     for i in 0..n {
@@ -202,6 +213,15 @@ pub fn forward_layer(
             cfg.residual_multiplier,
         );
     }
+}
+
+/// Whether the C8 cache holds keys and values in the Hadamard-rotated basis
+/// (every 32 values of a head mixed by `H₃₂`, see [`k::hadamard32`]): true
+/// when a head is a whole number of 32-value blocks, so that no block mixes
+/// two heads. Rotation spreads the few large channels of a key over the
+/// block before its int8 rounding, which cuts the cache's rounding error.
+pub fn rotates_kv(cfg: &ModelConfig) -> bool {
+    cfg.head_dim.is_multiple_of(k::HADAMARD_BLOCK)
 }
 
 /// Causal GQA attention for every (row, query head), split across the pool.

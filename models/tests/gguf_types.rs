@@ -13,7 +13,7 @@ mod common;
 use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
-use cardinal_kernels::{Isa, Pool, QActs, QMatrix, quantize_kv};
+use cardinal_kernels::{HADAMARD_BLOCK, Isa, Pool, QActs, QMatrix, quantize_kv};
 use cardinal_models::forward::{self, BatchRow, Workspace};
 use cardinal_models::kv::{KvBudget, KvShape, SeqKv};
 use cardinal_models::model::Linear;
@@ -154,19 +154,54 @@ fn a8(x: &[f64], r: Rounding) -> Vec<f64> {
     out.into_iter().map(f64::from).collect()
 }
 
-/// `x` (whole heads) rounded through the C8 cache format (per head).
+/// `x` (whole heads) rounded through the C8 cache format (per head). As the
+/// engine does when a head is whole blocks of 32, the rounding happens in
+/// the Hadamard-rotated basis: `H·x` is rounded, and `H·round(H·x)/32` is
+/// what attention effectively sees. `H·x` is computed in f32 by the kernel,
+/// as in the engine: an f64 rotation moves a value across an int8 rounding
+/// boundary now and then, which alone moved the logits by 8e-3.
 fn c8(x: &[f64], r: Rounding) -> Vec<f64> {
     if r == Rounding::Exact {
         return x.to_vec();
     }
+    let rotate = HEAD_DIM.is_multiple_of(HADAMARD_BLOCK);
     let mut out = Vec::with_capacity(x.len());
     for head in x.chunks(HEAD_DIM) {
-        let h32: Vec<f32> = head.iter().map(|&v| v as f32).collect();
+        let mut h32: Vec<f32> = head.iter().map(|&v| v as f32).collect();
+        if rotate {
+            cardinal_kernels::hadamard32(Isa::Scalar, &mut h32, 1.0);
+        }
         let mut q = vec![0i8; HEAD_DIM];
         let d = quantize_kv(&h32, &mut q);
-        out.extend(q.iter().map(|&v| (v as f32 * d) as f64));
+        let mut back: Vec<f64> = q.iter().map(|&v| (v as f32 * d) as f64).collect();
+        if rotate {
+            hadamard_f64(&mut back, 1.0 / 32.0);
+        }
+        out.extend(back);
     }
     out
+}
+
+/// `scale · H₃₂` on every block of 32, in f64, straight from the definition
+/// `H[i][j] = (-1)^popcount(i & j)`.
+fn hadamard_f64(x: &mut [f64], scale: f64) {
+    for b in x.chunks_exact_mut(HADAMARD_BLOCK) {
+        let y: Vec<f64> = (0..HADAMARD_BLOCK)
+            .map(|i| {
+                (0..HADAMARD_BLOCK)
+                    .map(|j| {
+                        if (i & j).count_ones() % 2 == 0 {
+                            b[j]
+                        } else {
+                            -b[j]
+                        }
+                    })
+                    .sum::<f64>()
+                    * scale
+            })
+            .collect();
+        b.copy_from_slice(&y);
+    }
 }
 
 /// A forward pass in f64 over the file's weights: the logits at the last

@@ -35,15 +35,18 @@ fn default_model(cards: Option<usize>) -> ModelArgs {
     }
 }
 
-/// Prompts that must match llama.cpp over every generated id (measured: 4
-/// with AVX-512 VNNI and AVX2, 3 with `CARDINAL_ISA=scalar`, whose sums are
-/// ordered differently; the rest diverge at near-ties, see ARCHITECTURE.md,
-/// "Agreement with llama.cpp").
-const MIN_FULL: usize = 3;
+/// Prompts that must match llama.cpp over every generated id (measured: 5
+/// with AVX-512 VNNI and scalar, 4 with AVX2; llama.cpp's own batched path
+/// matches its decode path on 5; the rest diverge at near-ties, see
+/// ARCHITECTURE.md, "Agreement with llama.cpp").
+const MIN_FULL: usize = 4;
 /// Mean |top-1 log-prob difference| allowed along shared prefixes (measured
-/// 0.066 with AVX-512 VNNI; most of it is the A8 round trip of the residual
-/// stream at every part boundary, see ARCHITECTURE.md).
-const MAX_MEAN_LOGPROB_ERR: f64 = 0.09;
+/// 0.037 with AVX-512 VNNI, 0.043 AVX2, 0.040 scalar; 0.054-0.066 before the
+/// link and the cache rounded in the Hadamard-rotated basis).
+const MAX_MEAN_LOGPROB_ERR: f64 = 0.05;
+/// Largest |top-1 log-prob difference| at any shared position (measured
+/// 0.26 AVX-512, 0.43 AVX2, 0.27 scalar; 0.52 before the rotation).
+const MAX_LOGPROB_ERR: f64 = 0.5;
 
 #[test]
 fn greedy_agrees_with_llama_cpp_up_to_swapped_runner_ups() {
@@ -187,5 +190,10 @@ fn greedy_agrees_with_llama_cpp_up_to_swapped_runner_ups() {
         mean(&lp_err) < MAX_MEAN_LOGPROB_ERR,
         "mean top-1 log-prob error {:.4}",
         mean(&lp_err)
+    );
+    assert!(
+        max(&lp_err) < MAX_LOGPROB_ERR,
+        "largest top-1 log-prob error {:.4}",
+        max(&lp_err)
     );
 }
