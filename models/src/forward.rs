@@ -224,6 +224,10 @@ pub fn rotates_kv(cfg: &ModelConfig) -> bool {
     cfg.head_dim.is_multiple_of(k::HADAMARD_BLOCK)
 }
 
+/// KV blocks requested ahead of the one being attended (8 blocks of one KV
+/// head of SmolLM2 are 16 KiB of keys and values, well inside L2).
+const PREFETCH_BLOCKS: usize = 8;
+
 /// Causal GQA attention for every (row, query head), split across the pool.
 fn attention(
     pool: &Pool,
@@ -268,14 +272,25 @@ fn attention(
                 let sts = &mut sts[..h1 - h0];
                 let qs = &qkv[i * qkv_w + h0 * hdim..i * qkv_w + h1 * hdim];
                 sts.iter_mut().for_each(AttnState::reset);
-                for (b, block) in caches[r.seq].blocks(local).iter().enumerate() {
-                    let start = b * KV_BLOCK;
-                    if start >= n_tok {
-                        break;
+                let blocks = &caches[r.seq].blocks(local)[..n_tok.div_ceil(KV_BLOCK)];
+                let base = kvh * KV_BLOCK * hdim;
+                let sb = kvh * KV_BLOCK;
+                // The blocks are small and scattered, and the weights streamed
+                // since the last layer have evicted them: ask for them a few
+                // blocks ahead of use, so each does not start with a miss.
+                let ahead = |b: usize| {
+                    if let Some(block) = blocks.get(b) {
+                        k::prefetch(&block.k[base..base + KV_BLOCK * hdim]);
+                        k::prefetch(&block.v[base..base + KV_BLOCK * hdim]);
+                        k::prefetch(&block.k_scale[sb..sb + KV_BLOCK]);
+                        k::prefetch(&block.v_scale[sb..sb + KV_BLOCK]);
                     }
+                };
+                (0..PREFETCH_BLOCKS).for_each(ahead);
+                for (b, block) in blocks.iter().enumerate() {
+                    ahead(b + PREFETCH_BLOCKS);
+                    let start = b * KV_BLOCK;
                     let len = (n_tok - start).min(KV_BLOCK);
-                    let base = kvh * KV_BLOCK * hdim;
-                    let sb = kvh * KV_BLOCK;
                     k::attend_group(
                         isa,
                         qs,
