@@ -99,6 +99,21 @@ impl QActs {
         }
     }
 
+    /// Rounds `x` through A8 in place, group by group: each group of 32 becomes
+    /// `d*q` exactly as [`QActs::quantize`] then [`QActs::dequantize_row`]
+    /// would leave it, without the element layout in between. A tail shorter
+    /// than a group is left as it is.
+    pub fn round_trip(isa: Isa, x: &mut [f32]) {
+        let isa = isa.checked();
+        let mut q = [0i8; G];
+        for g in x.chunks_exact_mut(G) {
+            let (d, _) = crate::qacts_simd::quantize_group(isa, g, &mut q);
+            for (v, &qi) in g.iter_mut().zip(&q) {
+                *v = d * qi as f32;
+            }
+        }
+    }
+
     /// Number of rows.
     pub fn m(&self) -> usize {
         self.m

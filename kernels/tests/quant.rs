@@ -282,6 +282,33 @@ fn activation_quantization_is_exact_across_isas_and_within_half_a_step() {
 }
 
 #[test]
+fn round_trip_equals_quantize_then_dequantize_on_every_isa() {
+    let mut rng = Rng::new(17);
+    for &cols in &COLS {
+        let m = 3;
+        let mut x = rng.vec_normal(m * cols, 3.0);
+        x[1] = 250.0; // an outlier group
+        x[cols..cols + GROUP].fill(0.0); // an all-zero group
+        let mut q = QActs::new();
+        q.quantize(Isa::Scalar, &x, m, cols);
+        let mut want = vec![0.0; m * cols];
+        for i in 0..m {
+            q.dequantize_row(i, &mut want[i * cols..(i + 1) * cols]);
+        }
+        for isa in Isa::all_available() {
+            let mut got = x.clone();
+            QActs::round_trip(isa, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{isa} cols {cols}");
+        }
+    }
+    // A tail shorter than a group is left alone.
+    let mut t = vec![0.3f32; GROUP + 5];
+    QActs::round_trip(Isa::Scalar, &mut t);
+    assert_eq!(t[GROUP..], [0.3f32; 5]);
+}
+
+#[test]
 #[should_panic(expected = "multiple of 32")]
 fn activation_cols_must_be_a_multiple_of_32() {
     QActs::new().quantize(Isa::Scalar, &[0.0; 40], 1, 40);

@@ -75,7 +75,6 @@ pub struct Cards {
 pub struct StepScratch {
     x: Vec<f32>,
     ws: Workspace,
-    link: QActs,
     pub logits: Vec<f32>,
 }
 
@@ -223,7 +222,7 @@ impl Cards {
                         &mut seq_caches,
                         &mut scratch.ws,
                     );
-                    a8_roundtrip(isa, &mut scratch.link, &mut scratch.x[..n * h], n, h);
+                    a8_roundtrip(isa, &mut scratch.x[..n * h]);
                     let macs = (n * cfg.layer_params()) as u64;
                     card.counters.ops_int4.fetch_add(macs, Ordering::Relaxed);
                 }
@@ -281,11 +280,8 @@ impl Cards {
 /// few huge channels over the block), rounded to A8 (int8 per group of 32,
 /// one scale per group) and rotated back on arrival. The rotation costs no
 /// link bytes and cuts the round trip's error 2.3× on SmolLM2's hidden states.
-fn a8_roundtrip(isa: Isa, q: &mut QActs, x: &mut [f32], n: usize, h: usize) {
+fn a8_roundtrip(isa: Isa, x: &mut [f32]) {
     hadamard32(isa, x, 1.0);
-    q.quantize(isa, x, n, h);
-    for i in 0..n {
-        q.dequantize_row(i, &mut x[i * h..(i + 1) * h]);
-    }
+    QActs::round_trip(isa, x);
     hadamard32(isa, x, 1.0 / 32.0);
 }
