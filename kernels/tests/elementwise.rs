@@ -194,6 +194,31 @@ fn rope_follows_the_ggml_formula() {
 }
 
 #[test]
+fn tabulated_rope_equals_computed_rope() {
+    let mut rng = Rng::new(13);
+    for (hd, base) in [
+        (64, 100000.0f32),
+        (128, 500000.0),
+        (8, 10000.0),
+        (600, 10000.0),
+    ] {
+        let plain = Rope::new(hd, base);
+        let mut tab = Rope::new(hd, base);
+        tab.tabulate(40);
+        tab.tabulate(20); // never shrinks
+        tab.tabulate(70);
+        for pos in [0, 1, 39, 40, 69, 70, 1000] {
+            let x = rng.vec_normal(hd * 3, 1.0);
+            let (mut a, mut b) = (x.clone(), x.clone());
+            plain.apply(&mut a, 3, pos);
+            tab.apply(&mut b, 3, pos);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&b), "hd {hd} pos {pos}");
+        }
+    }
+}
+
+#[test]
 fn quantize_kv_error_is_half_a_step() {
     let mut rng = Rng::new(6);
     for n in [1, 64, 128, 80] {

@@ -39,12 +39,12 @@ impl Workspace {
         Self::default()
     }
 
-    fn rope(&mut self, cfg: &ModelConfig) -> &Rope {
+    fn rope(&mut self, cfg: &ModelConfig) -> &mut Rope {
         let key = (cfg.head_dim, cfg.rope_theta.to_bits());
         if self.rope.as_ref().map(|r| (r.0, r.1)) != Some(key) {
             self.rope = Some((key.0, key.1, Rope::new(cfg.head_dim, cfg.rope_theta)));
         }
-        &self.rope.as_ref().expect("set above").2
+        &mut self.rope.as_mut().expect("set above").2
     }
 }
 
@@ -140,7 +140,8 @@ pub fn forward_layer(
     }
     ws.acts.quantize(isa, &ws.xn[..n * hd], n, hd);
     linear(pool, isa, &layer.wqkv, &ws.acts, &mut ws.qkv, &mut ws.part);
-    ws.rope(cfg);
+    ws.rope(cfg)
+        .tabulate(rows.iter().map(|r| r.pos + 1).max().unwrap_or(0));
     let rope = &ws.rope.as_ref().expect("rope set").2;
     for (i, r) in rows.iter().enumerate() {
         let row = &mut ws.qkv[i * qkv_w..(i + 1) * qkv_w];
