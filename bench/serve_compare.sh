@@ -4,17 +4,21 @@
 # cardinal-loadtest at concurrency 1, 4 and 16 with 128-token outputs at
 # temperature 0 (as llama.cpp's published server figures).
 #
-#   bash bench/serve_compare.sh [--llama-python /path/to/venv/bin/python] [--requests 48]
+#   bash bench/serve_compare.sh [--llama-python /path/to/venv/bin/python]
+#        [--llama-server /path/to/llama-server] [--requests 48]
 #
 # Reports land in target/serve_compare/{cardinal,llama}/ (report.json, CSV, SVGs).
 # llama-cpp-python's server is started with --interrupt_requests False (its
 # default cuts running streams when a new request arrives) and 2 threads.
+# llama.cpp's own llama-server is run as the issue's anchor was:
+# `-np 16 --cont-batching -t 2` (16 slots of 512 tokens each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LLAMA_PY="" REQUESTS=48 OUT=target/serve_compare
+LLAMA_PY="" LLAMA_SERVER="" REQUESTS=48 OUT=target/serve_compare
 while [ $# -gt 0 ]; do
   case "$1" in
     --llama-python) LLAMA_PY=$2; shift 2;;
+    --llama-server) LLAMA_SERVER=$2; shift 2;;
     --requests) REQUESTS=$2; shift 2;;
     *) echo "unknown flag $1" >&2; exit 2;;
   esac
@@ -39,4 +43,16 @@ if [ -n "$LLAMA_PY" ]; then
   ./target/release/cardinal-loadtest --url http://127.0.0.1:18502 --concurrency 1,4,16 --requests "$REQUESTS" \
     --output-tokens 128 --temperature 0 --out "$OUT/llama" | tee "$OUT/llama.txt"
   kill "$LPID"; wait "$LPID" || true
+fi
+
+if [ -n "$LLAMA_SERVER" ]; then
+  "$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 --port 18503 -t 2 -np 16 --cont-batching -c 8192 \
+    >"$OUT/llama-cpp-server.log" 2>&1 &
+  SPID=$!
+  wait_ready http://127.0.0.1:18503/v1/models
+  # --no-keep-alive: llama-server drops idle keep-alive connections without
+  # `Connection: close`, which fails requests sent on them as connect errors.
+  ./target/release/cardinal-loadtest --url http://127.0.0.1:18503 --concurrency 1,4,16 --requests "$REQUESTS" \
+    --output-tokens 128 --temperature 0 --no-keep-alive --out "$OUT/llama-server" | tee "$OUT/llama-server.txt"
+  kill "$SPID"; wait "$SPID" || true
 fi

@@ -208,6 +208,12 @@ pub struct Args {
     /// Per-request timeout in seconds (whole request, headers to [DONE]).
     #[arg(long, default_value_t = 120.0)]
     pub timeout: f64,
+    /// Open a new connection for every request instead of reusing idle
+    /// ones. For servers that close idle keep-alive connections without
+    /// saying so (llama.cpp's llama-server does): a request sent on such a
+    /// connection fails as a connect error.
+    #[arg(long)]
+    pub no_keep_alive: bool,
     /// Synthetic prompt length in tokens: MEAN or MEAN/STDDEV.
     #[arg(long, default_value = "128")]
     pub input_tokens: InputTokens,

@@ -59,19 +59,23 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Target {
-    /// A target with no model yet (see [`Target::resolve_model`]).
+    /// A target with no model yet (see [`Target::resolve_model`]). Without
+    /// `keep_alive`, every request opens a new connection.
     pub fn new(
         base: String,
         metrics_url: Option<String>,
         api_key: Option<String>,
         timeout: Duration,
+        keep_alive: bool,
     ) -> Result<Self> {
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .no_proxy()
             .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .tcp_nodelay(true)
-            .build()
-            .context("building the HTTP client")?;
+            .tcp_nodelay(true);
+        if !keep_alive {
+            http = http.pool_max_idle_per_host(0);
+        }
+        let http = http.build().context("building the HTTP client")?;
         let metrics_url = metrics_url.unwrap_or_else(|| format!("{base}/metrics"));
         Ok(Self {
             http,

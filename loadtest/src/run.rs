@@ -84,6 +84,7 @@ pub async fn run(args: Args, stop: watch::Receiver<bool>, mode: ProgressMode) ->
         args.metrics_url.clone(),
         args.api_key.clone(),
         timeout,
+        !args.no_keep_alive,
     )?;
     target.model = match &args.model {
         Some(m) => m.clone(),
