@@ -4,46 +4,18 @@
 //! next request sent on it. Reusing connections then fails every other
 //! request with a connect error; a new connection per request fails none.
 
+mod common;
+
 use cardinal_loadtest::progress::ProgressMode;
 use cardinal_loadtest::{Args, Report, run};
 use clap::Parser;
+use common::read_request;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
-
-/// Reads one request (head and Content-Length body); its path, or None at EOF.
-async fn read_request(sock: &mut TcpStream) -> Option<String> {
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p;
-        }
-        let n = sock.read(&mut tmp).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let len: usize = head
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + 4 + len {
-        let n = sock.read(&mut tmp).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    }
-    head.split_whitespace().nth(1).map(str::to_string)
-}
 
 /// Serves one request per connection, keep-alive style, and drops the
 /// connection when a second request arrives on it. Returns the URL and the
@@ -57,7 +29,7 @@ async fn dropping_server() -> (String, Arc<AtomicUsize>) {
         while let Ok((mut sock, _)) = listener.accept().await {
             c2.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                let Some(path) = read_request(&mut sock).await else {
+                let Some((_, path, _)) = read_request(&mut sock).await else {
                     return;
                 };
                 let body = if path == "/v1/completions" {

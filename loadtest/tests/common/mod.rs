@@ -180,7 +180,7 @@ pub async fn refused_url() -> String {
     url
 }
 
-async fn read_request(sock: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
+pub async fn read_request(sock: &mut TcpStream) -> Option<(String, String, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 4096];
     let head_end = loop {
