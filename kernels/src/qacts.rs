@@ -5,9 +5,9 @@
 
 use std::fmt;
 
-use crate::Isa;
 use crate::buffer::AlignedBytes;
 use crate::layout::{CG, G, RowShape};
+use crate::{Isa, Pool};
 
 /// Reusable buffer of quantized activation rows.
 #[derive(Default, Clone)]
@@ -46,6 +46,41 @@ pub(crate) fn quantize_group_scalar(x: &[f32], q: &mut [i8; G]) -> (f32, i32) {
     (d, sum)
 }
 
+/// One row quantized into its buffers: `q` in the element layout, and per
+/// group `d`, `d*Σq` and `Σq`.
+fn quantize_row(
+    isa: Isa,
+    shape: &RowShape,
+    x: &[f32],
+    q: &mut [i8],
+    d: &mut [f32],
+    sd: &mut [f32],
+    sumq: &mut [i32],
+) {
+    let mut tmp = [0i8; G];
+    for g in 0..shape.groups {
+        let (dg, s) = crate::qacts_simd::quantize_group(isa, &x[g * G..(g + 1) * G], &mut tmp);
+        d[g] = dg;
+        sd[g] = dg * s as f32;
+        sumq[g] = s;
+        if g < shape.chunks * CG {
+            let (c, j) = (g / CG, g % CG);
+            for t in 0..G / 4 {
+                let at = c * G * CG + t * 32 + 4 * j;
+                q[at..at + 4].copy_from_slice(&tmp[4 * t..4 * t + 4]);
+            }
+        } else {
+            q[g * G..(g + 1) * G].copy_from_slice(&tmp);
+        }
+    }
+}
+
+/// A buffer's base pointer shared with pool threads, which write disjoint rows.
+struct RowsPtr(*mut u8);
+// SAFETY: only used inside `quantize_pool`, whose threads write disjoint
+// rows of buffers exclusively borrowed for the duration of the call.
+unsafe impl Sync for RowsPtr {}
+
 impl QActs {
     /// An empty buffer.
     pub fn new() -> Self {
@@ -57,6 +92,57 @@ impl QActs {
     /// # Panics
     /// If `cols` is not a positive multiple of 32 or `x.len() != m * cols`.
     pub fn quantize(&mut self, isa: Isa, x: &[f32], m: usize, cols: usize) {
+        self.prepare(x, m, cols);
+        let isa = isa.checked();
+        let shape = RowShape::new(cols);
+        let ng = shape.groups;
+        let q = self.q.as_i8_mut();
+        for i in 0..m {
+            quantize_row(
+                isa,
+                &shape,
+                &x[i * cols..(i + 1) * cols],
+                &mut q[i * cols..(i + 1) * cols],
+                &mut self.d[i * ng..(i + 1) * ng],
+                &mut self.sd[i * ng..(i + 1) * ng],
+                &mut self.sumq[i * ng..(i + 1) * ng],
+            );
+        }
+    }
+
+    /// [`QActs::quantize`] with the rows split across `pool`'s threads
+    /// (each row is quantized exactly as there, so the result is the same).
+    pub fn quantize_pool(&mut self, pool: &Pool, isa: Isa, x: &[f32], m: usize, cols: usize) {
+        self.prepare(x, m, cols);
+        let isa = isa.checked();
+        let shape = RowShape::new(cols);
+        let ng = shape.groups;
+        let q = RowsPtr(self.q.as_i8_mut().as_mut_ptr().cast());
+        let d = RowsPtr(self.d.as_mut_ptr().cast());
+        let sd = RowsPtr(self.sd.as_mut_ptr().cast());
+        let sumq = RowsPtr(self.sumq.as_mut_ptr().cast());
+        pool.run(&|t, nt| {
+            let (q, d, sd, sumq) = (&q, &d, &sd, &sumq);
+            for i in (t * m / nt)..((t + 1) * m / nt) {
+                // SAFETY: `prepare` sized q to m*cols and d, sd, sumq to m*ng;
+                // row i < m is handled by exactly one index t (contiguous,
+                // disjoint ranges), and `self` is exclusively borrowed for the
+                // whole call, so these slices alias nothing.
+                let (qr, dr, sdr, sr) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(q.0.cast::<i8>().add(i * cols), cols),
+                        std::slice::from_raw_parts_mut(d.0.cast::<f32>().add(i * ng), ng),
+                        std::slice::from_raw_parts_mut(sd.0.cast::<f32>().add(i * ng), ng),
+                        std::slice::from_raw_parts_mut(sumq.0.cast::<i32>().add(i * ng), ng),
+                    )
+                };
+                quantize_row(isa, &shape, &x[i * cols..(i + 1) * cols], qr, dr, sdr, sr);
+            }
+        });
+    }
+
+    /// Checks the shape and sizes the buffers for `m` rows of `cols`.
+    fn prepare(&mut self, x: &[f32], m: usize, cols: usize) {
         assert!(
             cols > 0 && cols.is_multiple_of(G),
             "QActs::quantize: cols {cols} must be a positive multiple of 32"
@@ -67,36 +153,13 @@ impl QActs {
             "QActs::quantize: x has {} values, expected m*cols = {m}*{cols}",
             x.len()
         );
-        let isa = isa.checked();
-        let shape = RowShape::new(cols);
-        let ng = shape.groups;
+        let ng = cols / G;
         self.m = m;
         self.cols = cols;
         self.q.resize(m * cols);
         self.d.resize(m * ng, 0.0);
         self.sd.resize(m * ng, 0.0);
         self.sumq.resize(m * ng, 0);
-        let qall = self.q.as_i8_mut();
-        let mut tmp = [0i8; G];
-        for i in 0..m {
-            let qrow = &mut qall[i * cols..(i + 1) * cols];
-            for g in 0..ng {
-                let xg = &x[i * cols + g * G..][..G];
-                let (d, s) = crate::qacts_simd::quantize_group(isa, xg, &mut tmp);
-                self.d[i * ng + g] = d;
-                self.sd[i * ng + g] = d * s as f32;
-                self.sumq[i * ng + g] = s;
-                if g < shape.chunks * CG {
-                    let (c, j) = (g / CG, g % CG);
-                    for t in 0..G / 4 {
-                        let at = c * G * CG + t * 32 + 4 * j;
-                        qrow[at..at + 4].copy_from_slice(&tmp[4 * t..4 * t + 4]);
-                    }
-                } else {
-                    qrow[g * G..(g + 1) * G].copy_from_slice(&tmp);
-                }
-            }
-        }
     }
 
     /// Rounds `x` through A8 in place, group by group: each group of 32 becomes

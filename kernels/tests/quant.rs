@@ -4,7 +4,7 @@
 
 mod common;
 
-use cardinal_kernels::{GROUP, Isa, KernelError, QActs, QMatrix};
+use cardinal_kernels::{GROUP, Isa, KernelError, Pool, QActs, QMatrix, matmul};
 use common::{Rng, dequantize};
 use half::f16;
 
@@ -275,6 +275,40 @@ fn activation_quantization_is_exact_across_isas_and_within_half_a_step() {
                         "row {i} col {c}: {x0} -> {}",
                         deq[c]
                     );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quantize_pool_equals_quantize() {
+    let mut rng = Rng::new(18);
+    for threads in [2, 3] {
+        let pool = Pool::new(threads);
+        for &cols in &COLS {
+            let w = common::random_matrix(&mut rng, 9, cols, 1);
+            for m in [1, 7, 16, 33] {
+                let x = rng.vec_normal(m * cols, 2.0);
+                for isa in Isa::all_available() {
+                    let mut a = QActs::new();
+                    a.quantize(isa, &x, m, cols);
+                    let mut b = QActs::new();
+                    b.quantize(isa, &rng.vec_normal(3 * cols, 1.0), 3, cols); // stale contents
+                    b.quantize_pool(&pool, isa, &x, m, cols);
+                    assert_eq!((b.m(), b.cols()), (m, cols));
+                    let (mut qa, mut qb) = (vec![0i8; cols], vec![0i8; cols]);
+                    for i in 0..m {
+                        a.row_quants(i, &mut qa);
+                        b.row_quants(i, &mut qb);
+                        assert_eq!(qa, qb, "{isa} threads {threads} cols {cols} row {i}");
+                        assert_eq!(a.row_scales(i), b.row_scales(i));
+                    }
+                    // The per-group sums feed the min term: same products.
+                    let (mut ya, mut yb) = (vec![0.0; m * 9], vec![0.0; m * 9]);
+                    matmul(&pool, isa, &w, &a, &mut ya);
+                    matmul(&pool, isa, &w, &b, &mut yb);
+                    assert_eq!(ya, yb, "{isa} threads {threads} cols {cols} m {m}");
                 }
             }
         }

@@ -96,6 +96,19 @@ pub fn embed(model: &Model, tokens: &[u32], out: &mut [f32]) {
 /// A raw pointer that may cross to pool threads; users write disjoint ranges.
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
+
+impl SyncPtr {
+    /// Row `i` of width `w`.
+    ///
+    /// # Safety
+    /// The buffer holds at least `(i + 1) * w` values, and no other live
+    /// reference covers this row.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, i: usize, w: usize) -> &mut [f32] {
+        // SAFETY: per this function's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(i * w), w) }
+    }
+}
 // SAFETY: only used to write disjoint, in-bounds ranges from pool threads
 // while the owning slice is exclusively borrowed by the caller.
 unsafe impl Sync for SyncPtr {}
@@ -129,16 +142,21 @@ pub fn forward_layer(
     resize(&mut ws.h, n * cfg.ffn);
 
     // Attention block.
-    for i in 0..n {
-        k::rmsnorm(
-            isa,
-            &x[i * hd..(i + 1) * hd],
-            &layer.attn_norm,
-            cfg.rms_eps,
-            &mut ws.xn[i * hd..(i + 1) * hd],
-        );
+    {
+        let (xs, xn) = (&*x, SyncPtr(ws.xn.as_mut_ptr()));
+        for_rows(pool, n, &|i| {
+            // SAFETY: row i of xn (sized n*hd above) belongs to this call of i only.
+            let out = unsafe { xn.row(i, hd) };
+            k::rmsnorm(
+                isa,
+                &xs[i * hd..(i + 1) * hd],
+                &layer.attn_norm,
+                cfg.rms_eps,
+                out,
+            );
+        });
     }
-    ws.acts.quantize(isa, &ws.xn[..n * hd], n, hd);
+    quantize(pool, isa, &mut ws.acts, &ws.xn[..n * hd], n, hd);
     linear(pool, isa, &layer.wqkv, &ws.acts, &mut ws.qkv, &mut ws.part);
     ws.rope(cfg)
         .tabulate(rows.iter().map(|r| r.pos + 1).max().unwrap_or(0));
@@ -162,28 +180,30 @@ pub fn forward_layer(
         // Attention over H·v gives H·(attention over v): rotate back.
         k::hadamard32(isa, &mut ws.attn[..n * qd], 1.0 / 32.0);
     }
-    ws.acts.quantize(isa, &ws.attn[..n * qd], n, qd);
+    quantize(pool, isa, &mut ws.acts, &ws.attn[..n * qd], n, qd);
     linear(pool, isa, &layer.wo, &ws.acts, &mut ws.proj, &mut ws.part);
-    for i in 0..n {
-        k::add_scaled(
-            isa,
-            &mut x[i * hd..(i + 1) * hd],
-            &ws.proj[i * hd..(i + 1) * hd],
-            cfg.residual_multiplier,
-        );
-    }
 
-    // MLP block.
-    for i in 0..n {
-        k::rmsnorm(
-            isa,
-            &x[i * hd..(i + 1) * hd],
-            &layer.ffn_norm,
-            cfg.rms_eps,
-            &mut ws.xn[i * hd..(i + 1) * hd],
+    // Residual add, then the MLP block.
+    {
+        let (xs, xn, proj) = (
+            SyncPtr(x.as_mut_ptr()),
+            SyncPtr(ws.xn.as_mut_ptr()),
+            &ws.proj,
         );
+        for_rows(pool, n, &|i| {
+            // SAFETY: rows i of x (n*hd, the caller's) and of xn (sized
+            // above) belong to this call of i only.
+            let (xr, out) = unsafe { (xs.row(i, hd), xn.row(i, hd)) };
+            k::add_scaled(
+                isa,
+                xr,
+                &proj[i * hd..(i + 1) * hd],
+                cfg.residual_multiplier,
+            );
+            k::rmsnorm(isa, xr, &layer.ffn_norm, cfg.rms_eps, out);
+        });
     }
-    ws.acts.quantize(isa, &ws.xn[..n * hd], n, hd);
+    quantize(pool, isa, &mut ws.acts, &ws.xn[..n * hd], n, hd);
     linear(
         pool,
         isa,
@@ -193,11 +213,15 @@ pub fn forward_layer(
         &mut ws.part,
     );
     let f = cfg.ffn;
-    for i in 0..n {
-        let gu = &ws.gu[i * 2 * f..(i + 1) * 2 * f];
-        k::swiglu(isa, &gu[..f], &gu[f..], &mut ws.h[i * f..(i + 1) * f]);
+    {
+        let (gus, h) = (&ws.gu, SyncPtr(ws.h.as_mut_ptr()));
+        for_rows(pool, n, &|i| {
+            let gu = &gus[i * 2 * f..(i + 1) * 2 * f];
+            // SAFETY: row i of h (sized n*f above) belongs to this call of i only.
+            k::swiglu(isa, &gu[..f], &gu[f..], unsafe { h.row(i, f) });
+        });
     }
-    ws.acts.quantize(isa, &ws.h[..n * f], n, f);
+    quantize(pool, isa, &mut ws.acts, &ws.h[..n * f], n, f);
     linear(
         pool,
         isa,
@@ -206,13 +230,40 @@ pub fn forward_layer(
         &mut ws.proj,
         &mut ws.part,
     );
-    for i in 0..n {
+    let (xs, proj) = (SyncPtr(x.as_mut_ptr()), &ws.proj);
+    for_rows(pool, n, &|i| {
+        // SAFETY: row i of x (n*hd, the caller's) belongs to this call of i only.
+        let xr = unsafe { xs.row(i, hd) };
         k::add_scaled(
             isa,
-            &mut x[i * hd..(i + 1) * hd],
-            &ws.proj[i * hd..(i + 1) * hd],
+            xr,
+            &proj[i * hd..(i + 1) * hd],
             cfg.residual_multiplier,
         );
+    });
+}
+
+/// Rows from which per-row work (norms, SwiGLU, residual adds, activation
+/// quantization) is split across the pool; with fewer, a fork-join costs
+/// more than the work.
+const PAR_ROWS: usize = 8;
+
+/// Runs `f(i)` for every row `i < n`, in contiguous ranges across the pool
+/// when there are at least [`PAR_ROWS`] rows.
+fn for_rows(pool: &Pool, n: usize, f: &(dyn Fn(usize) + Sync)) {
+    if n >= PAR_ROWS {
+        pool.run(&|t, nt| (t * n / nt..(t + 1) * n / nt).for_each(f));
+    } else {
+        (0..n).for_each(f);
+    }
+}
+
+/// `acts.quantize`, across the pool from [`PAR_ROWS`] rows (same result).
+fn quantize(pool: &Pool, isa: Isa, acts: &mut QActs, x: &[f32], n: usize, cols: usize) {
+    if n >= PAR_ROWS {
+        acts.quantize_pool(pool, isa, x, n, cols);
+    } else {
+        acts.quantize(isa, x, n, cols);
     }
 }
 
@@ -351,7 +402,7 @@ pub fn forward_head(
             &mut ws.xn[j * hd..(j + 1) * hd],
         );
     }
-    ws.acts.quantize(isa, &ws.xn[..n * hd], n, hd);
+    quantize(pool, isa, &mut ws.acts, &ws.xn[..n * hd], n, hd);
     let vocab: usize = heads.iter().map(|h| h.rows()).sum();
     logits.resize(n * vocab, 0.0);
     if let [only] = heads {
