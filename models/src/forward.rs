@@ -134,6 +134,11 @@ pub fn forward_layer(
     let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
     let qkv_w = qd + 2 * kvd;
     let rotate_kv = rotates_kv(cfg);
+    assert!(
+        x.len() >= n * hd,
+        "forward_layer: x has {} values for {n} rows of {hd}",
+        x.len()
+    );
     resize(&mut ws.xn, n * hd);
     resize(&mut ws.qkv, n * qkv_w);
     resize(&mut ws.attn, n * qd);
