@@ -76,10 +76,23 @@ fn quantize_row(
 }
 
 /// A buffer's base pointer shared with pool threads, which write disjoint rows.
-struct RowsPtr(*mut u8);
+struct RowsPtr<T>(*mut T);
 // SAFETY: only used inside `quantize_pool`, whose threads write disjoint
 // rows of buffers exclusively borrowed for the duration of the call.
-unsafe impl Sync for RowsPtr {}
+unsafe impl<T> Sync for RowsPtr<T> {}
+
+impl<T> RowsPtr<T> {
+    /// Row `i` of width `w`.
+    ///
+    /// # Safety
+    /// The buffer holds at least `(i + 1) * w` values, and no other live
+    /// reference covers this row.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, i: usize, w: usize) -> &mut [T] {
+        // SAFETY: per this function's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(i * w), w) }
+    }
+}
 
 impl QActs {
     /// An empty buffer.
@@ -117,25 +130,18 @@ impl QActs {
         let isa = isa.checked();
         let shape = RowShape::new(cols);
         let ng = shape.groups;
-        let q = RowsPtr(self.q.as_i8_mut().as_mut_ptr().cast());
-        let d = RowsPtr(self.d.as_mut_ptr().cast());
-        let sd = RowsPtr(self.sd.as_mut_ptr().cast());
-        let sumq = RowsPtr(self.sumq.as_mut_ptr().cast());
+        let q = RowsPtr(self.q.as_i8_mut().as_mut_ptr());
+        let d = RowsPtr(self.d.as_mut_ptr());
+        let sd = RowsPtr(self.sd.as_mut_ptr());
+        let sumq = RowsPtr(self.sumq.as_mut_ptr());
         pool.run(&|t, nt| {
-            let (q, d, sd, sumq) = (&q, &d, &sd, &sumq);
             for i in (t * m / nt)..((t + 1) * m / nt) {
                 // SAFETY: `prepare` sized q to m*cols and d, sd, sumq to m*ng;
                 // row i < m is handled by exactly one index t (contiguous,
                 // disjoint ranges), and `self` is exclusively borrowed for the
                 // whole call, so these slices alias nothing.
-                let (qr, dr, sdr, sr) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(q.0.cast::<i8>().add(i * cols), cols),
-                        std::slice::from_raw_parts_mut(d.0.cast::<f32>().add(i * ng), ng),
-                        std::slice::from_raw_parts_mut(sd.0.cast::<f32>().add(i * ng), ng),
-                        std::slice::from_raw_parts_mut(sumq.0.cast::<i32>().add(i * ng), ng),
-                    )
-                };
+                let (qr, dr, sdr, sr) =
+                    unsafe { (q.row(i, cols), d.row(i, ng), sd.row(i, ng), sumq.row(i, ng)) };
                 quantize_row(isa, &shape, &x[i * cols..(i + 1) * cols], qr, dr, sdr, sr);
             }
         });
