@@ -183,6 +183,11 @@ fn bench_small(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("softmax", isa), |b| {
             b.iter(|| softmax(isa, black_box(&mut out)))
         });
+        let xs: Vec<f32> = (0..16 * 576).map(|_| rng.f32()).collect();
+        let mut qa = QActs::new();
+        g.bench_function(BenchmarkId::new("quantize_16x576", isa), |b| {
+            b.iter(|| qa.quantize(isa, black_box(&xs), 16, 576))
+        });
         g.bench_function(BenchmarkId::new("attend_1024", isa), |b| {
             b.iter(|| {
                 st.reset();
