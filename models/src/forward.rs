@@ -166,20 +166,24 @@ pub fn forward_layer(
     ws.rope(cfg)
         .tabulate(rows.iter().map(|r| r.pos + 1).max().unwrap_or(0));
     let rope = &ws.rope.as_ref().expect("rope set").2;
-    for (i, r) in rows.iter().enumerate() {
-        let row = &mut ws.qkv[i * qkv_w..(i + 1) * qkv_w];
-        let (q, kv) = row.split_at_mut(qd);
-        let (kk, vv) = kv.split_at_mut(kvd);
-        rope.apply(q, cfg.n_heads, r.pos);
-        rope.apply(kk, cfg.n_kv_heads, r.pos);
-        if rotate_kv {
-            // The cache holds H·k and H·v; with q' = H·q/32, q'·(H·k) = q·k.
-            k::hadamard32(isa, q, 1.0 / 32.0);
-            k::hadamard32(isa, kk, 1.0);
-            k::hadamard32(isa, vv, 1.0);
-        }
-        caches[r.seq].write(local, r.pos, kk, vv);
+    {
+        let qkv = SyncPtr(ws.qkv.as_mut_ptr());
+        for_rows(pool, n, &|i| {
+            // SAFETY: row i of qkv (sized n*qkv_w above) belongs to this call of i only.
+            let row = unsafe { qkv.row(i, qkv_w) };
+            let (q, kv) = row.split_at_mut(qd);
+            let (kk, vv) = kv.split_at_mut(kvd);
+            rope.apply(q, cfg.n_heads, rows[i].pos);
+            rope.apply(kk, cfg.n_kv_heads, rows[i].pos);
+            if rotate_kv {
+                // The cache holds H·k and H·v; with q' = H·q/32, q'·(H·k) = q·k.
+                k::hadamard32(isa, q, 1.0 / 32.0);
+                k::hadamard32(isa, kk, 1.0);
+                k::hadamard32(isa, vv, 1.0);
+            }
+        });
     }
+    write_kv(pool, local, rows, caches, &ws.qkv, qd, kvd);
     attention(pool, isa, cfg, local, rows, caches, &ws.qkv, &mut ws.attn);
     if rotate_kv {
         // Attention over H·v gives H·(attention over v): rotate back.
@@ -269,6 +273,61 @@ fn quantize(pool: &Pool, isa: Isa, acts: &mut QActs, x: &[f32], n: usize, cols: 
         acts.quantize_pool(pool, isa, x, n, cols);
     } else {
         acts.quantize(isa, x, n, cols);
+    }
+}
+
+/// Writes each row's key and value (in `qkv`, after RoPE) into its
+/// sequence's cache. When every row belongs to a different sequence (all
+/// decoding) and there are at least [`PAR_ROWS`], the rows are split across
+/// the pool; rows of one sequence (a prefill chunk) are written in order.
+fn write_kv(
+    pool: &Pool,
+    local: usize,
+    rows: &[BatchRow],
+    caches: &mut [&mut SeqKv],
+    qkv: &[f32],
+    qd: usize,
+    kvd: usize,
+) {
+    let qkv_w = qd + 2 * kvd;
+    let kv_of = |i: usize| {
+        let row = &qkv[i * qkv_w..(i + 1) * qkv_w];
+        (&row[qd..qd + kvd], &row[qd + kvd..])
+    };
+    let mut seen = vec![false; caches.len()];
+    let distinct = rows
+        .iter()
+        .all(|r| r.seq < seen.len() && !std::mem::replace(&mut seen[r.seq], true));
+    if distinct && rows.len() >= PAR_ROWS {
+        /// The caches, shared with pool tasks that each use distinct ones.
+        struct Caches<'a>(*mut &'a mut SeqKv);
+        impl Caches<'_> {
+            /// # Safety
+            /// `i < caches.len()`, and no other live reference to cache `i`.
+            #[allow(clippy::mut_from_ref)]
+            unsafe fn get(&self, i: usize) -> &mut SeqKv {
+                // SAFETY: per this function's contract.
+                unsafe { &mut **self.0.add(i) }
+            }
+        }
+        // SAFETY: each pool task below dereferences only the cache of its
+        // own row, and no two rows share a sequence (checked above).
+        unsafe impl Sync for Caches<'_> {}
+        let cs = Caches(caches.as_mut_ptr());
+        for_rows(pool, rows.len(), &|i| {
+            let r = rows[i];
+            let (kk, vv) = kv_of(i);
+            // SAFETY: r.seq < caches.len() (checked above), and row i is the
+            // only row of sequence r.seq, so no other task touches this cache
+            // while `caches` is exclusively borrowed for this call.
+            let cache = unsafe { cs.get(r.seq) };
+            cache.write(local, r.pos, kk, vv);
+        });
+    } else {
+        for (i, r) in rows.iter().enumerate() {
+            let (kk, vv) = kv_of(i);
+            caches[r.seq].write(local, r.pos, kk, vv);
+        }
     }
 }
 
