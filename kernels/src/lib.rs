@@ -26,6 +26,7 @@ mod hadamard;
 mod isa;
 mod layout;
 mod matmul;
+mod panel;
 mod pool;
 mod prefetch;
 mod qacts;

@@ -6,15 +6,17 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use half::f16;
 
-use crate::KernelError;
 use crate::buffer::AlignedBytes;
 use crate::layout::{
     G, RowShape, elem_pos, f16_ceil, f16_floor, nibble_pos, pack_nibbles, to_layout, unpack_nibbles,
 };
+use crate::panel::Panels;
 use crate::storage::Geom;
+use crate::{Isa, KernelError};
 
 /// A quantized weight matrix in the crate's A8-C8-W4 layout.
 #[derive(Clone)]
@@ -25,6 +27,9 @@ pub struct QMatrix {
     geom: Geom,
     /// The storage of `crate::storage` (weights, scales and mins interleaved).
     data: AlignedBytes,
+    /// The same 8-bit matrix in row panels (`crate::panel`), built on first
+    /// use by the AVX-512 kernels.
+    panels: OnceLock<Panels>,
 }
 
 impl fmt::Debug for QMatrix {
@@ -100,6 +105,7 @@ impl QMatrix {
             bits,
             geom,
             data,
+            panels: OnceLock::new(),
         })
     }
 
@@ -112,6 +118,7 @@ impl QMatrix {
             bits: self.bits,
             geom,
             data: AlignedBytes::zeroed(geom.bytes()),
+            panels: OnceLock::new(),
         }
     }
 
@@ -467,6 +474,28 @@ impl QMatrix {
     }
 
     /// The raw storage bytes.
+    /// This 8-bit matrix in row panels, built on the first call (a copy of
+    /// the values, kept for the life of the matrix).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn panels(&self) -> &Panels {
+        self.panels.get_or_init(|| Panels::build(self))
+    }
+
+    /// Builds now whatever the `isa` kernels will build on first use (the
+    /// row panels of an 8-bit matrix on AVX-512), so that the first request
+    /// does not pay for it. Idempotent; other ISAs and 4-bit matrices need
+    /// nothing.
+    pub fn prepare(&self, isa: Isa) {
+        if isa == Isa::Avx512 && self.bits == 8 {
+            self.panels();
+        }
+    }
+
+    /// Bytes held in row panels so far (0 until an AVX-512 kernel used them).
+    pub fn panel_bytes(&self) -> usize {
+        self.panels.get().map_or(0, Panels::size_bytes)
+    }
+
     pub(crate) fn bytes(&self) -> &[u8] {
         self.data.as_slice()
     }

@@ -224,6 +224,7 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread over `cards`.
     pub fn start(cards: Cards, config: EngineConfig) -> Engine {
+        cards.prepare(config.isa);
         let cards = Arc::new(cards);
         let stats = Arc::new(EngineStats::default());
         stats.last_progress_ms.store(now_ms(), Ordering::Release);

@@ -144,6 +144,21 @@ impl Cards {
         })
     }
 
+    /// Readies every card's matrices for the kernels of `isa` (see
+    /// [`QMatrix::prepare`]): done once, before the first step.
+    pub fn prepare(&self, isa: Isa) {
+        for card in &self.cards {
+            if let Some(head) = &card.head {
+                head.prepare(isa);
+            }
+            for l in &self.model.layers[card.layers.clone()] {
+                for w in [&l.wqkv, &l.wo, &l.w_gate_up, &l.w_down] {
+                    w.parts().iter().for_each(|m| m.prepare(isa));
+                }
+            }
+        }
+    }
+
     /// The model.
     pub fn model(&self) -> &Arc<Model> {
         &self.model

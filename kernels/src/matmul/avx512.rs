@@ -19,6 +19,8 @@ use crate::{QActs, QMatrix};
 
 #[path = "avx512_batch.rs"]
 mod batch;
+#[path = "avx512_panel.rs"]
+mod panel;
 
 /// Weight rows per m = 1 block.
 const R_MAX: usize = crate::storage::RB;
@@ -29,6 +31,11 @@ const R_MAX: usize = crate::storage::RB;
 /// Same contract as `super::run`; the CPU supports AVX-512 F/BW/VL/VNNI, AVX2, FMA, F16C.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
+    if w.bits() == 8 {
+        // SAFETY: forwarded contract; the matrix is 8-bit.
+        unsafe { panel::matmul_rows(w, a, rows, out) };
+        return;
+    }
     if a.m() != 1 {
         // SAFETY: forwarded contract.
         unsafe { batch::matmul_rows(w, a, rows, out) };

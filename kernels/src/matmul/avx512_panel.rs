@@ -1,0 +1,126 @@
+//! AVX-512 VNNI kernel for 8-bit matrices in row panels (`crate::panel`),
+//! for every batch size: each output lane is one weight row, so a group of
+//! 32 columns is 8 `vpdpbusd` of a panel word against a broadcast 4-byte
+//! activation word, then the group's scale and min term for 16 rows at once.
+//! Activation rows go in tiles of up to [`MAX_TILE`] over each panel, whose
+//! record (18 × 576 bytes for 576 columns) stays in L1 between tiles.
+//!
+//! Every output is the same sequence of f32 operations whatever the batch
+//! size or tile, so a row's logits do not depend on the batch it is in.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use crate::layout::{G, RowShape, elem_pos};
+use crate::matmul::{ActRow, Out};
+use crate::panel::{PANEL_ROWS, RECORD, WORDS_BYTES};
+use crate::{QActs, QMatrix};
+
+/// Activation rows per pass over a panel.
+const MAX_TILE: usize = 4;
+
+/// Panel kernel for weight rows `rows` of the 8-bit matrix `w`.
+///
+/// # Safety
+/// Same contract as `crate::matmul::run`; `w.bits() == 8`; the CPU has the
+/// features enabled below.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+#[inline(never)]
+pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
+    let p = w.panels();
+    let shape = RowShape::new(w.cols());
+    // Where activation word t of group g sits in the element layout.
+    let words: Vec<usize> = (0..p.groups() * G / 4)
+        .map(|k| elem_pos(&shape, k / (G / 4), 4 * (k % (G / 4))))
+        .collect();
+    let acts: Vec<ActRow> = (0..a.m()).map(|i| ActRow::new(a, i)).collect();
+    let first = rows.start / PANEL_ROWS;
+    let last = rows.end.div_ceil(PANEL_ROWS).min(p.panels());
+    for panel in first..last {
+        let r0 = panel * PANEL_ROWS;
+        let lo = rows.start.max(r0) - r0;
+        let hi = rows.end.min(r0 + PANEL_ROWS) - r0;
+        // Lanes lo..hi are this call's rows.
+        let mask: __mmask16 = ((1u32 << hi) - (1u32 << lo)) as u16;
+        let rec = p.panel(panel);
+        let mut i0 = 0;
+        while i0 < acts.len() {
+            let n = (acts.len() - i0).min(MAX_TILE);
+            let at = &acts[i0..i0 + n];
+            // SAFETY: `rec` is the whole panel (groups × RECORD bytes),
+            // `words` addresses inside every activation row (cols = the
+            // matrix's, checked by the caller), and the masked lanes are
+            // rows of this call in `out` (caller contract).
+            unsafe {
+                match n {
+                    1 => tile::<1>(rec, &words, at, out, i0, r0, mask),
+                    2 => tile::<2>(rec, &words, at, out, i0, r0, mask),
+                    3 => tile::<3>(rec, &words, at, out, i0, r0, mask),
+                    _ => tile::<4>(rec, &words, at, out, i0, r0, mask),
+                }
+            }
+            i0 += n;
+        }
+    }
+}
+
+/// One panel against `M` activation rows (rows `i0..i0 + M` of the output);
+/// writes the lanes of `mask` at output columns `r0..r0 + 16`.
+///
+/// # Safety
+/// `rec` holds `words.len() / 8` records; each of `acts[..M]` has the
+/// matrix's columns; the masked (i, r) elements of `out` are in bounds and
+/// belong to the caller.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn tile<const M: usize>(
+    rec: &[u8],
+    words: &[usize],
+    acts: &[ActRow],
+    out: Out,
+    i0: usize,
+    r0: usize,
+    mask: __mmask16,
+) {
+    let act: [ActRow; M] = std::array::from_fn(|i| acts[i]);
+    let groups = words.len() / (G / 4);
+    debug_assert!(rec.len() >= groups * RECORD);
+    let base = rec.as_ptr();
+    let mut facc = [_mm512_setzero_ps(); M];
+    let mut macc = [_mm512_setzero_ps(); M];
+    // SAFETY: record g spans bytes g*RECORD..(g+1)*RECORD of `rec`; word
+    // offsets are element positions of the activation rows (+4 bytes inside
+    // the same group); group g < groups exists in every activation row.
+    unsafe {
+        for g in 0..groups {
+            let r = base.add(g * RECORD);
+            let wv: [__m512i; 8] =
+                std::array::from_fn(|t| _mm512_loadu_si512(r.add(64 * t).cast()));
+            let s = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(WORDS_BYTES).cast()));
+            let mn = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(WORDS_BYTES + 32).cast()));
+            let wd = &words[g * (G / 4)..(g + 1) * (G / 4)];
+            for i in 0..M {
+                let q = act[i].q;
+                let word =
+                    |t: usize| _mm512_set1_epi32(q.add(wd[t]).cast::<i32>().read_unaligned());
+                let x = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[0], word(0));
+                let x = _mm512_dpbusd_epi32(x, wv[1], word(1));
+                let x = _mm512_dpbusd_epi32(x, wv[2], word(2));
+                let x = _mm512_dpbusd_epi32(x, wv[3], word(3));
+                let x = _mm512_dpbusd_epi32(x, wv[4], word(4));
+                let x = _mm512_dpbusd_epi32(x, wv[5], word(5));
+                let x = _mm512_dpbusd_epi32(x, wv[6], word(6));
+                let x = _mm512_dpbusd_epi32(x, wv[7], word(7));
+                let d = _mm512_set1_ps(*act[i].d.add(g));
+                let sd = _mm512_set1_ps(*act[i].sd.add(g));
+                facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), _mm512_mul_ps(s, d), facc[i]);
+                macc[i] = _mm512_fmadd_ps(mn, sd, macc[i]);
+            }
+        }
+        for i in 0..M {
+            let y = _mm512_add_ps(facc[i], macc[i]);
+            let at = (i0 + i) * out.stride + r0;
+            _mm512_mask_storeu_ps(out.ptr.add(at), mask, y);
+        }
+    }
+}
