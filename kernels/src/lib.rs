@@ -33,6 +33,7 @@ mod qacts;
 mod qacts_simd;
 mod qmatrix;
 mod rope;
+mod rows_ptr;
 mod storage;
 
 /// Columns per quantization group (weights and activations).
@@ -50,3 +51,4 @@ pub use prefetch::prefetch;
 pub use qacts::QActs;
 pub use qmatrix::QMatrix;
 pub use rope::Rope;
+pub use rows_ptr::RowsPtr;

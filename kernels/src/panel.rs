@@ -11,8 +11,8 @@
 //! special case for a row's last groups. The values are copied from the
 //! matrix unchanged (same quantized bytes, same f16 parameters).
 //!
-//! Built on first use by an AVX-512 kernel (see `QMatrix::panels`); the
-//! matrix keeps its own storage for every other reader.
+//! Built by `QMatrix::prepare` at engine start (or on first use by an
+//! AVX-512 kernel); the matrix keeps its own storage for every other reader.
 
 use half::f16;
 
@@ -32,6 +32,9 @@ pub(crate) const RECORD: usize = WORDS_BYTES + 2 * 2 * PANEL_ROWS;
 pub(crate) struct Panels {
     groups: usize,
     panels: usize,
+    /// Where activation word `t` of group `g` sits in an activation row's
+    /// element layout (`crate::layout`), at index `g * 8 + t`.
+    words: Vec<usize>,
     data: AlignedBytes,
 }
 
@@ -61,17 +64,28 @@ impl Panels {
                     .copy_from_slice(&mn[g].to_le_bytes());
             }
         }
+        let words = (0..groups * G / 4)
+            .map(|k| elem_pos(&shape, k / (G / 4), 4 * (k % (G / 4))))
+            .collect();
         Panels {
             groups,
             panels,
+            words,
             data,
         }
     }
 
     /// Groups of 32 columns.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[cfg(test)]
     pub(crate) fn groups(&self) -> usize {
         self.groups
+    }
+
+    /// Activation word offsets: `words()[g * 8 + t]` is where columns
+    /// `32g + 4t .. 32g + 4t + 4` of an activation row start.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn words(&self) -> &[usize] {
+        &self.words
     }
 
     /// Number of panels.
@@ -84,11 +98,6 @@ impl Panels {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn panel(&self, p: usize) -> &[u8] {
         &self.data.as_slice()[p * self.groups * RECORD..(p + 1) * self.groups * RECORD]
-    }
-
-    /// Bytes held.
-    pub(crate) fn size_bytes(&self) -> usize {
-        self.data.len()
     }
 }
 

@@ -7,7 +7,7 @@ use std::fmt;
 
 use crate::buffer::AlignedBytes;
 use crate::layout::{CG, CHUNK, G, RowShape};
-use crate::{Isa, Pool};
+use crate::{Isa, Pool, RowsPtr};
 
 /// Reusable buffer of quantized activation rows.
 #[derive(Default, Clone)]
@@ -87,25 +87,6 @@ fn scatter_group(chunk: &mut [i8; CHUNK], j: usize, group: &[i8; G]) {
     }
 }
 
-/// A buffer's base pointer shared with pool threads, which write disjoint rows.
-struct RowsPtr<T>(*mut T);
-// SAFETY: only used inside `quantize_pool`, whose threads write disjoint
-// rows of buffers exclusively borrowed for the duration of the call.
-unsafe impl<T> Sync for RowsPtr<T> {}
-
-impl<T> RowsPtr<T> {
-    /// Row `i` of width `w`.
-    ///
-    /// # Safety
-    /// The buffer holds at least `(i + 1) * w` values, and no other live
-    /// reference covers this row.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, i: usize, w: usize) -> &mut [T] {
-        // SAFETY: per this function's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(i * w), w) }
-    }
-}
-
 impl QActs {
     /// An empty buffer.
     pub fn new() -> Self {
@@ -142,10 +123,10 @@ impl QActs {
         let isa = isa.checked();
         let shape = RowShape::new(cols);
         let ng = shape.groups;
-        let q = RowsPtr(self.q.as_i8_mut().as_mut_ptr());
-        let d = RowsPtr(self.d.as_mut_ptr());
-        let sd = RowsPtr(self.sd.as_mut_ptr());
-        let sumq = RowsPtr(self.sumq.as_mut_ptr());
+        let q = RowsPtr::new(self.q.as_i8_mut());
+        let d = RowsPtr::new(&mut self.d);
+        let sd = RowsPtr::new(&mut self.sd);
+        let sumq = RowsPtr::new(&mut self.sumq);
         pool.run(&|t, nt| {
             for i in (t * m / nt)..((t + 1) * m / nt) {
                 // SAFETY: `prepare` sized q to m*cols and d, sd, sumq to m*ng;

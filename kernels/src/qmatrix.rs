@@ -27,8 +27,8 @@ pub struct QMatrix {
     geom: Geom,
     /// The storage of `crate::storage` (weights, scales and mins interleaved).
     data: AlignedBytes,
-    /// The same 8-bit matrix in row panels (`crate::panel`), built on first
-    /// use by the AVX-512 kernels.
+    /// The same 8-bit matrix in row panels (`crate::panel`), built by
+    /// [`QMatrix::prepare`] or on first use by the AVX-512 kernels.
     panels: OnceLock<Panels>,
 }
 
@@ -473,7 +473,6 @@ impl QMatrix {
         &self.geom
     }
 
-    /// The raw storage bytes.
     /// This 8-bit matrix in row panels, built on the first call (a copy of
     /// the values, kept for the life of the matrix).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -491,11 +490,7 @@ impl QMatrix {
         }
     }
 
-    /// Bytes held in row panels so far (0 until an AVX-512 kernel used them).
-    pub fn panel_bytes(&self) -> usize {
-        self.panels.get().map_or(0, Panels::size_bytes)
-    }
-
+    /// The raw storage bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
         self.data.as_slice()
     }

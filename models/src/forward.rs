@@ -5,7 +5,7 @@
 //! A row attends to its own sequence's C8 cache, which already holds every
 //! earlier position, including earlier rows of the same batch.
 
-use cardinal_kernels::{self as k, AttnState, Isa, Pool, QActs, Rope};
+use cardinal_kernels::{self as k, AttnState, Isa, Pool, QActs, Rope, RowsPtr};
 
 use crate::config::ModelConfig;
 use crate::kv::{KV_BLOCK, SeqKv};
@@ -93,28 +93,6 @@ pub fn embed(model: &Model, tokens: &[u32], out: &mut [f32]) {
     }
 }
 
-/// A raw pointer that may cross to pool threads; users write disjoint ranges.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-
-impl SyncPtr {
-    /// Row `i` of width `w`.
-    ///
-    /// # Safety
-    /// The buffer holds at least `(i + 1) * w` values, and no other live
-    /// reference covers this row.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, i: usize, w: usize) -> &mut [f32] {
-        // SAFETY: per this function's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(i * w), w) }
-    }
-}
-// SAFETY: only used to write disjoint, in-bounds ranges from pool threads
-// while the owning slice is exclusively borrowed by the caller.
-unsafe impl Sync for SyncPtr {}
-// SAFETY: as above.
-unsafe impl Send for SyncPtr {}
-
 /// Runs decoder layer `layer` (local index `local` in the caches) over the
 /// rows of `x` (`rows.len() x hidden`), updating `x` in place. Each row's
 /// cache must have capacity for its position.
@@ -148,7 +126,7 @@ pub fn forward_layer(
 
     // Attention block.
     {
-        let (xs, xn) = (&*x, SyncPtr(ws.xn.as_mut_ptr()));
+        let (xs, xn) = (&*x, RowsPtr::new(&mut ws.xn));
         for_rows(pool, n, &|i| {
             // SAFETY: row i of xn (sized n*hd above) belongs to this call of i only.
             let out = unsafe { xn.row(i, hd) };
@@ -167,7 +145,7 @@ pub fn forward_layer(
         .tabulate(rows.iter().map(|r| r.pos + 1).max().unwrap_or(0));
     let rope = &ws.rope.as_ref().expect("rope set").2;
     {
-        let qkv = SyncPtr(ws.qkv.as_mut_ptr());
+        let qkv = RowsPtr::new(&mut ws.qkv);
         for_rows(pool, n, &|i| {
             // SAFETY: row i of qkv (sized n*qkv_w above) belongs to this call of i only.
             let row = unsafe { qkv.row(i, qkv_w) };
@@ -194,11 +172,7 @@ pub fn forward_layer(
 
     // Residual add, then the MLP block.
     {
-        let (xs, xn, proj) = (
-            SyncPtr(x.as_mut_ptr()),
-            SyncPtr(ws.xn.as_mut_ptr()),
-            &ws.proj,
-        );
+        let (xs, xn, proj) = (RowsPtr::new(x), RowsPtr::new(&mut ws.xn), &ws.proj);
         for_rows(pool, n, &|i| {
             // SAFETY: rows i of x (n*hd, the caller's) and of xn (sized
             // above) belong to this call of i only.
@@ -223,7 +197,7 @@ pub fn forward_layer(
     );
     let f = cfg.ffn;
     {
-        let (gus, h) = (&ws.gu, SyncPtr(ws.h.as_mut_ptr()));
+        let (gus, h) = (&ws.gu, RowsPtr::new(&mut ws.h));
         for_rows(pool, n, &|i| {
             let gu = &gus[i * 2 * f..(i + 1) * 2 * f];
             // SAFETY: row i of h (sized n*f above) belongs to this call of i only.
@@ -239,7 +213,7 @@ pub fn forward_layer(
         &mut ws.proj,
         &mut ws.part,
     );
-    let (xs, proj) = (SyncPtr(x.as_mut_ptr()), &ws.proj);
+    let (xs, proj) = (RowsPtr::new(x), &ws.proj);
     for_rows(pool, n, &|i| {
         // SAFETY: row i of x (n*hd, the caller's) belongs to this call of i only.
         let xr = unsafe { xs.row(i, hd) };
@@ -252,9 +226,9 @@ pub fn forward_layer(
     });
 }
 
-/// Rows from which per-row work (norms, SwiGLU, residual adds, activation
-/// quantization) is split across the pool; with fewer, a fork-join costs
-/// more than the work.
+/// Rows from which per-row work (norms, RoPE, KV rotation and writes,
+/// SwiGLU, residual adds, activation quantization) is split across the
+/// pool; with fewer, a fork-join costs more than the work.
 const PAR_ROWS: usize = 8;
 
 /// Runs `f(i)` for every row `i < n`, in contiguous ranges across the pool
@@ -294,33 +268,19 @@ fn write_kv(
         let row = &qkv[i * qkv_w..(i + 1) * qkv_w];
         (&row[qd..qd + kvd], &row[qd + kvd..])
     };
-    let mut seen = vec![false; caches.len()];
-    let distinct = rows
-        .iter()
-        .all(|r| r.seq < seen.len() && !std::mem::replace(&mut seen[r.seq], true));
-    if distinct && rows.len() >= PAR_ROWS {
-        /// The caches, shared with pool tasks that each use distinct ones.
-        struct Caches<'a>(*mut &'a mut SeqKv);
-        impl Caches<'_> {
-            /// # Safety
-            /// `i < caches.len()`, and no other live reference to cache `i`.
-            #[allow(clippy::mut_from_ref)]
-            unsafe fn get(&self, i: usize) -> &mut SeqKv {
-                // SAFETY: per this function's contract.
-                unsafe { &mut **self.0.add(i) }
-            }
-        }
-        // SAFETY: each pool task below dereferences only the cache of its
-        // own row, and no two rows share a sequence (checked above).
-        unsafe impl Sync for Caches<'_> {}
-        let cs = Caches(caches.as_mut_ptr());
+    let distinct = rows.len() >= PAR_ROWS && {
+        let mut seen = vec![false; caches.len()];
+        rows.iter()
+            .all(|r| r.seq < seen.len() && !std::mem::replace(&mut seen[r.seq], true))
+    };
+    if distinct {
+        let cs = RowsPtr::new(caches);
         for_rows(pool, rows.len(), &|i| {
             let r = rows[i];
             let (kk, vv) = kv_of(i);
-            // SAFETY: r.seq < caches.len() (checked above), and row i is the
-            // only row of sequence r.seq, so no other task touches this cache
-            // while `caches` is exclusively borrowed for this call.
-            let cache = unsafe { cs.get(r.seq) };
+            // SAFETY: row i is the only row of sequence r.seq (checked
+            // above), so no other task touches this cache.
+            let cache = unsafe { &mut cs.range(r.seq, 1)[0] };
             cache.write(local, r.pos, kk, vv);
         });
     } else {
@@ -369,11 +329,9 @@ fn attention(
         pool.threads().min(cfg.n_heads)
     };
     let tasks = rows.len() * parts;
-    let out_ptr = SyncPtr(out.as_mut_ptr());
-    assert!(out.len() >= rows.len() * qd);
+    let out = RowsPtr::new(out);
     let caches: &[&mut SeqKv] = caches;
     let work = |t: usize, nt: usize| {
-        let p = out_ptr;
         let mut sts: Vec<AttnState> = (0..group).map(|_| AttnState::new(hdim)).collect();
         let mut task = t;
         while task < tasks {
@@ -419,12 +377,9 @@ fn attention(
                     );
                 }
                 // SAFETY: the task owns out[i*qd + h0*hdim .. i*qd + h1*hdim]
-                // (its heads of row i); tasks are distinct across threads
-                // (strided by nt), the range is in bounds (asserted above), and
-                // `out` is exclusively borrowed.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(p.0.add(i * qd + h0 * hdim), (h1 - h0) * hdim)
-                };
+                // (its heads of row i), and tasks are distinct across
+                // threads (strided by nt).
+                let dst = unsafe { out.range(i * qd + h0 * hdim, (h1 - h0) * hdim) };
                 for (j, st) in sts.iter().enumerate() {
                     k::attend_finish(st, &mut dst[j * hdim..(j + 1) * hdim]);
                 }

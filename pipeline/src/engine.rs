@@ -530,43 +530,41 @@ impl Worker {
     }
 
     /// Samples the next token of every sequence in `owners` that needs
-    /// logits (their rows of `logits`, in order), in `owners` order. With
-    /// several such sequences the samplers run across the pool: each
-    /// sequence has its own sampler and random stream, so where a sampler
-    /// runs changes nothing.
+    /// logits (their rows of `logits`, in order), in `owners` order (owners
+    /// follow the running order). With several such sequences the samplers
+    /// run across the pool: each sequence has its own sampler and random
+    /// stream, so where a sampler runs changes nothing.
     fn sample_all(
         &self,
         running: &mut [Seq],
         owners: &[(usize, usize, bool)],
         logits: &mut [f32],
         vocab: usize,
-    ) -> std::vec::IntoIter<Sampled> {
+    ) -> Vec<Sampled> {
         struct Job<'a> {
             sampler: &'a mut Sampler,
             logits: &'a mut [f32],
             top: usize,
             out: Option<Sampled>,
         }
-        let n_running = running.len();
-        let mut wanted = vec![false; n_running];
+        let mut wanted = vec![false; running.len()];
         for &(si, _, needs_logits) in owners {
             wanted[si] = needs_logits;
         }
-        // Owners follow the running order, and so do their logits rows.
         let mut rows = logits.chunks_mut(vocab);
-        let mut jobs: Vec<(usize, Mutex<Job>)> = Vec::new();
-        for (si, s) in running.iter_mut().enumerate() {
-            if wanted[si] {
-                let top = s.p.req.top_logprobs;
-                let job = Job {
+        let jobs: Vec<Mutex<Job>> = running
+            .iter_mut()
+            .zip(wanted)
+            .filter(|(_, w)| *w)
+            .map(|(s, _)| {
+                Mutex::new(Job {
+                    top: s.p.req.top_logprobs,
                     sampler: &mut s.sampler,
                     logits: rows.next().expect("a logits row per sampled sequence"),
-                    top,
                     out: None,
-                };
-                jobs.push((si, Mutex::new(job)));
-            }
-        }
+                })
+            })
+            .collect();
         let run = |j: &Mutex<Job>| {
             let mut j = j.lock().unwrap_or_else(|e| e.into_inner());
             let j = &mut *j;
@@ -574,21 +572,16 @@ impl Worker {
         };
         if jobs.len() >= 2 && self.pool.threads() > 1 {
             self.pool
-                .run(&|t, nt| jobs.iter().skip(t).step_by(nt).for_each(|(_, j)| run(j)));
+                .run(&|t, nt| jobs.iter().skip(t).step_by(nt).for_each(run));
         } else {
-            jobs.iter().for_each(|(_, j)| run(j));
+            jobs.iter().for_each(run);
         }
-        // Back in owners order (equal to the running order of those sampled).
-        let mut by_seq: Vec<Option<Sampled>> = vec![None; n_running];
-        for (si, j) in jobs {
-            by_seq[si] = j.into_inner().unwrap_or_else(|e| e.into_inner()).out;
-        }
-        owners
-            .iter()
-            .filter(|o| o.2)
-            .map(|o| by_seq[o.0].take().expect("sampled above"))
-            .collect::<Vec<_>>()
-            .into_iter()
+        jobs.into_iter()
+            .map(|j| {
+                let j = j.into_inner().unwrap_or_else(|e| e.into_inner());
+                j.out.expect("sampled above")
+            })
+            .collect()
     }
 
     /// One engine step over the running set.
@@ -687,7 +680,9 @@ impl Worker {
         let total_rows = rows.len().max(1) as f64;
 
         let vocab = self.cards.model().cfg.vocab;
-        let mut samples = self.sample_all(running, &owners, &mut scratch.logits, vocab);
+        let mut samples = self
+            .sample_all(running, &owners, &mut scratch.logits, vocab)
+            .into_iter();
         let mut finished = Vec::new();
         let now = Instant::now();
         for &(si, take, needs_logits) in &owners {

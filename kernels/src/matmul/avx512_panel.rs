@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use crate::layout::{G, RowShape, elem_pos};
+use crate::layout::G;
 use crate::matmul::{ActRow, Out};
 use crate::panel::{PANEL_ROWS, RECORD, WORDS_BYTES};
 use crate::{QActs, QMatrix};
@@ -28,11 +28,7 @@ const MAX_TILE: usize = 4;
 #[inline(never)]
 pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
     let p = w.panels();
-    let shape = RowShape::new(w.cols());
-    // Where activation word t of group g sits in the element layout.
-    let words: Vec<usize> = (0..p.groups() * G / 4)
-        .map(|k| elem_pos(&shape, k / (G / 4), 4 * (k % (G / 4))))
-        .collect();
+    let words = p.words();
     let acts: Vec<ActRow> = (0..a.m()).map(|i| ActRow::new(a, i)).collect();
     let first = rows.start / PANEL_ROWS;
     let last = rows.end.div_ceil(PANEL_ROWS).min(p.panels());
@@ -53,10 +49,10 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
             // rows of this call in `out` (caller contract).
             unsafe {
                 match n {
-                    1 => tile::<1>(rec, &words, at, out, i0, r0, mask),
-                    2 => tile::<2>(rec, &words, at, out, i0, r0, mask),
-                    3 => tile::<3>(rec, &words, at, out, i0, r0, mask),
-                    _ => tile::<4>(rec, &words, at, out, i0, r0, mask),
+                    1 => tile::<1>(rec, words, at, out, i0, r0, mask),
+                    2 => tile::<2>(rec, words, at, out, i0, r0, mask),
+                    3 => tile::<3>(rec, words, at, out, i0, r0, mask),
+                    _ => tile::<4>(rec, words, at, out, i0, r0, mask),
                 }
             }
             i0 += n;
