@@ -2,7 +2,9 @@
 //! machine): `cargo run --release -p cardinal-kernels --example probe [isa] [m]
 //! [rows,cols,bits | smollm2]`. `smollm2` times one decode token's worth of
 //! matvecs (30 layers of fused qkv, o, fused gate+up, down, plus the Q8 head;
-//! ~96 MB streamed from RAM) on 1 and 2 threads.
+//! ~96 MB streamed from RAM) on 1 and 2 threads. Matrices are repacked for
+//! the ISA as the engine does (`QMatrix::repack`); `PROBE_ROWS=1` keeps the
+//! row storage instead.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -48,11 +50,12 @@ fn main() {
             raw.extend_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
             raw.extend((0..nq).map(|_| next() as u8));
         }
-        let w = if bits == 4 {
+        let mut w = if bits == 4 {
             QMatrix::from_ggml_q4_0(rows, cols, &raw).unwrap()
         } else {
             QMatrix::from_ggml_q8_0(rows, cols, &raw).unwrap()
         };
+        repack(&mut w, isa);
         let x: Vec<f32> = (0..m * cols)
             .map(|_| (next() % 1000) as f32 / 500.0 - 1.0)
             .collect();
@@ -73,6 +76,12 @@ fn main() {
             best * 1e6,
             w.size_bytes() as f64 / best / 1e9
         );
+    }
+}
+
+fn repack(w: &mut QMatrix, isa: Isa) {
+    if std::env::var_os("PROBE_ROWS").is_none() {
+        w.repack(isa);
     }
 }
 
@@ -99,6 +108,7 @@ fn smollm2(isa: Isa, m: usize, next: &mut impl FnMut() -> u64) {
         mats.push(build(576, 1536, 4, next));
     }
     mats.push(build(49152, 576, 8, next));
+    mats.iter_mut().for_each(|w| repack(w, isa));
     let bytes: usize = mats.iter().map(QMatrix::size_bytes).sum();
     let x: Vec<f32> = (0..1536 * m)
         .map(|_| (next() % 1000) as f32 / 500.0 - 1.0)

@@ -1,18 +1,26 @@
-//! Row panels: a second arrangement of an 8-bit [`QMatrix`] for the AVX-512
-//! kernels, where one register holds 16 rows side by side.
+//! Row panels: the arrangement of a [`QMatrix`] for the AVX-512 kernels,
+//! where one register holds 16 rows side by side.
 //!
 //! Rows are taken 16 at a time (a *panel*; the last one padded with zero
-//! rows). For each group `g` of 32 columns a panel has one 576-byte record:
-//! eight 64-byte *words* `t = 0..8`, where bytes `4j..4j+4` of word `t` are
-//! columns `32g + 4t .. 32g + 4t + 4` of the panel's row `j`; then the 16
-//! rows' f16 scales, then their 16 f16 mins. One `vpdpbusd` of word `t`
-//! against those 4 activation bytes broadcast to every lane adds 4 products
-//! to each of 16 rows at once, so a kernel needs no horizontal sum and no
-//! special case for a row's last groups. The values are copied from the
-//! matrix unchanged (same quantized bytes, same f16 parameters).
+//! rows). For each group `g` of 32 columns a panel has one *record*: its
+//! packed 64-byte *words*, then the 16 rows' f16 scales, then their 16 f16
+//! mins. One `vpdpbusd` of an (expanded) word against 4 activation bytes
+//! broadcast to every lane adds 4 products to each of 16 rows at once, so a
+//! kernel needs no horizontal sum and no special case for a row's last groups.
 //!
-//! Built by `QMatrix::prepare` at engine start (or on first use by an
-//! AVX-512 kernel); the matrix keeps its own storage for every other reader.
+//! - 8-bit: eight words `t = 0..8`; bytes `4j..4j+4` of word `t` are columns
+//!   `32g + 4t .. 32g + 4t + 4` of the panel's row `j` (576-byte records).
+//! - 4-bit: four words `t = 0..4`; byte `4j + k` of word `t` holds column
+//!   `32g + 4t + k` of row `j` in its low nibble and column `32g + 16 + 4t + k`
+//!   in its high nibble, so `& 0xF` gives the operand of activation word `t`
+//!   and `>> 4` that of word `t + 4` (320-byte records: the same 20 bytes per
+//!   row and group as the row storage, so a 4-bit matrix is converted, not
+//!   copied).
+//!
+//! The values are the matrix's own (same quantized values, same f16
+//! parameters). An 8-bit matrix keeps its row storage beside its panels (the
+//! embedding lookup and other ISAs read it); a 4-bit matrix that
+//! `QMatrix::repack` converted holds only panels.
 
 use half::f16;
 
@@ -22,14 +30,22 @@ use crate::layout::{G, RowShape, elem_pos};
 
 /// Rows per panel.
 pub(crate) const PANEL_ROWS: usize = 16;
-/// Bytes of the packed 8-bit words of one (panel, group) record.
-pub(crate) const WORDS_BYTES: usize = PANEL_ROWS * G;
-/// Bytes of one (panel, group) record: words, 16 f16 scales, 16 f16 mins.
-pub(crate) const RECORD: usize = WORDS_BYTES + 2 * 2 * PANEL_ROWS;
 
-/// An 8-bit matrix in row panels (see the module comment).
+/// Bytes of the packed words of one (panel, group) record.
+pub(crate) const fn words_bytes(bits: u8) -> usize {
+    PANEL_ROWS * G * bits as usize / 8
+}
+
+/// Bytes of one (panel, group) record: words, 16 f16 scales, 16 f16 mins.
+pub(crate) const fn record_bytes(bits: u8) -> usize {
+    words_bytes(bits) + 2 * 2 * PANEL_ROWS
+}
+
+/// A matrix in row panels (see the module comment).
 #[derive(Clone)]
 pub(crate) struct Panels {
+    bits: u8,
+    rows: usize,
     groups: usize,
     panels: usize,
     /// Where activation word `t` of group `g` sits in an activation row's
@@ -39,40 +55,118 @@ pub(crate) struct Panels {
 }
 
 impl Panels {
-    /// The panels of the 8-bit matrix `w`.
+    /// The panels of `w` (4- or 8-bit).
     pub(crate) fn build(w: &QMatrix) -> Panels {
-        assert_eq!(w.bits(), 8, "row panels hold 8-bit matrices");
+        let bits = w.bits();
+        let rec_len = record_bytes(bits);
+        let wb = words_bytes(bits);
         let shape = RowShape::new(w.cols());
         let groups = shape.groups;
         let panels = w.rows().div_ceil(PANEL_ROWS);
-        let mut data = AlignedBytes::zeroed(panels * groups * RECORD);
+        let mut data = AlignedBytes::zeroed(panels * groups * rec_len);
         let out = data.as_mut_slice();
-        let mut packed = vec![0u8; w.cols()];
+        let mut u = vec![0u8; w.cols()];
         let (mut sc, mut mn) = (vec![f16::ZERO; groups], vec![f16::ZERO; groups]);
         for r in 0..w.rows() {
-            w.read_row_into(r, &mut packed, &mut sc, &mut mn);
+            w.natural_row_into(r, &mut u, &mut sc, &mut mn);
             let (p, j) = (r / PANEL_ROWS, r % PANEL_ROWS);
             for g in 0..groups {
-                let rec = &mut out[(p * groups + g) * RECORD..][..RECORD];
-                for t in 0..G / 4 {
-                    for k in 0..4 {
-                        rec[t * 64 + 4 * j + k] = packed[elem_pos(&shape, g, 4 * t + k)];
+                let rec = &mut out[(p * groups + g) * rec_len..][..rec_len];
+                let col = &u[g * G..(g + 1) * G];
+                for k in 0..G / 2 {
+                    let (t, i) = (k / 4, k % 4);
+                    if bits == 8 {
+                        rec[t * 64 + 4 * j + i] = col[k];
+                        rec[(t + 4) * 64 + 4 * j + i] = col[G / 2 + k];
+                    } else {
+                        rec[t * 64 + 4 * j + i] = col[k] | (col[G / 2 + k] << 4);
                     }
                 }
-                rec[WORDS_BYTES + 2 * j..][..2].copy_from_slice(&sc[g].to_le_bytes());
-                rec[WORDS_BYTES + 2 * PANEL_ROWS + 2 * j..][..2]
-                    .copy_from_slice(&mn[g].to_le_bytes());
+                rec[wb + 2 * j..][..2].copy_from_slice(&sc[g].to_le_bytes());
+                rec[wb + 2 * PANEL_ROWS + 2 * j..][..2].copy_from_slice(&mn[g].to_le_bytes());
             }
         }
         let words = (0..groups * G / 4)
             .map(|k| elem_pos(&shape, k / (G / 4), 4 * (k % (G / 4))))
             .collect();
         Panels {
+            bits,
+            rows: w.rows(),
             groups,
             panels,
             words,
             data,
         }
+    }
+
+    /// Row `r` in natural column order: unsigned values into `u[..cols]`,
+    /// per-group scales and mins into `sc` and `mn`.
+    pub(crate) fn natural_row_into(&self, r: usize, u: &mut [u8], sc: &mut [f16], mn: &mut [f16]) {
+        assert!(
+            r < self.rows,
+            "panel row {r} out of range ({} rows)",
+            self.rows
+        );
+        let rec_len = record_bytes(self.bits);
+        let wb = words_bytes(self.bits);
+        let (p, j) = (r / PANEL_ROWS, r % PANEL_ROWS);
+        let d = self.data.as_slice();
+        for g in 0..self.groups {
+            let rec = &d[(p * self.groups + g) * rec_len..][..rec_len];
+            let col = &mut u[g * G..(g + 1) * G];
+            for k in 0..G / 2 {
+                let (t, i) = (k / 4, k % 4);
+                if self.bits == 8 {
+                    col[k] = rec[t * 64 + 4 * j + i];
+                    col[G / 2 + k] = rec[(t + 4) * 64 + 4 * j + i];
+                } else {
+                    let b = rec[t * 64 + 4 * j + i];
+                    (col[k], col[G / 2 + k]) = (b & 0xF, b >> 4);
+                }
+            }
+            let h = |at: usize| f16::from_le_bytes([rec[at], rec[at + 1]]);
+            sc[g] = h(wb + 2 * j);
+            mn[g] = h(wb + 2 * PANEL_ROWS + 2 * j);
+        }
+    }
+
+    /// The record of row `r`'s group `g` and the row's lane in it.
+    fn record(&self, r: usize, g: usize) -> (&[u8], usize) {
+        assert!(
+            r < self.rows && g < self.groups,
+            "panel row {r} group {g} out of range ({} rows, {} groups)",
+            self.rows,
+            self.groups
+        );
+        let n = record_bytes(self.bits);
+        let at = (r / PANEL_ROWS * self.groups + g) * n;
+        (&self.data.as_slice()[at..at + n], r % PANEL_ROWS)
+    }
+
+    /// The f16 (scale, min) of row `r`'s group `g`.
+    pub(crate) fn params(&self, r: usize, g: usize) -> (f16, f16) {
+        let (rec, j) = self.record(r, g);
+        let wb = words_bytes(self.bits);
+        let h = |at: usize| f16::from_le_bytes([rec[at], rec[at + 1]]);
+        (h(wb + 2 * j), h(wb + 2 * PANEL_ROWS + 2 * j))
+    }
+
+    /// The unsigned quantized value of row `r`, column `c`.
+    pub(crate) fn quant(&self, r: usize, c: usize) -> u8 {
+        let (rec, j) = self.record(r, c / G);
+        let i = c % G;
+        if self.bits == 8 {
+            rec[(i / 4) * 64 + 4 * j + i % 4]
+        } else {
+            let b = rec[(i % 16 / 4) * 64 + 4 * j + i % 4];
+            if i < 16 { b & 0xF } else { b >> 4 }
+        }
+    }
+
+    /// Bits per weight (4 or 8).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn bits(&self) -> u8 {
+        self.bits
     }
 
     /// Groups of 32 columns.
@@ -94,10 +188,16 @@ impl Panels {
         self.panels
     }
 
-    /// Panel `p`'s records, group after group (`groups * RECORD` bytes).
+    /// Bytes held.
+    pub(crate) fn size_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Panel `p`'s records, group after group (`groups * record_bytes` bytes).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn panel(&self, p: usize) -> &[u8] {
-        &self.data.as_slice()[p * self.groups * RECORD..(p + 1) * self.groups * RECORD]
+        let n = self.groups * record_bytes(self.bits);
+        &self.data.as_slice()[p * n..(p + 1) * n]
     }
 }
 
@@ -105,41 +205,68 @@ impl Panels {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_value_lands_in_its_lane() {
-        let (rows, cols) = (19, 96);
-        let mut raw = Vec::new();
-        for r in 0..rows {
-            for g in 0..cols / G {
-                raw.extend_from_slice(
-                    &f16::from_f32(0.5 + r as f32 + g as f32 / 8.0).to_le_bytes(),
-                );
-                raw.extend((0..G).map(|i| (r * 7 + g * 3 + i) as u8));
-            }
-        }
-        let w = QMatrix::from_ggml_q8_0(rows, cols, &raw).unwrap();
-        let p = Panels::build(&w);
-        assert_eq!((p.panels(), p.groups()), (2, 3));
+    fn check(w: &QMatrix) {
+        let (rows, bits) = (w.rows(), w.bits());
+        let (rec_len, wb) = (record_bytes(bits), words_bytes(bits));
+        let p = Panels::build(w);
+        assert_eq!((p.panels(), p.groups()), (rows.div_ceil(16), w.cols() / G));
+        let groups = p.groups();
         for r in 0..rows {
             let rec0 = p.panel(r / PANEL_ROWS);
             let j = r % PANEL_ROWS;
-            for g in 0..3 {
-                let rec = &rec0[g * RECORD..(g + 1) * RECORD];
+            for g in 0..groups {
+                let rec = &rec0[g * rec_len..(g + 1) * rec_len];
                 for i in 0..G {
-                    assert_eq!(rec[(i / 4) * 64 + 4 * j + i % 4], w.quant(r, g * G + i));
+                    let got = if bits == 8 {
+                        rec[(i / 4) * 64 + 4 * j + i % 4]
+                    } else {
+                        let b = rec[(i % 16 / 4) * 64 + 4 * j + i % 4];
+                        if i < 16 { b & 0xF } else { b >> 4 }
+                    };
+                    assert_eq!(
+                        got,
+                        w.quant(r, g * G + i),
+                        "{bits}-bit row {r} col {}",
+                        g * G + i
+                    );
                 }
                 let h = |at: usize| f16::from_le_bytes([rec[at], rec[at + 1]]).to_f32();
                 let (s, m) = w.group_params(r, g);
-                assert_eq!(h(WORDS_BYTES + 2 * j), s);
-                assert_eq!(h(WORDS_BYTES + 2 * PANEL_ROWS + 2 * j), m);
+                assert_eq!(h(wb + 2 * j), s);
+                assert_eq!(h(wb + 2 * PANEL_ROWS + 2 * j), m);
             }
+            // Reading a row back gives the matrix's row.
+            let mut u = vec![0; w.cols()];
+            let (mut sc, mut mn) = (vec![f16::ZERO; groups], vec![f16::ZERO; groups]);
+            p.natural_row_into(r, &mut u, &mut sc, &mut mn);
+            assert!((0..w.cols()).all(|c| u[c] == w.quant(r, c)));
+            assert!((0..groups).all(|g| (sc[g].to_f32(), mn[g].to_f32()) == w.group_params(r, g)));
         }
         // The padding rows of the last panel are zero.
-        let last = p.panel(1);
-        for g in 0..3 {
-            for j in rows % PANEL_ROWS..PANEL_ROWS {
-                assert!((0..8).all(|t| last[g * RECORD + t * 64 + 4 * j..][..4] == [0; 4]));
+        let last = p.panel(p.panels() - 1);
+        for g in 0..groups {
+            for j in (rows - 1) % PANEL_ROWS + 1..PANEL_ROWS {
+                let n = wb / 64;
+                assert!((0..n).all(|t| last[g * rec_len + t * 64 + 4 * j..][..4] == [0; 4]));
             }
+        }
+    }
+
+    #[test]
+    fn every_value_lands_in_its_lane() {
+        for (rows, cols) in [(19, 96), (16, 32), (33, 576)] {
+            let (mut raw8, mut raw4) = (Vec::new(), Vec::new());
+            for r in 0..rows {
+                for g in 0..cols / G {
+                    let d = f16::from_f32(0.5 + r as f32 + g as f32 / 8.0).to_le_bytes();
+                    raw8.extend_from_slice(&d);
+                    raw8.extend((0..G).map(|i| (r * 7 + g * 3 + i) as u8));
+                    raw4.extend_from_slice(&d);
+                    raw4.extend((0..G / 2).map(|i| (r * 5 + g * 11 + i * 29) as u8));
+                }
+            }
+            check(&QMatrix::from_ggml_q8_0(rows, cols, &raw8).unwrap());
+            check(&QMatrix::from_ggml_q4_0(rows, cols, &raw4).unwrap());
         }
     }
 }

@@ -27,9 +27,13 @@ pub struct QMatrix {
     geom: Geom,
     /// The storage of `crate::storage` (weights, scales and mins interleaved).
     data: AlignedBytes,
-    /// The same 8-bit matrix in row panels (`crate::panel`), built by
-    /// [`QMatrix::prepare`] or on first use by the AVX-512 kernels.
+    /// The matrix in row panels (`crate::panel`): for an 8-bit matrix a
+    /// copy built by [`QMatrix::prepare`] or on first use by the AVX-512
+    /// kernels; for a 4-bit one set by [`QMatrix::repack`], which gives up
+    /// `data`.
     panels: OnceLock<Panels>,
+    /// `data` was given up: the matrix lives in `panels` only.
+    panelled: bool,
 }
 
 impl fmt::Debug for QMatrix {
@@ -106,6 +110,7 @@ impl QMatrix {
             geom,
             data,
             panels: OnceLock::new(),
+            panelled: false,
         })
     }
 
@@ -119,6 +124,7 @@ impl QMatrix {
             geom,
             data: AlignedBytes::zeroed(geom.bytes()),
             panels: OnceLock::new(),
+            panelled: false,
         }
     }
 
@@ -127,8 +133,7 @@ impl QMatrix {
         let ng = self.geom.shape.groups;
         let mut packed = vec![0u8; self.cols * self.bits as usize / 8];
         let (mut sc, mut mn) = (vec![f16::ZERO; ng], vec![f16::ZERO; ng]);
-        self.geom
-            .read_row(self.data.as_slice(), r, &mut packed, &mut sc, &mut mn);
+        self.read_row_into(r, &mut packed, &mut sc, &mut mn);
         (packed, sc, mn)
     }
 
@@ -356,9 +361,19 @@ impl QMatrix {
         self.bits
     }
 
-    /// Bytes of quantized data, scales and mins held.
+    /// Bytes of quantized data, scales and mins held (not counting the
+    /// row-panel copy an 8-bit matrix keeps for AVX-512).
     pub fn size_bytes(&self) -> usize {
-        self.data.len()
+        if self.panelled {
+            self.panels().size_bytes()
+        } else {
+            self.data.len()
+        }
+    }
+
+    /// Whether [`QMatrix::repack`] converted this matrix to row panels.
+    pub fn is_panelled(&self) -> bool {
+        self.panelled
     }
 
     /// The `(scale, min)` of group `g` (columns `32g..32g+32`) of row `r`.
@@ -367,6 +382,10 @@ impl QMatrix {
             r < self.rows && g < self.geom.shape.groups,
             "group_params: row {r} group {g} out of range"
         );
+        if self.panelled {
+            let (s, m) = self.panels().params(r, g);
+            return (s.to_f32(), m.to_f32());
+        }
         let d = self.data.as_slice();
         let (s, m) = self.geom.params(r, g);
         let h = |at: usize| f16::from_le_bytes([d[at], d[at + 1]]).to_f32();
@@ -380,6 +399,9 @@ impl QMatrix {
 
     /// The unsigned quantized value of row `r`, column `c`.
     fn u_at(&self, r: usize, c: usize) -> u8 {
+        if self.panelled {
+            return self.panels().quant(r, c);
+        }
         let p = elem_pos(&self.geom.shape, c / G, c % G);
         let d = self.data.as_slice();
         if self.bits == 8 {
@@ -468,30 +490,51 @@ impl QMatrix {
         &self.geom.shape
     }
 
-    /// Storage geometry.
+    /// Storage geometry of the row storage (not for a panelled matrix).
     pub(crate) fn geom(&self) -> &Geom {
+        debug_assert!(!self.panelled, "row storage of a panelled matrix");
         &self.geom
     }
 
-    /// This 8-bit matrix in row panels, built on the first call (a copy of
-    /// the values, kept for the life of the matrix).
+    /// This matrix in row panels: for an 8-bit matrix built on the first
+    /// call (a copy of the values, kept for the life of the matrix).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn panels(&self) -> &Panels {
         self.panels.get_or_init(|| Panels::build(self))
     }
 
-    /// Builds now whatever the `isa` kernels will build on first use (the
+    /// Builds now whatever the `isa` kernels would build on first use (the
     /// row panels of an 8-bit matrix on AVX-512), so that the first request
     /// does not pay for it. Idempotent; other ISAs and 4-bit matrices need
-    /// nothing.
+    /// nothing (see [`QMatrix::repack`] for those).
     pub fn prepare(&self, isa: Isa) {
         if isa == Isa::Avx512 && self.bits == 8 {
             self.panels();
         }
     }
 
-    /// The raw storage bytes.
+    /// Rearranges the matrix for the `isa` kernels, in place: on AVX-512 a
+    /// 4-bit matrix is converted to row panels (the same bytes per row, so
+    /// no memory is added; the row storage is freed) and an 8-bit matrix
+    /// gets its panel copy, as with [`QMatrix::prepare`]. Values, and every
+    /// accessor's results, are unchanged. A panelled matrix runs on the
+    /// AVX-512 and scalar kernels only. Idempotent.
+    pub fn repack(&mut self, isa: Isa) {
+        if isa != Isa::Avx512 {
+            return;
+        }
+        if self.bits == 4 && !self.panelled {
+            let p = Panels::build(self);
+            self.panels = OnceLock::from(p);
+            self.data = AlignedBytes::zeroed(0);
+            self.panelled = true;
+        }
+        self.prepare(isa);
+    }
+
+    /// The raw row-storage bytes (not for a panelled matrix).
     pub(crate) fn bytes(&self) -> &[u8] {
+        debug_assert!(!self.panelled, "row storage of a panelled matrix");
         self.data.as_slice()
     }
 
@@ -503,6 +546,43 @@ impl QMatrix {
         sc: &mut [f16],
         mn: &mut [f16],
     ) {
-        self.geom.read_row(self.data.as_slice(), r, packed, sc, mn);
+        if !self.panelled {
+            self.geom.read_row(self.data.as_slice(), r, packed, sc, mn);
+            return;
+        }
+        let mut u = vec![0u8; self.cols];
+        self.panels().natural_row_into(r, &mut u, sc, mn);
+        let shape = &self.geom.shape;
+        if self.bits == 8 {
+            to_layout(shape, &u, packed);
+        } else {
+            let mut laid = vec![0u8; self.cols];
+            to_layout(shape, &u, &mut laid);
+            pack_nibbles(shape, &laid, packed);
+        }
+    }
+
+    /// Row `r` in natural column order: unsigned values into `u[..cols]`,
+    /// per-group scales and mins into `sc` and `mn`.
+    pub(crate) fn natural_row_into(&self, r: usize, u: &mut [u8], sc: &mut [f16], mn: &mut [f16]) {
+        if self.panelled {
+            self.panels().natural_row_into(r, u, sc, mn);
+            return;
+        }
+        let shape = &self.geom.shape;
+        let mut packed = vec![0u8; self.cols * self.bits as usize / 8];
+        self.geom
+            .read_row(self.data.as_slice(), r, &mut packed, sc, mn);
+        let mut laid = vec![0u8; self.cols];
+        if self.bits == 8 {
+            laid.copy_from_slice(&packed);
+        } else {
+            unpack_nibbles(shape, &packed, &mut laid);
+        }
+        for g in 0..shape.groups {
+            for i in 0..G {
+                u[g * G + i] = laid[elem_pos(shape, g, i)];
+            }
+        }
     }
 }

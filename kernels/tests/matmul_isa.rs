@@ -1,6 +1,8 @@
 //! Every available ISA's matmul against the scalar reference: on random data
 //! within a summation-order tolerance, and bit-exactly on data where every f32
 //! operation is exact (so the integer dot products are proven identical).
+//! AVX-512 runs twice: on the row storage and on matrices repacked into row
+//! panels (`QMatrix::repack`), which the engine uses.
 
 mod common;
 
@@ -8,6 +10,32 @@ use cardinal_kernels::{GROUP, Isa, Pool, QActs, QMatrix, matmul, matmul_rows};
 use common::{Rng, dequantize, random_matrix};
 
 const COLS: [usize; 8] = [32, 64, 96, 224, 256, 576, 1536, 32 * 27];
+
+/// Every available ISA, with `false`; and those whose `repack` changes a
+/// 4-bit matrix again, with `true`.
+fn targets() -> Vec<(Isa, bool)> {
+    let probe = QMatrix::quantize_q4(1, 32, &[0.5; 32]).unwrap();
+    let mut out = Vec::new();
+    for isa in Isa::all_available() {
+        out.push((isa, false));
+        let mut p = probe.clone();
+        p.repack(isa);
+        if p.is_panelled() {
+            out.push((isa, true));
+        }
+    }
+    out
+}
+
+/// `w` as the `isa` kernels will see it: repacked when `repack`.
+fn form(w: &QMatrix, isa: Isa, repack: bool) -> QMatrix {
+    let mut w = w.clone();
+    if repack {
+        w.repack(isa);
+        assert!(w.bits() == 8 || w.is_panelled());
+    }
+    w
+}
 
 /// Σ over groups of s·d·Σ|uq| + |m·d|·Σ|q|, in f64: an upper bound on the
 /// magnitude of every partial sum any kernel forms, whatever its lane split
@@ -30,9 +58,17 @@ fn abs_terms(w: &QMatrix, r: usize, a: &QActs, i: usize) -> f64 {
         .sum()
 }
 
-fn check_isa_vs_scalar(isa: Isa, rows: usize, cols: usize, m: usize, kind: usize, seed: u64) {
+fn check_isa_vs_scalar(
+    (isa, repack): (Isa, bool),
+    rows: usize,
+    cols: usize,
+    m: usize,
+    kind: usize,
+    seed: u64,
+) {
     let mut rng = Rng::new(seed);
     let w = random_matrix(&mut rng, rows, cols, kind);
+    let wk = form(&w, isa, repack);
     let x = rng.vec_normal(m * cols, 1.0);
     let mut a_ref = QActs::new();
     a_ref.quantize(Isa::Scalar, &x, m, cols);
@@ -41,7 +77,7 @@ fn check_isa_vs_scalar(isa: Isa, rows: usize, cols: usize, m: usize, kind: usize
     let mut want = vec![0.0; m * rows];
     matmul_rows(Isa::Scalar, &w, &a_ref, 0..rows, &mut want);
     let mut got = vec![f32::NAN; m * rows];
-    matmul_rows(isa, &w, &a, 0..rows, &mut got);
+    matmul_rows(isa, &wk, &a, 0..rows, &mut got);
     let groups = cols / GROUP;
     // Each group term s*(d*isum) + m*sd carries ~3 roundings; the scalar sum and
     // the SIMD sum (lane-parallel, then a tree) each add at most `groups`
@@ -55,7 +91,7 @@ fn check_isa_vs_scalar(isa: Isa, rows: usize, cols: usize, m: usize, kind: usize
             let diff = (got[k] as f64 - want[k] as f64).abs();
             assert!(
                 diff <= bound,
-                "{isa} bits {} {rows}x{cols} m {m} row {r} act {i}: got {} want {} diff {diff:e} bound {bound:e}",
+                "{isa} (panels {repack}) bits {} {rows}x{cols} m {m} row {r} act {i}: got {} want {} diff {diff:e} bound {bound:e}",
                 w.bits(),
                 got[k],
                 want[k]
@@ -67,7 +103,7 @@ fn check_isa_vs_scalar(isa: Isa, rows: usize, cols: usize, m: usize, kind: usize
 #[test]
 fn all_isas_match_scalar_on_random_data() {
     let mut seed = 1;
-    for isa in Isa::all_available() {
+    for isa in targets() {
         for &cols in &COLS {
             for rows in (1..=17).chain([49]) {
                 for kind in 0..3 {
@@ -89,7 +125,7 @@ fn all_isas_match_scalar_on_random_data() {
 /// Weights with scale 1 and min -8 (or -128) and integer activations with
 /// amax 127 make every product and partial sum an integer below 2^24, so all
 /// ISAs must agree bit for bit: this pins the integer parts exactly.
-fn exact_case(isa: Isa, rows: usize, cols: usize, m: usize, bits: u8, seed: u64) {
+fn exact_case((isa, repack): (Isa, bool), rows: usize, cols: usize, m: usize, bits: u8, seed: u64) {
     let mut rng = Rng::new(seed);
     let groups = cols / GROUP;
     let w = if bits == 4 {
@@ -129,14 +165,17 @@ fn exact_case(isa: Isa, rows: usize, cols: usize, m: usize, bits: u8, seed: u64)
     let mut a2 = QActs::new();
     a2.quantize(isa, &x, m, cols);
     let mut got = vec![f32::NAN; m * rows];
-    matmul_rows(isa, &w, &a2, 0..rows, &mut got);
-    assert_eq!(got, want, "{isa} {bits}-bit {rows}x{cols} m {m}");
+    matmul_rows(isa, &form(&w, isa, repack), &a2, 0..rows, &mut got);
+    assert_eq!(
+        got, want,
+        "{isa} (panels {repack}) {bits}-bit {rows}x{cols} m {m}"
+    );
 }
 
 #[test]
 fn all_isas_exact_on_integer_data() {
     let mut seed = 1000;
-    for isa in Isa::all_available() {
+    for isa in targets() {
         for &cols in &COLS {
             for bits in [4, 8] {
                 for (rows, m) in [(1, 1), (3, 2), (7, 5), (17, 16), (49, 3)] {
@@ -153,7 +192,7 @@ fn pooled_matmul_equals_matmul_rows() {
     let mut rng = Rng::new(77);
     for threads in [1, 2, 3] {
         let pool = Pool::new(threads);
-        for isa in Isa::all_available() {
+        for (isa, repack) in targets() {
             for (rows, cols, m) in [
                 (1, 32, 1),
                 (33, 64, 2),
@@ -161,7 +200,7 @@ fn pooled_matmul_equals_matmul_rows() {
                 (1537, 576, 3),
                 (256, 1536, 16),
             ] {
-                let w = random_matrix(&mut rng, rows, cols, rows);
+                let w = form(&random_matrix(&mut rng, rows, cols, rows), isa, repack);
                 let x = rng.vec_normal(m * cols, 1.0);
                 let mut a = QActs::new();
                 a.quantize(isa, &x, m, cols);
@@ -169,7 +208,10 @@ fn pooled_matmul_equals_matmul_rows() {
                 matmul_rows(isa, &w, &a, 0..rows, &mut want);
                 let mut got = vec![f32::NAN; m * rows];
                 matmul(&pool, isa, &w, &a, &mut got);
-                assert_eq!(got, want, "{isa} threads {threads} {rows}x{cols} m {m}");
+                assert_eq!(
+                    got, want,
+                    "{isa} (panels {repack}) threads {threads} {rows}x{cols} m {m}"
+                );
             }
         }
     }
@@ -180,9 +222,10 @@ fn matmul_rows_writes_only_its_rows() {
     let mut rng = Rng::new(5);
     let (rows, cols) = (40, 96);
     for (kind, m) in [(1, 3), (0, 1), (2, 1), (2, 2)] {
-        let w = random_matrix(&mut rng, rows, cols, kind);
+        let w0 = random_matrix(&mut rng, rows, cols, kind);
         let x = rng.vec_normal(m * cols, 1.0);
-        for isa in Isa::all_available() {
+        for (isa, repack) in targets() {
+            let w = form(&w0, isa, repack);
             let mut a = QActs::new();
             a.quantize(isa, &x, m, cols);
             let mut full = vec![0.0; m * rows];
@@ -214,14 +257,14 @@ fn matmul_rows_writes_only_its_rows() {
 fn matmul_matches_f32_reference_within_activation_error() {
     let mut rng = Rng::new(99);
     let pool = Pool::new(2);
-    for isa in Isa::all_available() {
+    for (isa, repack) in targets() {
         for (rows, cols, m, kind) in [
             (7, 32, 1, 0),
             (33, 576, 2, 1),
             (64, 1536, 3, 2),
             (17, 96, 16, 0),
         ] {
-            let w = random_matrix(&mut rng, rows, cols, kind);
+            let w = form(&random_matrix(&mut rng, rows, cols, kind), isa, repack);
             let wd = dequantize(&w);
             let x = rng.vec_normal(m * cols, 2.0);
             let mut a = QActs::new();
@@ -267,11 +310,11 @@ fn matmul_matches_f32_reference_within_activation_error() {
 #[test]
 fn each_row_is_the_same_alone_and_in_a_batch() {
     let mut rng = Rng::new(4242);
-    for isa in Isa::all_available() {
+    for (isa, repack) in targets() {
         for &cols in &[96, 576, 1536] {
             for kind in 0..3 {
                 let rows = 37;
-                let w = random_matrix(&mut rng, rows, cols, kind);
+                let w = form(&random_matrix(&mut rng, rows, cols, kind), isa, repack);
                 for m in [2, 5, 16] {
                     let x = rng.vec_normal(m * cols, 1.5);
                     let mut a = QActs::new();
@@ -287,7 +330,7 @@ fn each_row_is_the_same_alone_and_in_a_batch() {
                         assert_eq!(
                             bits(&y),
                             bits(&all[i * rows..(i + 1) * rows]),
-                            "{isa} {}-bit {rows}x{cols} row {i} of {m}",
+                            "{isa} (panels {repack}) {}-bit {rows}x{cols} row {i} of {m}",
                             w.bits()
                         );
                     }

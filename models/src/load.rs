@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use cardinal_kernels::Isa;
+
 use crate::fetch::{DEFAULT_MODEL_ALIAS, default_model_path};
 use crate::gguf::GgufFile;
 use crate::hf::{self, LoadBits};
@@ -68,6 +70,9 @@ pub struct LoadOptions {
     pub seed: u64,
     /// Bit width for float checkpoints.
     pub hf_bits: LoadBits,
+    /// Repack the layers for this ISA's kernels once loaded
+    /// ([`Model::repack`]); `None` keeps the portable row storage.
+    pub repack_for: Option<Isa>,
 }
 
 impl Default for LoadOptions {
@@ -75,6 +80,7 @@ impl Default for LoadOptions {
         LoadOptions {
             seed: 0,
             hf_bits: LoadBits::Int4,
+            repack_for: None,
         }
     }
 }
@@ -154,7 +160,7 @@ pub fn load(
             let model = synthetic::load_model(n, opts.seed, &mut progress_logger(log))?;
             Ok(LoadedModel {
                 name,
-                model: std::sync::Arc::new(model),
+                model: finish(model, opts),
                 tokenizer: None,
                 template: None,
             })
@@ -170,15 +176,15 @@ pub fn load(
             let template = template_for(&tok)?;
             Ok(LoadedModel {
                 name,
-                model: std::sync::Arc::new(model),
+                model: finish(model, opts),
                 tokenizer: Some(tok),
                 template,
             })
         }
-        ModelSource::Gguf(path) => load_gguf(name, path, log),
+        ModelSource::Gguf(path) => load_gguf(name, path, opts, log),
         ModelSource::DefaultAlias => {
             let path = default_model_path(log)?;
-            load_gguf(name, &path, log)
+            load_gguf(name, &path, opts, log)
         }
     }
 }
@@ -197,7 +203,20 @@ fn check_vocab(model: &Model, tok: &Tokenizer, at: &Path) -> Result<()> {
     Ok(())
 }
 
-fn load_gguf(name: String, path: &Path, log: &mut dyn FnMut(&str)) -> Result<LoadedModel> {
+/// The loaded model, repacked as `opts` asks, ready to share.
+fn finish(mut model: Model, opts: &LoadOptions) -> std::sync::Arc<Model> {
+    if let Some(isa) = opts.repack_for {
+        model.repack(isa);
+    }
+    std::sync::Arc::new(model)
+}
+
+fn load_gguf(
+    name: String,
+    path: &Path,
+    opts: &LoadOptions,
+    log: &mut dyn FnMut(&str),
+) -> Result<LoadedModel> {
     log(&format!("loading {}", path.display()));
     let mut f = GgufFile::open(path)?;
     let tok = Tokenizer::from_gguf_metadata(f.metadata())
@@ -207,7 +226,7 @@ fn load_gguf(name: String, path: &Path, log: &mut dyn FnMut(&str)) -> Result<Loa
     let template = template_for(&tok)?;
     Ok(LoadedModel {
         name,
-        model: std::sync::Arc::new(model),
+        model: finish(model, opts),
         tokenizer: Some(tok),
         template,
     })

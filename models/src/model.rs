@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use cardinal_kernels::QMatrix;
+use cardinal_kernels::{Isa, QMatrix};
 
 use crate::config::ModelConfig;
 use crate::{ModelError, Result};
@@ -59,6 +59,11 @@ impl Linear {
     pub fn size_bytes(&self) -> usize {
         self.parts.iter().map(QMatrix::size_bytes).sum()
     }
+
+    /// Rearranges every matrix for the `isa` kernels ([`QMatrix::repack`]).
+    pub fn repack(&mut self, isa: Isa) {
+        self.parts.iter_mut().for_each(|m| m.repack(isa));
+    }
 }
 
 /// One decoder layer.
@@ -98,6 +103,20 @@ pub struct Model {
 }
 
 impl Model {
+    /// Rearranges the decoder layers' matrices for the `isa` kernels, in
+    /// place ([`QMatrix::repack`]: on AVX-512, 4-bit matrices become row
+    /// panels at no extra memory). The embedding and head, which may be one
+    /// shared allocation, are left to [`QMatrix::prepare`]. Do this before
+    /// the model is shared: a repacked 4-bit matrix runs only on the kernels
+    /// of that ISA (and the scalar reference).
+    pub fn repack(&mut self, isa: Isa) {
+        for l in &mut self.layers {
+            for w in [&mut l.wqkv, &mut l.wo, &mut l.w_gate_up, &mut l.w_down] {
+                w.repack(isa);
+            }
+        }
+    }
+
     /// Checks that every matrix has the shape the config promises.
     pub fn validate(&self) -> Result<()> {
         let c = &self.cfg;

@@ -171,7 +171,10 @@ pub struct EngineStats {
     pub steps: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Sequences dropped because their caller cancelled or went away.
     pub cancelled: AtomicU64,
+    /// Sequences that ended normally (stop, length or a finish request).
+    pub finished: AtomicU64,
     /// Modeled card energy, microjoules.
     pub card_energy_uj: AtomicU64,
     /// Host energy, microjoules.
@@ -495,6 +498,7 @@ impl Worker {
                 let _ =
                     s.p.tx
                         .try_send(Event::Done(s.finished(FinishReason::Stop, now)));
+                self.stats.finished.fetch_add(1, Ordering::Relaxed);
             } else {
                 i += 1;
             }
@@ -723,6 +727,7 @@ impl Worker {
         for &(si, reason) in finished.iter().rev() {
             let s = running.swap_remove(si);
             let _ = s.p.tx.try_send(Event::Done(s.finished(reason, now)));
+            self.stats.finished.fetch_add(1, Ordering::Relaxed);
         }
         self.stats.running.store(running.len(), Ordering::Release);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);

@@ -30,6 +30,8 @@ fn tiny() -> Arc<Model> {
         &src,
         &LoadOptions {
             seed: 7,
+            // As the server loads it: repacked for the engine's ISA.
+            repack_for: Some(Isa::from_env().unwrap()),
             ..Default::default()
         },
         &mut |_| {},

@@ -137,6 +137,7 @@ pub fn start(args: &ModelArgs, limits: &Limits, log: &mut dyn FnMut(&str)) -> Re
         } else {
             cardinal_models::hf::LoadBits::Int4
         },
+        repack_for: Some(isa),
     };
     let loaded = cardinal_models::load(&source, &opts, log)?;
     let cfg = &loaded.model.cfg;

@@ -48,7 +48,12 @@ async fn sigterm_during_streams(
 ) -> (usize, usize) {
     let drain_s = drain.to_string();
     let seqs = max_num_seqs.to_string();
-    let mut p = Proc::spawn(&["--max-num-seqs", &seqs, "--drain-timeout", &drain_s]);
+    // The real model: the tiny one can finish a 200-token stream before
+    // all 16 requests have arrived, and the scenario needs 16 live streams.
+    let mut p = Proc::spawn_model(
+        &real_model(),
+        &["--max-num-seqs", &seqs, "--drain-timeout", &drain_s],
+    );
     assert!(p.base.starts_with("http://127.0.0.1:"), "{}", p.base);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
@@ -162,14 +167,14 @@ async fn sigterm_during_streams(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_active_streams_and_exits_0() {
-    let (finished, cut) = sigterm_during_streams(4, 30.0, 200).await;
+    let (finished, cut) = sigterm_during_streams(4, 30.0, 64).await;
     assert_eq!(
         (finished, cut),
         (16, 0),
         "a long drain lets every stream finish"
     );
-    // One sequence at a time: 16 x 200 tokens take 0.3 s even in a release
-    // build of the tiny model (measured), so a 0.05 s drain must cut some.
+    // One sequence at a time: 16 x 200 tokens take seconds (~3 ms a token
+    // on one thread), so a 0.05 s drain must cut some.
     let (finished, cut) = sigterm_during_streams(1, 0.05, 200).await;
     assert!(
         cut > 0,

@@ -31,8 +31,8 @@ const R_MAX: usize = crate::storage::RB;
 /// Same contract as `super::run`; the CPU supports AVX-512 F/BW/VL/VNNI, AVX2, FMA, F16C.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
-    if w.bits() == 8 {
-        // SAFETY: forwarded contract; the matrix is 8-bit.
+    if w.bits() == 8 || w.is_panelled() {
+        // SAFETY: forwarded contract (8-bit matrices get their panels here).
         unsafe { panel::matmul_rows(w, a, rows, out) };
         return;
     }

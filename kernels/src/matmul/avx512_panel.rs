@@ -1,9 +1,11 @@
-//! AVX-512 VNNI kernel for 8-bit matrices in row panels (`crate::panel`),
-//! for every batch size: each output lane is one weight row, so a group of
-//! 32 columns is 8 `vpdpbusd` of a panel word against a broadcast 4-byte
-//! activation word, then the group's scale and min term for 16 rows at once.
-//! Activation rows go in tiles of up to [`MAX_TILE`] over each panel, whose
-//! record (18 × 576 bytes for 576 columns) stays in L1 between tiles.
+//! AVX-512 VNNI kernel for matrices in row panels (`crate::panel`), 4- or
+//! 8-bit, for every batch size: each output lane is one weight row, so a
+//! group of 32 columns is 8 `vpdpbusd` of a panel word (for 4 bits, a nibble
+//! half of one) against a broadcast 4-byte activation word, then the group's
+//! scale and min term for 16 rows at once. Activation rows go in tiles of up
+//! to [`MAX_TILE`] over each panel, whose records (18 × 320 bytes for 576
+//! 4-bit columns) stay in L1 between tiles; a 4-bit word is expanded once
+//! per tile.
 //!
 //! Every output is the same sequence of f32 operations whatever the batch
 //! size or tile, so a row's logits do not depend on the batch it is in.
@@ -13,17 +15,17 @@ use std::ops::Range;
 
 use crate::layout::G;
 use crate::matmul::{ActRow, Out};
-use crate::panel::{PANEL_ROWS, RECORD, WORDS_BYTES};
+use crate::panel::{PANEL_ROWS, record_bytes, words_bytes};
 use crate::{QActs, QMatrix};
 
 /// Activation rows per pass over a panel.
 const MAX_TILE: usize = 4;
 
-/// Panel kernel for weight rows `rows` of the 8-bit matrix `w`.
+/// Panel kernel for weight rows `rows` of `w` (4- or 8-bit).
 ///
 /// # Safety
-/// Same contract as `crate::matmul::run`; `w.bits() == 8`; the CPU has the
-/// features enabled below.
+/// Same contract as `crate::matmul::run`; the CPU has the features enabled
+/// below.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
 #[inline(never)]
 pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
@@ -48,11 +50,15 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
             // matrix's, checked by the caller), and the masked lanes are
             // rows of this call in `out` (caller contract).
             unsafe {
-                match n {
-                    1 => tile::<1>(rec, words, at, out, i0, r0, mask),
-                    2 => tile::<2>(rec, words, at, out, i0, r0, mask),
-                    3 => tile::<3>(rec, words, at, out, i0, r0, mask),
-                    _ => tile::<4>(rec, words, at, out, i0, r0, mask),
+                match (p.bits(), n) {
+                    (8, 1) => tile8::<1>(rec, words, at, out, i0, r0, mask),
+                    (8, 2) => tile8::<2>(rec, words, at, out, i0, r0, mask),
+                    (8, 3) => tile8::<3>(rec, words, at, out, i0, r0, mask),
+                    (8, _) => tile8::<4>(rec, words, at, out, i0, r0, mask),
+                    (_, 1) => tile4::<1>(rec, words, at, out, i0, r0, mask),
+                    (_, 2) => tile4::<2>(rec, words, at, out, i0, r0, mask),
+                    (_, 3) => tile4::<3>(rec, words, at, out, i0, r0, mask),
+                    (_, _) => tile4::<4>(rec, words, at, out, i0, r0, mask),
                 }
             }
             i0 += n;
@@ -60,8 +66,8 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
     }
 }
 
-/// One panel against `M` activation rows (rows `i0..i0 + M` of the output);
-/// writes the lanes of `mask` at output columns `r0..r0 + 16`.
+/// One 8-bit panel against `M` activation rows (rows `i0..i0 + M` of the
+/// output); writes the lanes of `mask` at output columns `r0..r0 + 16`.
 ///
 /// # Safety
 /// `rec` holds `words.len() / 8` records; each of `acts[..M]` has the
@@ -69,7 +75,7 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
 /// belong to the caller.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn tile<const M: usize>(
+unsafe fn tile8<const M: usize>(
     rec: &[u8],
     words: &[usize],
     acts: &[ActRow],
@@ -79,6 +85,8 @@ unsafe fn tile<const M: usize>(
     mask: __mmask16,
 ) {
     let act: [ActRow; M] = std::array::from_fn(|i| acts[i]);
+    const RECORD: usize = record_bytes(8);
+    const WORDS_BYTES: usize = words_bytes(8);
     let groups = words.len() / (G / 4);
     debug_assert!(rec.len() >= groups * RECORD);
     let base = rec.as_ptr();
@@ -107,6 +115,70 @@ unsafe fn tile<const M: usize>(
                 let x = _mm512_dpbusd_epi32(x, wv[5], word(5));
                 let x = _mm512_dpbusd_epi32(x, wv[6], word(6));
                 let x = _mm512_dpbusd_epi32(x, wv[7], word(7));
+                let d = _mm512_set1_ps(*act[i].d.add(g));
+                let sd = _mm512_set1_ps(*act[i].sd.add(g));
+                facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), _mm512_mul_ps(s, d), facc[i]);
+                macc[i] = _mm512_fmadd_ps(mn, sd, macc[i]);
+            }
+        }
+        for i in 0..M {
+            let y = _mm512_add_ps(facc[i], macc[i]);
+            let at = (i0 + i) * out.stride + r0;
+            _mm512_mask_storeu_ps(out.ptr.add(at), mask, y);
+        }
+    }
+}
+
+/// One 4-bit panel against `M` activation rows: as [`tile8`], with each
+/// group's four words split into their low nibbles (activation words 0..4)
+/// and high nibbles (words 4..8) once for the tile.
+///
+/// # Safety
+/// As for [`tile8`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn tile4<const M: usize>(
+    rec: &[u8],
+    words: &[usize],
+    acts: &[ActRow],
+    out: Out,
+    i0: usize,
+    r0: usize,
+    mask: __mmask16,
+) {
+    const RECORD: usize = record_bytes(4);
+    const WORDS_BYTES: usize = words_bytes(4);
+    let act: [ActRow; M] = std::array::from_fn(|i| acts[i]);
+    let groups = words.len() / (G / 4);
+    debug_assert!(rec.len() >= groups * RECORD);
+    let base = rec.as_ptr();
+    let low = _mm512_set1_epi8(0x0F);
+    let mut facc = [_mm512_setzero_ps(); M];
+    let mut macc = [_mm512_setzero_ps(); M];
+    // SAFETY: as in `tile8`, with 320-byte records.
+    unsafe {
+        for g in 0..groups {
+            let r = base.add(g * RECORD);
+            let raw: [__m512i; 4] =
+                std::array::from_fn(|t| _mm512_loadu_si512(r.add(64 * t).cast()));
+            let lo: [__m512i; 4] = std::array::from_fn(|t| _mm512_and_si512(raw[t], low));
+            let hi: [__m512i; 4] =
+                std::array::from_fn(|t| _mm512_and_si512(_mm512_srli_epi16::<4>(raw[t]), low));
+            let s = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(WORDS_BYTES).cast()));
+            let mn = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(WORDS_BYTES + 32).cast()));
+            let wd = &words[g * (G / 4)..(g + 1) * (G / 4)];
+            for i in 0..M {
+                let q = act[i].q;
+                let word =
+                    |t: usize| _mm512_set1_epi32(q.add(wd[t]).cast::<i32>().read_unaligned());
+                let x = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], word(0));
+                let x = _mm512_dpbusd_epi32(x, lo[1], word(1));
+                let x = _mm512_dpbusd_epi32(x, lo[2], word(2));
+                let x = _mm512_dpbusd_epi32(x, lo[3], word(3));
+                let x = _mm512_dpbusd_epi32(x, hi[0], word(4));
+                let x = _mm512_dpbusd_epi32(x, hi[1], word(5));
+                let x = _mm512_dpbusd_epi32(x, hi[2], word(6));
+                let x = _mm512_dpbusd_epi32(x, hi[3], word(7));
                 let d = _mm512_set1_ps(*act[i].d.add(g));
                 let sd = _mm512_set1_ps(*act[i].sd.add(g));
                 facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), _mm512_mul_ps(s, d), facc[i]);

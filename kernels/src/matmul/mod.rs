@@ -278,6 +278,10 @@ unsafe fn run(isa: Isa, w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
     if rows.is_empty() || a.m() == 0 {
         return;
     }
+    assert!(
+        !w.is_panelled() || matches!(isa, Isa::Avx512 | Isa::Scalar),
+        "a matrix repacked into AVX-512 row panels cannot run on {isa}"
+    );
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2+FMA+F16C availability was checked by the caller (`Isa::checked`).

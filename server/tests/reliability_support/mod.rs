@@ -18,6 +18,13 @@ use tokio::sync::oneshot;
 
 use super::http_support::App;
 
+/// The real default model (SmolLM2-135M Q4_1; `.ci/run` fetches it), or
+/// the GGUF `CARDINAL_TEST_GGUF` names: for tests that need generation
+/// slow enough to act while streams are still running.
+pub fn real_model() -> String {
+    std::env::var("CARDINAL_TEST_GGUF").unwrap_or_else(|_| "smollm2-135m-instruct".into())
+}
+
 /// The tiny-granite fixture directory.
 pub const TINY: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -480,11 +487,16 @@ impl Proc {
     /// Runs `cardinal serve --model <tiny-granite> --port 0 --log-format json
     /// --threads 1 --served-model-name tiny` plus `args`, and waits for its "listening on" line.
     pub fn spawn(args: &[&str]) -> Proc {
+        Proc::spawn_model(TINY, args)
+    }
+
+    /// [`Proc::spawn`] with another `--model` (still served as `tiny`).
+    pub fn spawn_model(model: &str, args: &[&str]) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cardinal"))
             .args([
                 "serve",
                 "--model",
-                TINY,
+                model,
                 "--port",
                 "0",
                 "--log-format",
