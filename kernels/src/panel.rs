@@ -67,8 +67,9 @@ impl Panels {
         let out = data.as_mut_slice();
         let mut u = vec![0u8; w.cols()];
         let (mut sc, mut mn) = (vec![f16::ZERO; groups], vec![f16::ZERO; groups]);
+        let mut scratch = crate::qmatrix::RowScratch::default();
         for r in 0..w.rows() {
-            w.natural_row_into(r, &mut u, &mut sc, &mut mn);
+            w.natural_row_into(r, &mut u, &mut sc, &mut mn, &mut scratch);
             let (p, j) = (r / PANEL_ROWS, r % PANEL_ROWS);
             for g in 0..groups {
                 let rec = &mut out[(p * groups + g) * rec_len..][..rec_len];

@@ -18,6 +18,16 @@ use crate::panel::Panels;
 use crate::storage::Geom;
 use crate::{Isa, KernelError};
 
+/// Buffers reused by [`QMatrix::natural_row_into`] across the rows of one
+/// matrix (or of matrices with the same columns).
+#[derive(Default)]
+pub(crate) struct RowScratch {
+    /// Element-layout position of each natural column.
+    perm: Vec<usize>,
+    packed: Vec<u8>,
+    laid: Vec<u8>,
+}
+
 /// A quantized weight matrix in the crate's A8-C8-W4 layout.
 #[derive(Clone)]
 pub struct QMatrix {
@@ -563,26 +573,37 @@ impl QMatrix {
     }
 
     /// Row `r` in natural column order: unsigned values into `u[..cols]`,
-    /// per-group scales and mins into `sc` and `mn`.
-    pub(crate) fn natural_row_into(&self, r: usize, u: &mut [u8], sc: &mut [f16], mn: &mut [f16]) {
+    /// per-group scales and mins into `sc` and `mn`. `scratch` is reused
+    /// between calls (see [`RowScratch`]).
+    pub(crate) fn natural_row_into(
+        &self,
+        r: usize,
+        u: &mut [u8],
+        sc: &mut [f16],
+        mn: &mut [f16],
+        scratch: &mut RowScratch,
+    ) {
         if self.panelled {
             self.panels().natural_row_into(r, u, sc, mn);
             return;
         }
         let shape = &self.geom.shape;
-        let mut packed = vec![0u8; self.cols * self.bits as usize / 8];
-        self.geom
-            .read_row(self.data.as_slice(), r, &mut packed, sc, mn);
-        let mut laid = vec![0u8; self.cols];
-        if self.bits == 8 {
-            laid.copy_from_slice(&packed);
-        } else {
-            unpack_nibbles(shape, &packed, &mut laid);
+        if scratch.perm.len() != self.cols {
+            scratch.perm = (0..self.cols)
+                .map(|c| elem_pos(shape, c / G, c % G))
+                .collect();
         }
-        for g in 0..shape.groups {
-            for i in 0..G {
-                u[g * G + i] = laid[elem_pos(shape, g, i)];
-            }
+        scratch.packed.resize(self.cols * self.bits as usize / 8, 0);
+        scratch.laid.resize(self.cols, 0);
+        self.geom
+            .read_row(self.data.as_slice(), r, &mut scratch.packed, sc, mn);
+        if self.bits == 8 {
+            scratch.laid.copy_from_slice(&scratch.packed);
+        } else {
+            unpack_nibbles(shape, &scratch.packed, &mut scratch.laid);
+        }
+        for (v, &p) in u[..self.cols].iter_mut().zip(&scratch.perm) {
+            *v = scratch.laid[p];
         }
     }
 }

@@ -109,12 +109,22 @@ impl Model {
     /// shared allocation, are left to [`QMatrix::prepare`]. Do this before
     /// the model is shared: a repacked 4-bit matrix runs only on the kernels
     /// of that ISA (and the scalar reference).
+    /// Layers are converted on all cores (the conversion is a one-time
+    /// pass over the weights at load).
     pub fn repack(&mut self, isa: Isa) {
-        for l in &mut self.layers {
-            for w in [&mut l.wqkv, &mut l.wo, &mut l.w_gate_up, &mut l.w_down] {
-                w.repack(isa);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per = self.layers.len().div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            for chunk in self.layers.chunks_mut(per) {
+                s.spawn(move || {
+                    for l in chunk {
+                        for w in [&mut l.wqkv, &mut l.wo, &mut l.w_gate_up, &mut l.w_down] {
+                            w.repack(isa);
+                        }
+                    }
+                });
             }
-        }
+        });
     }
 
     /// Checks that every matrix has the shape the config promises.
