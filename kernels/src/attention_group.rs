@@ -8,14 +8,19 @@
 //! calling it head by head; other ISAs (and head sizes the fast path does not
 //! cover) simply do that.
 
+#[cfg(target_arch = "x86_64")]
 use std::cell::RefCell;
 
-use crate::attention::{AttnState, check_block, online_update};
+use crate::attention::AttnState;
+#[cfg(target_arch = "x86_64")]
+use crate::attention::{check_block, online_update};
 use crate::{Isa, attend};
 
 /// Most query heads per KV head on the fast path (others go head by head).
+#[cfg(target_arch = "x86_64")]
 const MAX_GROUP: usize = 64;
 
+#[cfg(target_arch = "x86_64")]
 thread_local! {
     /// Scores, then weights, of the current block: `g * n` f32, head-major.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };

@@ -5,6 +5,7 @@
 //! each block would otherwise start with a full memory latency.
 
 /// Bytes per cache line assumed when stepping through a slice.
+#[cfg(target_arch = "x86_64")]
 const LINE: usize = 64;
 
 /// Hints that `data` will be read soon (into L2). A hint only: it never
