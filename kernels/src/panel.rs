@@ -54,47 +54,122 @@ pub(crate) struct Panels {
     data: AlignedBytes,
 }
 
-impl Panels {
-    /// The panels of `w` (4- or 8-bit).
-    pub(crate) fn build(w: &QMatrix) -> Panels {
-        let bits = w.bits();
-        let rec_len = record_bytes(bits);
-        let wb = words_bytes(bits);
-        let shape = RowShape::new(w.cols());
-        let groups = shape.groups;
-        let panels = w.rows().div_ceil(PANEL_ROWS);
-        let mut data = AlignedBytes::zeroed(panels * groups * rec_len);
-        let out = data.as_mut_slice();
-        let mut u = vec![0u8; w.cols()];
-        let (mut sc, mut mn) = (vec![f16::ZERO; groups], vec![f16::ZERO; groups]);
-        let mut scratch = crate::qmatrix::RowScratch::default();
-        for r in 0..w.rows() {
-            w.natural_row_into(r, &mut u, &mut sc, &mut mn, &mut scratch);
-            let (p, j) = (r / PANEL_ROWS, r % PANEL_ROWS);
-            for g in 0..groups {
-                let rec = &mut out[(p * groups + g) * rec_len..][..rec_len];
-                let col = &u[g * G..(g + 1) * G];
-                for k in 0..G / 2 {
-                    let (t, i) = (k / 4, k % 4);
-                    if bits == 8 {
-                        rec[t * 64 + 4 * j + i] = col[k];
-                        rec[(t + 4) * 64 + 4 * j + i] = col[G / 2 + k];
-                    } else {
-                        rec[t * 64 + 4 * j + i] = col[k] | (col[G / 2 + k] << 4);
-                    }
-                }
-                rec[wb + 2 * j..][..2].copy_from_slice(&sc[g].to_le_bytes());
-                rec[wb + 2 * PANEL_ROWS + 2 * j..][..2].copy_from_slice(&mn[g].to_le_bytes());
+/// One row in natural column order: unsigned values, per-group scales and mins.
+pub(crate) struct NaturalRow {
+    pub u: Vec<u8>,
+    pub sc: Vec<f16>,
+    pub mn: Vec<f16>,
+}
+
+impl NaturalRow {
+    pub(crate) fn new(cols: usize) -> NaturalRow {
+        let groups = cols / G;
+        NaturalRow {
+            u: vec![0; cols],
+            sc: vec![f16::ZERO; groups],
+            mn: vec![f16::ZERO; groups],
+        }
+    }
+}
+
+/// Writes `row` into lane `j` of every record of one panel (`panel` holds
+/// the panel's `groups` records).
+fn write_lane(panel: &mut [u8], bits: u8, j: usize, row: &NaturalRow) {
+    let rec_len = record_bytes(bits);
+    let wb = words_bytes(bits);
+    for (g, rec) in panel.chunks_exact_mut(rec_len).enumerate() {
+        let col = &row.u[g * G..(g + 1) * G];
+        for k in 0..G / 2 {
+            let (t, i) = (k / 4, k % 4);
+            if bits == 8 {
+                rec[t * 64 + 4 * j + i] = col[k];
+                rec[(t + 4) * 64 + 4 * j + i] = col[G / 2 + k];
+            } else {
+                rec[t * 64 + 4 * j + i] = col[k] | (col[G / 2 + k] << 4);
             }
         }
+        rec[wb + 2 * j..][..2].copy_from_slice(&row.sc[g].to_le_bytes());
+        rec[wb + 2 * PANEL_ROWS + 2 * j..][..2].copy_from_slice(&row.mn[g].to_le_bytes());
+    }
+}
+
+impl Panels {
+    /// Bytes of the panels of a `rows x cols` matrix of `bits`.
+    pub(crate) fn bytes_for(rows: usize, cols: usize, bits: u8) -> usize {
+        rows.div_ceil(PANEL_ROWS) * (cols / G) * record_bytes(bits)
+    }
+
+    /// The panels of `w` (4- or 8-bit), in a new buffer.
+    pub(crate) fn build(w: &QMatrix) -> Panels {
+        let (rows, cols, bits) = (w.rows(), w.cols(), w.bits());
+        let mut data = AlignedBytes::zeroed(Panels::bytes_for(rows, cols, bits));
+        let n = (cols / G) * record_bytes(bits);
+        let mut row = NaturalRow::new(cols);
+        let mut scratch = crate::qmatrix::RowScratch::default();
+        for r in 0..rows {
+            w.natural_row_into(r, &mut row.u, &mut row.sc, &mut row.mn, &mut scratch);
+            let p = r / PANEL_ROWS;
+            write_lane(
+                &mut data.as_mut_slice()[p * n..(p + 1) * n],
+                bits,
+                r % PANEL_ROWS,
+                &row,
+            );
+        }
+        Panels::from_parts(rows, cols, bits, data)
+    }
+
+    /// Rearranges `data`, which holds a `rows x cols` matrix in another
+    /// layout, into panels in the same buffer. `read(data, r, row)` gives
+    /// row `r`, and must read only bytes at or after offset `(r / 16) * n`
+    /// (`n` = one panel's bytes), since panels before row `r`'s are written
+    /// by then. The row storage (`crate::storage`) satisfies this: a panel
+    /// is 16 rows of 20 bytes a group (4-bit), a storage block 4 such rows
+    /// padded to 64 bytes. The buffer grows first when the panels need more
+    /// bytes than it holds (a last, partial panel), and is cut to size after.
+    pub(crate) fn convert(
+        rows: usize,
+        cols: usize,
+        bits: u8,
+        mut data: AlignedBytes,
+        mut read: impl FnMut(&[u8], usize, &mut NaturalRow),
+    ) -> Panels {
+        let need = Panels::bytes_for(rows, cols, bits);
+        if need > data.len() {
+            let mut bigger = AlignedBytes::zeroed(need);
+            bigger.as_mut_slice()[..data.len()].copy_from_slice(data.as_slice());
+            data = bigger;
+        }
+        let n = (cols / G) * record_bytes(bits);
+        let mut lanes: Vec<NaturalRow> = (0..PANEL_ROWS).map(|_| NaturalRow::new(cols)).collect();
+        for p in 0..rows.div_ceil(PANEL_ROWS) {
+            let here = (rows - p * PANEL_ROWS).min(PANEL_ROWS);
+            // Read the panel's rows before overwriting: their bytes start at
+            // or after this panel's first byte (see above).
+            for (j, lane) in lanes.iter_mut().take(here).enumerate() {
+                read(data.as_slice(), p * PANEL_ROWS + j, lane);
+            }
+            let panel = &mut data.as_mut_slice()[p * n..(p + 1) * n];
+            panel.fill(0);
+            for (j, lane) in lanes.iter().take(here).enumerate() {
+                write_lane(panel, bits, j, lane);
+            }
+        }
+        data.resize(need);
+        Panels::from_parts(rows, cols, bits, data)
+    }
+
+    fn from_parts(rows: usize, cols: usize, bits: u8, data: AlignedBytes) -> Panels {
+        let shape = RowShape::new(cols);
+        let groups = shape.groups;
         let words = (0..groups * G / 4)
             .map(|k| elem_pos(&shape, k / (G / 4), 4 * (k % (G / 4))))
             .collect();
         Panels {
             bits,
-            rows: w.rows(),
+            rows,
             groups,
-            panels,
+            panels: rows.div_ceil(PANEL_ROWS),
             words,
             data,
         }
@@ -249,6 +324,42 @@ mod tests {
             for j in (rows - 1) % PANEL_ROWS + 1..PANEL_ROWS {
                 let n = wb / 64;
                 assert!((0..n).all(|t| last[g * rec_len + t * 64 + 4 * j..][..4] == [0; 4]));
+            }
+        }
+    }
+
+    /// Converting the row storage in its own buffer gives the same bytes as
+    /// building panels in a new one, for row counts with and without a
+    /// partial last panel or storage block, and widths with and without
+    /// chunk pairs, an odd chunk and tail groups.
+    #[test]
+    fn conversion_in_place_equals_a_fresh_build() {
+        let mut seed = 7u32;
+        for bits in [4u8, 8] {
+            for cols in [32, 96, 288, 576, 1536] {
+                for rows in [1, 3, 4, 5, 15, 16, 17, 31, 33, 49, 64] {
+                    let mut raw = Vec::new();
+                    for _ in 0..rows * cols / G {
+                        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                        let d = f16::from_f32(0.01 + (seed >> 20) as f32 / 4096.0);
+                        raw.extend_from_slice(&d.to_le_bytes());
+                        let n = G * bits as usize / 8;
+                        raw.extend((0..n).map(|i| (seed >> (i % 24)) as u8 ^ i as u8));
+                    }
+                    let w = if bits == 4 {
+                        QMatrix::from_ggml_q4_0(rows, cols, &raw).unwrap()
+                    } else {
+                        QMatrix::from_ggml_q8_0(rows, cols, &raw).unwrap()
+                    };
+                    let built = Panels::build(&w);
+                    let converted = w.clone().take_as_panels();
+                    assert_eq!(
+                        built.data.as_slice(),
+                        converted.data.as_slice(),
+                        "{bits}-bit {rows}x{cols}"
+                    );
+                    assert_eq!(built.words, converted.words);
+                }
             }
         }
     }

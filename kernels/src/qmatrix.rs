@@ -28,6 +28,35 @@ pub(crate) struct RowScratch {
     laid: Vec<u8>,
 }
 
+/// Row `r` of the row storage `data` (geometry `geom`) in natural column
+/// order: unsigned values into `u`, scales and mins into `sc` and `mn`.
+fn natural_row(
+    geom: &Geom,
+    data: &[u8],
+    r: usize,
+    u: &mut [u8],
+    sc: &mut [f16],
+    mn: &mut [f16],
+    scratch: &mut RowScratch,
+) {
+    let shape = &geom.shape;
+    let cols = shape.groups * G;
+    if scratch.perm.len() != cols {
+        scratch.perm = (0..cols).map(|c| elem_pos(shape, c / G, c % G)).collect();
+    }
+    scratch.packed.resize(cols * geom.bits as usize / 8, 0);
+    scratch.laid.resize(cols, 0);
+    geom.read_row(data, r, &mut scratch.packed, sc, mn);
+    if geom.bits == 8 {
+        scratch.laid.copy_from_slice(&scratch.packed);
+    } else {
+        unpack_nibbles(shape, &scratch.packed, &mut scratch.laid);
+    }
+    for (v, &p) in u[..cols].iter_mut().zip(&scratch.perm) {
+        *v = scratch.laid[p];
+    }
+}
+
 /// A quantized weight matrix in the crate's A8-C8-W4 layout.
 #[derive(Clone)]
 pub struct QMatrix {
@@ -524,8 +553,8 @@ impl QMatrix {
     }
 
     /// Rearranges the matrix for the `isa` kernels, in place: on AVX-512 a
-    /// 4-bit matrix is converted to row panels (the same bytes per row, so
-    /// no memory is added; the row storage is freed) and an 8-bit matrix
+    /// 4-bit matrix is converted to row panels inside its own buffer (the
+    /// same 20 bytes per row and group, so no memory is added) and an 8-bit matrix
     /// gets its panel copy, as with [`QMatrix::prepare`]. Values, and every
     /// accessor's results, are unchanged. A panelled matrix runs on the
     /// AVX-512 and scalar kernels only. Idempotent.
@@ -534,12 +563,31 @@ impl QMatrix {
             return;
         }
         if self.bits == 4 && !self.panelled {
-            let p = Panels::build(self);
+            let p = self.take_as_panels();
             self.panels = OnceLock::from(p);
-            self.data = AlignedBytes::zeroed(0);
             self.panelled = true;
         }
         self.prepare(isa);
+    }
+
+    /// Converts the row storage to panels in its own buffer, leaving `data`
+    /// empty (`Panels::convert`).
+    pub(crate) fn take_as_panels(&mut self) -> Panels {
+        assert!(!self.panelled, "take_as_panels: already panelled");
+        let data = std::mem::replace(&mut self.data, AlignedBytes::zeroed(0));
+        let geom = self.geom;
+        let mut scratch = RowScratch::default();
+        Panels::convert(self.rows, self.cols, self.bits, data, |d, r, row| {
+            natural_row(
+                &geom,
+                d,
+                r,
+                &mut row.u,
+                &mut row.sc,
+                &mut row.mn,
+                &mut scratch,
+            )
+        })
     }
 
     /// The raw row-storage bytes (not for a panelled matrix).
@@ -587,23 +635,6 @@ impl QMatrix {
             self.panels().natural_row_into(r, u, sc, mn);
             return;
         }
-        let shape = &self.geom.shape;
-        if scratch.perm.len() != self.cols {
-            scratch.perm = (0..self.cols)
-                .map(|c| elem_pos(shape, c / G, c % G))
-                .collect();
-        }
-        scratch.packed.resize(self.cols * self.bits as usize / 8, 0);
-        scratch.laid.resize(self.cols, 0);
-        self.geom
-            .read_row(self.data.as_slice(), r, &mut scratch.packed, sc, mn);
-        if self.bits == 8 {
-            scratch.laid.copy_from_slice(&scratch.packed);
-        } else {
-            unpack_nibbles(shape, &scratch.packed, &mut scratch.laid);
-        }
-        for (v, &p) in u[..self.cols].iter_mut().zip(&scratch.perm) {
-            *v = scratch.laid[p];
-        }
+        natural_row(&self.geom, self.data.as_slice(), r, u, sc, mn, scratch);
     }
 }
