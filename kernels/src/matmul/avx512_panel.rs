@@ -57,18 +57,18 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
             // rows of this call in `out` (caller contract).
             unsafe {
                 match (p.bits(), n) {
-                    (8, 1) => tile8::<1>(rec, words, at, out, i0, r0, mask),
-                    (8, 2) => tile8::<2>(rec, words, at, out, i0, r0, mask),
-                    (8, 3) => tile8::<3>(rec, words, at, out, i0, r0, mask),
-                    (8, _) => tile8::<4>(rec, words, at, out, i0, r0, mask),
-                    (_, 1) => tile4::<1>(rec, words, at, out, i0, r0, mask),
-                    (_, 2) => tile4::<2>(rec, words, at, out, i0, r0, mask),
-                    (_, 3) => tile4::<3>(rec, words, at, out, i0, r0, mask),
-                    (_, 4) => tile4::<4>(rec, words, at, out, i0, r0, mask),
-                    (_, 5) => tile4::<5>(rec, words, at, out, i0, r0, mask),
-                    (_, 6) => tile4::<6>(rec, words, at, out, i0, r0, mask),
-                    (_, 7) => tile4::<7>(rec, words, at, out, i0, r0, mask),
-                    (_, _) => tile4::<8>(rec, words, at, out, i0, r0, mask),
+                    (8, 1) => tile::<1, 8>(rec, words, at, out, i0, r0, mask),
+                    (8, 2) => tile::<2, 8>(rec, words, at, out, i0, r0, mask),
+                    (8, 3) => tile::<3, 8>(rec, words, at, out, i0, r0, mask),
+                    (8, _) => tile::<4, 8>(rec, words, at, out, i0, r0, mask),
+                    (_, 1) => tile::<1, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, 2) => tile::<2, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, 3) => tile::<3, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, 4) => tile::<4, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, 5) => tile::<5, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, 6) => tile::<6, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, 7) => tile::<7, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, _) => tile::<8, 4>(rec, words, at, out, i0, r0, mask),
                 }
             }
             i0 += n;
@@ -76,16 +76,45 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
     }
 }
 
-/// One 8-bit panel against `M` activation rows (rows `i0..i0 + M` of the
-/// output); writes the lanes of `mask` at output columns `r0..r0 + 16`.
+/// The eight `vpdpbusd` operands of one group's record at `r`: operand `t`
+/// pairs with activation word `t`. 8-bit: the record's 8 words; 4-bit: the
+/// low nibbles of its 4 words, then their high nibbles.
 ///
 /// # Safety
-/// `rec` holds `words.len() / 8` records; each of `acts[..M]` has the
-/// matrix's columns; the masked (i, r) elements of `out` are in bounds and
-/// belong to the caller.
+/// `r` is readable for the record's words (`words_bytes(BITS)` bytes).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn tile8<const M: usize>(
+unsafe fn operands<const BITS: u8>(r: *const u8) -> [__m512i; 8] {
+    // SAFETY: every load is one of the record's 64-byte words (contract).
+    unsafe {
+        if BITS == 8 {
+            std::array::from_fn(|t| _mm512_loadu_si512(r.add(64 * t).cast()))
+        } else {
+            let low = _mm512_set1_epi8(0x0F);
+            let raw: [__m512i; 4] =
+                std::array::from_fn(|t| _mm512_loadu_si512(r.add(64 * t).cast()));
+            std::array::from_fn(|t| {
+                if t < 4 {
+                    _mm512_and_si512(raw[t], low)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(raw[t - 4]), low)
+                }
+            })
+        }
+    }
+}
+
+/// One `BITS`-bit panel against `M` activation rows (rows `i0..i0 + M` of
+/// the output); writes the lanes of `mask` at output columns `r0..r0 + 16`.
+/// A group's operands are formed once for the tile ([`operands`]).
+///
+/// # Safety
+/// `rec` holds `words.len() / 8` records of `BITS`; each of `acts[..M]` has
+/// the matrix's columns; the masked (i, r) elements of `out` are in bounds
+/// and belong to the caller.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn tile<const M: usize, const BITS: u8>(
     rec: &[u8],
     words: &[usize],
     acts: &[ActRow],
@@ -94,24 +123,23 @@ unsafe fn tile8<const M: usize>(
     r0: usize,
     mask: __mmask16,
 ) {
+    let record = record_bytes(BITS);
+    let wb = words_bytes(BITS);
     let act: [ActRow; M] = std::array::from_fn(|i| acts[i]);
-    const RECORD: usize = record_bytes(8);
-    const WORDS_BYTES: usize = words_bytes(8);
     let groups = words.len() / (G / 4);
-    debug_assert!(rec.len() >= groups * RECORD);
+    debug_assert!(rec.len() >= groups * record);
     let base = rec.as_ptr();
     let mut facc = [_mm512_setzero_ps(); M];
     let mut macc = [_mm512_setzero_ps(); M];
-    // SAFETY: record g spans bytes g*RECORD..(g+1)*RECORD of `rec`; word
+    // SAFETY: record g spans bytes g*record..(g+1)*record of `rec`; word
     // offsets are element positions of the activation rows (+4 bytes inside
     // the same group); group g < groups exists in every activation row.
     unsafe {
         for g in 0..groups {
-            let r = base.add(g * RECORD);
-            let wv: [__m512i; 8] =
-                std::array::from_fn(|t| _mm512_loadu_si512(r.add(64 * t).cast()));
-            let s = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(WORDS_BYTES).cast()));
-            let mn = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(WORDS_BYTES + 32).cast()));
+            let r = base.add(g * record);
+            let wv = operands::<BITS>(r);
+            let s = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(wb).cast()));
+            let mn = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(wb + 32).cast()));
             let wd = &words[g * (G / 4)..(g + 1) * (G / 4)];
             for i in 0..M {
                 let q = act[i].q;
@@ -125,70 +153,6 @@ unsafe fn tile8<const M: usize>(
                 let x = _mm512_dpbusd_epi32(x, wv[5], word(5));
                 let x = _mm512_dpbusd_epi32(x, wv[6], word(6));
                 let x = _mm512_dpbusd_epi32(x, wv[7], word(7));
-                let d = _mm512_set1_ps(*act[i].d.add(g));
-                let sd = _mm512_set1_ps(*act[i].sd.add(g));
-                facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), _mm512_mul_ps(s, d), facc[i]);
-                macc[i] = _mm512_fmadd_ps(mn, sd, macc[i]);
-            }
-        }
-        for i in 0..M {
-            let y = _mm512_add_ps(facc[i], macc[i]);
-            let at = (i0 + i) * out.stride + r0;
-            _mm512_mask_storeu_ps(out.ptr.add(at), mask, y);
-        }
-    }
-}
-
-/// One 4-bit panel against `M` activation rows: as [`tile8`], with each
-/// group's four words split into their low nibbles (activation words 0..4)
-/// and high nibbles (words 4..8) once for the tile.
-///
-/// # Safety
-/// As for [`tile8`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-#[inline]
-unsafe fn tile4<const M: usize>(
-    rec: &[u8],
-    words: &[usize],
-    acts: &[ActRow],
-    out: Out,
-    i0: usize,
-    r0: usize,
-    mask: __mmask16,
-) {
-    const RECORD: usize = record_bytes(4);
-    const WORDS_BYTES: usize = words_bytes(4);
-    let act: [ActRow; M] = std::array::from_fn(|i| acts[i]);
-    let groups = words.len() / (G / 4);
-    debug_assert!(rec.len() >= groups * RECORD);
-    let base = rec.as_ptr();
-    let low = _mm512_set1_epi8(0x0F);
-    let mut facc = [_mm512_setzero_ps(); M];
-    let mut macc = [_mm512_setzero_ps(); M];
-    // SAFETY: as in `tile8`, with 320-byte records.
-    unsafe {
-        for g in 0..groups {
-            let r = base.add(g * RECORD);
-            let raw: [__m512i; 4] =
-                std::array::from_fn(|t| _mm512_loadu_si512(r.add(64 * t).cast()));
-            let lo: [__m512i; 4] = std::array::from_fn(|t| _mm512_and_si512(raw[t], low));
-            let hi: [__m512i; 4] =
-                std::array::from_fn(|t| _mm512_and_si512(_mm512_srli_epi16::<4>(raw[t]), low));
-            let s = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(WORDS_BYTES).cast()));
-            let mn = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(WORDS_BYTES + 32).cast()));
-            let wd = &words[g * (G / 4)..(g + 1) * (G / 4)];
-            for i in 0..M {
-                let q = act[i].q;
-                let word =
-                    |t: usize| _mm512_set1_epi32(q.add(wd[t]).cast::<i32>().read_unaligned());
-                let x = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], word(0));
-                let x = _mm512_dpbusd_epi32(x, lo[1], word(1));
-                let x = _mm512_dpbusd_epi32(x, lo[2], word(2));
-                let x = _mm512_dpbusd_epi32(x, lo[3], word(3));
-                let x = _mm512_dpbusd_epi32(x, hi[0], word(4));
-                let x = _mm512_dpbusd_epi32(x, hi[1], word(5));
-                let x = _mm512_dpbusd_epi32(x, hi[2], word(6));
-                let x = _mm512_dpbusd_epi32(x, hi[3], word(7));
                 let d = _mm512_set1_ps(*act[i].d.add(g));
                 let sd = _mm512_set1_ps(*act[i].sd.add(g));
                 facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), _mm512_mul_ps(s, d), facc[i]);
