@@ -300,9 +300,9 @@ pub fn rotates_kv(cfg: &ModelConfig) -> bool {
     cfg.head_dim.is_multiple_of(k::HADAMARD_BLOCK)
 }
 
-/// KV blocks requested ahead of the one being attended (8 blocks of one KV
-/// head of SmolLM2 are 16 KiB of keys and values, well inside L2).
-const PREFETCH_BLOCKS: usize = 8;
+/// KV blocks requested ahead of the one being attended: 128 tokens (for one
+/// KV head of SmolLM2, 16 KiB of keys and values, well inside L2).
+const PREFETCH_BLOCKS: usize = 128usize.div_ceil(KV_BLOCK);
 
 /// Causal GQA attention for every (row, query head), split across the pool.
 fn attention(

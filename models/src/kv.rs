@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::config::ModelConfig;
 
 /// Tokens per cache block.
-pub const KV_BLOCK: usize = 16;
+pub const KV_BLOCK: usize = 64;
 
 /// The cache budget was exhausted.
 #[derive(Debug, Clone, thiserror::Error)]
