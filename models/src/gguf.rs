@@ -267,13 +267,38 @@ impl GgufFile {
     /// repacked losslessly; F32/F16 are quantized to int8.
     fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<QMatrix> {
         let (dtype, raw) = self.raw(name, &[rows, cols])?;
-        let m = match dtype {
-            GgmlDType::Q4_0 => QMatrix::from_ggml_q4_0(rows, cols, &raw),
-            GgmlDType::Q4_1 => QMatrix::from_ggml_q4_1(rows, cols, &raw),
-            GgmlDType::Q8_0 => QMatrix::from_ggml_q8_0(rows, cols, &raw),
-            _ => QMatrix::quantize_q8(rows, cols, &floats(dtype, &raw)),
-        };
-        m.map_err(|e| self.err(format!("tensor {name}: {e}")))
+        from_raw(dtype, rows, cols, &raw).map_err(|e| self.err(format!("tensor {name}: {e}")))
+    }
+
+    /// Loads the projections `parts` (tensor name, rows), all `cols` wide,
+    /// stacked in order into one [`Linear`]. When they share a type their
+    /// raw rows are concatenated and converted once, so no separate part
+    /// matrix is built and dropped (dead part buffers would stay pinned in
+    /// the kernels' buffer arena next to the fused matrix: 24 MB for
+    /// SmolLM2); otherwise each part is its own matrix.
+    fn stacked(&mut self, name: &str, parts: &[(String, usize)], cols: usize) -> Result<Linear> {
+        let mut raws = Vec::with_capacity(parts.len());
+        for (part, rows) in parts {
+            raws.push(self.raw(part, &[*rows, cols])?);
+        }
+        let rows: usize = parts.iter().map(|p| p.1).sum();
+        if raws.iter().all(|(d, _)| *d == raws[0].0) {
+            let dtype = raws[0].0;
+            let mut raw = Vec::with_capacity(raws.iter().map(|r| r.1.len()).sum());
+            for (_, r) in raws.drain(..) {
+                raw.extend_from_slice(&r);
+            }
+            let m = from_raw(dtype, rows, cols, &raw)
+                .map_err(|e| self.err(format!("tensor {name}: {e}")))?;
+            return Linear::stack(name, vec![m]);
+        }
+        let mut mats = Vec::with_capacity(parts.len());
+        for ((part, rows), (dtype, raw)) in parts.iter().zip(raws) {
+            let m = from_raw(dtype, *rows, cols, &raw)
+                .map_err(|e| self.err(format!("tensor {part}: {e}")))?;
+            mats.push(m);
+        }
+        Linear::stack(name, mats)
     }
 
     /// Loads a 1-D F32/F16 vector.
@@ -297,24 +322,19 @@ impl GgufFile {
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
-            let wqkv = Linear::stack(
+            let wqkv = self.stacked(
                 &n("attn_qkv"),
-                vec![
-                    self.matrix(&n("attn_q"), qd, h)?,
-                    self.matrix(&n("attn_k"), kvd, h)?,
-                    self.matrix(&n("attn_v"), kvd, h)?,
-                ],
+                &[(n("attn_q"), qd), (n("attn_k"), kvd), (n("attn_v"), kvd)],
+                h,
             )?;
             let wo = Linear::stack(
                 &n("attn_output"),
                 vec![self.matrix(&n("attn_output"), h, qd)?],
             )?;
-            let w_gate_up = Linear::stack(
+            let w_gate_up = self.stacked(
                 &n("ffn_gate_up"),
-                vec![
-                    self.matrix(&n("ffn_gate"), f, h)?,
-                    self.matrix(&n("ffn_up"), f, h)?,
-                ],
+                &[(n("ffn_gate"), f), (n("ffn_up"), f)],
+                h,
             )?;
             let w_down = Linear::stack(&n("ffn_down"), vec![self.matrix(&n("ffn_down"), h, f)?])?;
             layers.push(Layer {
@@ -436,6 +456,22 @@ fn declared_alignment(r: &mut BufReader<File>) -> Option<i64> {
         skip_value(r, ty, v1, 0)?;
     }
     None
+}
+
+/// A matrix from a tensor's raw ggml bytes: quantized types repacked
+/// losslessly, float types quantized to int8.
+fn from_raw(
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    raw: &[u8],
+) -> std::result::Result<QMatrix, cardinal_kernels::KernelError> {
+    match dtype {
+        GgmlDType::Q4_0 => QMatrix::from_ggml_q4_0(rows, cols, raw),
+        GgmlDType::Q4_1 => QMatrix::from_ggml_q4_1(rows, cols, raw),
+        GgmlDType::Q8_0 => QMatrix::from_ggml_q8_0(rows, cols, raw),
+        _ => QMatrix::quantize_q8(rows, cols, &floats(dtype, raw)),
+    }
 }
 
 fn floats(dtype: GgmlDType, raw: &[u8]) -> Vec<f32> {

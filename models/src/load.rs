@@ -150,6 +150,31 @@ pub fn load(
     opts: &LoadOptions,
     log: &mut dyn FnMut(&str),
 ) -> Result<LoadedModel> {
+    let loaded = load_source(source, opts, log);
+    release_freed_memory();
+    loaded
+}
+
+/// Returns the heap memory freed while loading (the file's raw tensor
+/// buffers, the tokenizer's intermediate tables) to the OS. glibc keeps
+/// freed chunks resident, and after the first large buffer is freed its
+/// dynamic mmap threshold puts every later tensor buffer on the heap: for
+/// SmolLM2 that is 8 MB held for the life of the server (idle `cardinal
+/// serve`: VmRSS 161.4 MB without the trim, 153.4 with it).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointer and only walks glibc's own free
+    // lists (it madvises free pages away); it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+fn load_source(
+    source: &ModelSource,
+    opts: &LoadOptions,
+    log: &mut dyn FnMut(&str),
+) -> Result<LoadedModel> {
     let name = source.display_name();
     match source {
         ModelSource::Synthetic(n) => {
