@@ -21,7 +21,11 @@ msg = [{"role": "user", "content": "What is the capital of France?"}]
 r = client.chat.completions.create(model=model, messages=msg, max_tokens=24, temperature=0)
 text = r.choices[0].message.content
 print("chat:", repr(text), r.usage)
-assert "Paris" in text, text
+# No content check: SmolLM2-135M's greedy answer here is not "Paris" (llama.cpp
+# answers "L'Étoile, la Marseillaise, ..." with the same GGUF; its first token
+# "L" beats "The" by 0.24 nats). Agreement with llama.cpp is tested by
+# server/tests/smollm2_fixtures.rs; this script tests the API around it.
+assert text.strip(), text
 assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
 
 parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
@@ -44,9 +48,16 @@ n2 = client.chat.completions.create(model=model, messages=msg, max_tokens=8, tem
 assert len(n2.choices) == 2 and {ch.index for ch in n2.choices} == {0, 1}
 print("n=2:", [ch.message.content for ch in n2.choices])
 
-s = client.chat.completions.create(model=model, messages=msg, max_tokens=24, temperature=0, stop=["Paris"])
-assert "Paris" not in s.choices[0].message.content and s.choices[0].finish_reason == "stop"
-print("stop string:", repr(s.choices[0].message.content))
+# A stop string taken from the greedy answer itself: the stopped reply is the
+# answer cut just before its first occurrence.
+words = text.split()
+assert len(words) >= 3, text
+stop = words[2]
+s = client.chat.completions.create(model=model, messages=msg, max_tokens=24, temperature=0, stop=[stop])
+got = s.choices[0].message.content
+assert s.choices[0].finish_reason == "stop", s
+assert got == text[: text.index(stop)], (got, stop, text)
+print("stop string", repr(stop) + ":", repr(got))
 
 try:
     client.chat.completions.create(model=model, messages=msg, max_tokens=8, temperature=-1)
