@@ -47,7 +47,6 @@ pub(crate) struct Panels {
     bits: u8,
     rows: usize,
     groups: usize,
-    panels: usize,
     /// Where activation word `t` of group `g` sits in an activation row's
     /// element layout (`crate::layout`), at index `g * 8 + t`.
     words: Vec<usize>,
@@ -72,21 +71,42 @@ impl NaturalRow {
     }
 }
 
+/// Where column `i` (0..32) of a group sits for lane `j` in a record's
+/// words: the byte, and the shift of its bits in it (4 for a high nibble).
+#[inline]
+fn lane_pos(bits: u8, j: usize, i: usize) -> (usize, u32) {
+    let (word, shift) = if bits == 8 {
+        (i / 4, 0)
+    } else {
+        (i % 16 / 4, 4 * (i / 16) as u32)
+    };
+    (word * 64 + 4 * j + i % 4, shift)
+}
+
+/// Column `i` of lane `j` in the record `rec`.
+#[inline]
+fn lane_value(rec: &[u8], bits: u8, j: usize, i: usize) -> u8 {
+    let (at, shift) = lane_pos(bits, j, i);
+    let v = rec[at] >> shift;
+    if bits == 8 { v } else { v & 0xF }
+}
+
+/// The f16 (scale, min) of lane `j` in the record `rec`.
+fn lane_params(rec: &[u8], bits: u8, j: usize) -> (f16, f16) {
+    let wb = words_bytes(bits);
+    let h = |at: usize| f16::from_le_bytes([rec[at], rec[at + 1]]);
+    (h(wb + 2 * j), h(wb + 2 * PANEL_ROWS + 2 * j))
+}
+
 /// Writes `row` into lane `j` of every record of one panel (`panel` holds
-/// the panel's `groups` records).
+/// the panel's `groups` records, and is zero in that lane).
 fn write_lane(panel: &mut [u8], bits: u8, j: usize, row: &NaturalRow) {
     let rec_len = record_bytes(bits);
     let wb = words_bytes(bits);
     for (g, rec) in panel.chunks_exact_mut(rec_len).enumerate() {
-        let col = &row.u[g * G..(g + 1) * G];
-        for k in 0..G / 2 {
-            let (t, i) = (k / 4, k % 4);
-            if bits == 8 {
-                rec[t * 64 + 4 * j + i] = col[k];
-                rec[(t + 4) * 64 + 4 * j + i] = col[G / 2 + k];
-            } else {
-                rec[t * 64 + 4 * j + i] = col[k] | (col[G / 2 + k] << 4);
-            }
+        for (i, &v) in row.u[g * G..(g + 1) * G].iter().enumerate() {
+            let (at, shift) = lane_pos(bits, j, i);
+            rec[at] |= v << shift;
         }
         rec[wb + 2 * j..][..2].copy_from_slice(&row.sc[g].to_le_bytes());
         rec[wb + 2 * PANEL_ROWS + 2 * j..][..2].copy_from_slice(&row.mn[g].to_le_bytes());
@@ -107,7 +127,7 @@ impl Panels {
         let mut row = NaturalRow::new(cols);
         let mut scratch = crate::qmatrix::RowScratch::default();
         for r in 0..rows {
-            w.natural_row_into(r, &mut row.u, &mut row.sc, &mut row.mn, &mut scratch);
+            w.natural_row_into(r, &mut row, &mut scratch);
             let p = r / PANEL_ROWS;
             write_lane(
                 &mut data.as_mut_slice()[p * n..(p + 1) * n],
@@ -169,40 +189,19 @@ impl Panels {
             bits,
             rows,
             groups,
-            panels: rows.div_ceil(PANEL_ROWS),
             words,
             data,
         }
     }
 
-    /// Row `r` in natural column order: unsigned values into `u[..cols]`,
-    /// per-group scales and mins into `sc` and `mn`.
-    pub(crate) fn natural_row_into(&self, r: usize, u: &mut [u8], sc: &mut [f16], mn: &mut [f16]) {
-        assert!(
-            r < self.rows,
-            "panel row {r} out of range ({} rows)",
-            self.rows
-        );
-        let rec_len = record_bytes(self.bits);
-        let wb = words_bytes(self.bits);
-        let (p, j) = (r / PANEL_ROWS, r % PANEL_ROWS);
-        let d = self.data.as_slice();
+    /// Row `r` in natural column order (see [`NaturalRow`]).
+    pub(crate) fn natural_row_into(&self, r: usize, row: &mut NaturalRow) {
         for g in 0..self.groups {
-            let rec = &d[(p * self.groups + g) * rec_len..][..rec_len];
-            let col = &mut u[g * G..(g + 1) * G];
-            for k in 0..G / 2 {
-                let (t, i) = (k / 4, k % 4);
-                if self.bits == 8 {
-                    col[k] = rec[t * 64 + 4 * j + i];
-                    col[G / 2 + k] = rec[(t + 4) * 64 + 4 * j + i];
-                } else {
-                    let b = rec[t * 64 + 4 * j + i];
-                    (col[k], col[G / 2 + k]) = (b & 0xF, b >> 4);
-                }
+            let (rec, j) = self.record(r, g);
+            for (i, v) in row.u[g * G..(g + 1) * G].iter_mut().enumerate() {
+                *v = lane_value(rec, self.bits, j, i);
             }
-            let h = |at: usize| f16::from_le_bytes([rec[at], rec[at + 1]]);
-            sc[g] = h(wb + 2 * j);
-            mn[g] = h(wb + 2 * PANEL_ROWS + 2 * j);
+            (row.sc[g], row.mn[g]) = lane_params(rec, self.bits, j);
         }
     }
 
@@ -222,21 +221,13 @@ impl Panels {
     /// The f16 (scale, min) of row `r`'s group `g`.
     pub(crate) fn params(&self, r: usize, g: usize) -> (f16, f16) {
         let (rec, j) = self.record(r, g);
-        let wb = words_bytes(self.bits);
-        let h = |at: usize| f16::from_le_bytes([rec[at], rec[at + 1]]);
-        (h(wb + 2 * j), h(wb + 2 * PANEL_ROWS + 2 * j))
+        lane_params(rec, self.bits, j)
     }
 
     /// The unsigned quantized value of row `r`, column `c`.
     pub(crate) fn quant(&self, r: usize, c: usize) -> u8 {
         let (rec, j) = self.record(r, c / G);
-        let i = c % G;
-        if self.bits == 8 {
-            rec[(i / 4) * 64 + 4 * j + i % 4]
-        } else {
-            let b = rec[(i % 16 / 4) * 64 + 4 * j + i % 4];
-            if i < 16 { b & 0xF } else { b >> 4 }
-        }
+        lane_value(rec, self.bits, j, c % G)
     }
 
     /// Bits per weight (4 or 8).
@@ -261,7 +252,7 @@ impl Panels {
     /// Number of panels.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn panels(&self) -> usize {
-        self.panels
+        self.rows.div_ceil(PANEL_ROWS)
     }
 
     /// Bytes held.
@@ -312,11 +303,13 @@ mod tests {
                 assert_eq!(h(wb + 2 * PANEL_ROWS + 2 * j), m);
             }
             // Reading a row back gives the matrix's row.
-            let mut u = vec![0; w.cols()];
-            let (mut sc, mut mn) = (vec![f16::ZERO; groups], vec![f16::ZERO; groups]);
-            p.natural_row_into(r, &mut u, &mut sc, &mut mn);
-            assert!((0..w.cols()).all(|c| u[c] == w.quant(r, c)));
-            assert!((0..groups).all(|g| (sc[g].to_f32(), mn[g].to_f32()) == w.group_params(r, g)));
+            let mut row = NaturalRow::new(w.cols());
+            p.natural_row_into(r, &mut row);
+            assert!((0..w.cols()).all(|c| row.u[c] == w.quant(r, c)));
+            assert!(
+                (0..groups)
+                    .all(|g| (row.sc[g].to_f32(), row.mn[g].to_f32()) == w.group_params(r, g))
+            );
         }
         // The padding rows of the last panel are zero.
         let last = p.panel(p.panels() - 1);

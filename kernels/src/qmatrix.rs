@@ -14,7 +14,7 @@ use crate::buffer::AlignedBytes;
 use crate::layout::{
     G, RowShape, elem_pos, f16_ceil, f16_floor, nibble_pos, pack_nibbles, to_layout, unpack_nibbles,
 };
-use crate::panel::Panels;
+use crate::panel::{NaturalRow, Panels};
 use crate::storage::Geom;
 use crate::{Isa, KernelError};
 
@@ -29,16 +29,8 @@ pub(crate) struct RowScratch {
 }
 
 /// Row `r` of the row storage `data` (geometry `geom`) in natural column
-/// order: unsigned values into `u`, scales and mins into `sc` and `mn`.
-fn natural_row(
-    geom: &Geom,
-    data: &[u8],
-    r: usize,
-    u: &mut [u8],
-    sc: &mut [f16],
-    mn: &mut [f16],
-    scratch: &mut RowScratch,
-) {
+/// order.
+fn natural_row(geom: &Geom, data: &[u8], r: usize, row: &mut NaturalRow, scratch: &mut RowScratch) {
     let shape = &geom.shape;
     let cols = shape.groups * G;
     if scratch.perm.len() != cols {
@@ -46,13 +38,13 @@ fn natural_row(
     }
     scratch.packed.resize(cols * geom.bits as usize / 8, 0);
     scratch.laid.resize(cols, 0);
-    geom.read_row(data, r, &mut scratch.packed, sc, mn);
+    geom.read_row(data, r, &mut scratch.packed, &mut row.sc, &mut row.mn);
     if geom.bits == 8 {
         scratch.laid.copy_from_slice(&scratch.packed);
     } else {
         unpack_nibbles(shape, &scratch.packed, &mut scratch.laid);
     }
-    for (v, &p) in u[..cols].iter_mut().zip(&scratch.perm) {
+    for (v, &p) in row.u[..cols].iter_mut().zip(&scratch.perm) {
         *v = scratch.laid[p];
     }
 }
@@ -578,15 +570,7 @@ impl QMatrix {
         let geom = self.geom;
         let mut scratch = RowScratch::default();
         Panels::convert(self.rows, self.cols, self.bits, data, |d, r, row| {
-            natural_row(
-                &geom,
-                d,
-                r,
-                &mut row.u,
-                &mut row.sc,
-                &mut row.mn,
-                &mut scratch,
-            )
+            natural_row(&geom, d, r, row, &mut scratch)
         })
     }
 
@@ -608,33 +592,32 @@ impl QMatrix {
             self.geom.read_row(self.data.as_slice(), r, packed, sc, mn);
             return;
         }
-        let mut u = vec![0u8; self.cols];
-        self.panels().natural_row_into(r, &mut u, sc, mn);
+        let mut row = NaturalRow::new(self.cols);
+        self.panels().natural_row_into(r, &mut row);
+        sc.copy_from_slice(&row.sc);
+        mn.copy_from_slice(&row.mn);
         let shape = &self.geom.shape;
         if self.bits == 8 {
-            to_layout(shape, &u, packed);
+            to_layout(shape, &row.u, packed);
         } else {
             let mut laid = vec![0u8; self.cols];
-            to_layout(shape, &u, &mut laid);
+            to_layout(shape, &row.u, &mut laid);
             pack_nibbles(shape, &laid, packed);
         }
     }
 
-    /// Row `r` in natural column order: unsigned values into `u[..cols]`,
-    /// per-group scales and mins into `sc` and `mn`. `scratch` is reused
-    /// between calls (see [`RowScratch`]).
+    /// Row `r` in natural column order; `scratch` is reused between calls
+    /// (see [`RowScratch`]).
     pub(crate) fn natural_row_into(
         &self,
         r: usize,
-        u: &mut [u8],
-        sc: &mut [f16],
-        mn: &mut [f16],
+        row: &mut NaturalRow,
         scratch: &mut RowScratch,
     ) {
         if self.panelled {
-            self.panels().natural_row_into(r, u, sc, mn);
+            self.panels().natural_row_into(r, row);
             return;
         }
-        natural_row(&self.geom, self.data.as_slice(), r, u, sc, mn, scratch);
+        natural_row(&self.geom, self.data.as_slice(), r, row, scratch);
     }
 }

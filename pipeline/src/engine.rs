@@ -495,10 +495,7 @@ impl Worker {
         while i < running.len() {
             if running[i].p.finish.load(Ordering::Acquire) {
                 let s = running.swap_remove(i);
-                let _ =
-                    s.p.tx
-                        .try_send(Event::Done(s.finished(FinishReason::Stop, now)));
-                self.stats.finished.fetch_add(1, Ordering::Relaxed);
+                self.end(&s, FinishReason::Stop, now);
             } else {
                 i += 1;
             }
@@ -531,6 +528,13 @@ impl Worker {
             });
         }
         self.stats.running.store(running.len(), Ordering::Release);
+    }
+
+    /// Ends a sequence normally: sends its figures and counts it as
+    /// finished (its caches go back to the cards when `s` is dropped).
+    fn end(&self, s: &Seq, reason: FinishReason, now: Instant) {
+        let _ = s.p.tx.try_send(Event::Done(s.finished(reason, now)));
+        self.stats.finished.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Samples the next token of every sequence in `owners` that needs
@@ -726,8 +730,7 @@ impl Worker {
         }
         for &(si, reason) in finished.iter().rev() {
             let s = running.swap_remove(si);
-            let _ = s.p.tx.try_send(Event::Done(s.finished(reason, now)));
-            self.stats.finished.fetch_add(1, Ordering::Relaxed);
+            self.end(&s, reason, now);
         }
         self.stats.running.store(running.len(), Ordering::Release);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
