@@ -48,7 +48,7 @@ pub use isa::{ISA_ENV, Isa, active_isa, init_isa};
 pub use matmul::{matmul, matmul_rows};
 pub use pool::{Pool, set_thread_nice};
 pub use prefetch::prefetch;
-pub use qacts::QActs;
+pub use qacts::{QActs, QActsRows};
 pub use qmatrix::QMatrix;
 pub use rope::Rope;
 pub use rows_ptr::RowsPtr;

@@ -119,38 +119,61 @@ impl QActs {
     /// [`QActs::quantize`] with the rows split across `pool`'s threads
     /// (each row is quantized exactly as there, so the result is the same).
     pub fn quantize_pool(&mut self, pool: &Pool, isa: Isa, x: &[f32], m: usize, cols: usize) {
-        self.prepare(x, m, cols);
-        let isa = isa.checked();
-        let shape = RowShape::new(cols);
-        let ng = shape.groups;
-        let q = RowsPtr::new(self.q.as_i8_mut());
-        let d = RowsPtr::new(&mut self.d);
-        let sd = RowsPtr::new(&mut self.sd);
-        let sumq = RowsPtr::new(&mut self.sumq);
-        pool.run(&|t, nt| {
-            for i in (t * m / nt)..((t + 1) * m / nt) {
-                // SAFETY: `prepare` sized q to m*cols and d, sd, sumq to m*ng;
-                // row i < m is handled by exactly one index t (contiguous,
-                // disjoint ranges), and `self` is exclusively borrowed for the
-                // whole call, so these slices alias nothing.
-                let (qr, dr, sdr, sr) =
-                    unsafe { (q.row(i, cols), d.row(i, ng), sd.row(i, ng), sumq.row(i, ng)) };
-                quantize_row(isa, &shape, &x[i * cols..(i + 1) * cols], qr, dr, sdr, sr);
-            }
-        });
-    }
-
-    /// Checks the shape and sizes the buffers for `m` rows of `cols`.
-    fn prepare(&mut self, x: &[f32], m: usize, cols: usize) {
-        assert!(
-            cols > 0 && cols.is_multiple_of(G),
-            "QActs::quantize: cols {cols} must be a positive multiple of 32"
-        );
         assert_eq!(
             x.len(),
             m * cols,
             "QActs::quantize: x has {} values, expected m*cols = {m}*{cols}",
             x.len()
+        );
+        let rows = self.rows(isa, m, cols);
+        pool.run(&|t, nt| {
+            for i in (t * m / nt)..((t + 1) * m / nt) {
+                // SAFETY: row i < m is handled by exactly one index t
+                // (contiguous, disjoint ranges).
+                unsafe { rows.quantize(i, &x[i * cols..(i + 1) * cols]) };
+            }
+        });
+    }
+
+    /// Sizes the buffers for `m` rows of `cols` and returns a writer through
+    /// which threads quantize rows one at a time, each as
+    /// [`QActs::quantize`] would: a caller can then quantize a row in the
+    /// same pass that computes it (a norm, SwiGLU) instead of in a pass of
+    /// its own. Rows never written keep stale values.
+    ///
+    /// # Panics
+    /// If `cols` is not a positive multiple of 32.
+    pub fn rows(&mut self, isa: Isa, m: usize, cols: usize) -> QActsRows<'_> {
+        self.size(m, cols);
+        let ng = cols / G;
+        QActsRows {
+            isa: isa.checked(),
+            shape: RowShape::new(cols),
+            ng,
+            q: RowsPtr::new(self.q.as_i8_mut()),
+            d: RowsPtr::new(&mut self.d),
+            sd: RowsPtr::new(&mut self.sd),
+            sumq: RowsPtr::new(&mut self.sumq),
+            m,
+        }
+    }
+
+    /// Checks the shape and sizes the buffers for `m` rows of `cols`.
+    fn prepare(&mut self, x: &[f32], m: usize, cols: usize) {
+        assert_eq!(
+            x.len(),
+            m * cols,
+            "QActs::quantize: x has {} values, expected m*cols = {m}*{cols}",
+            x.len()
+        );
+        self.size(m, cols);
+    }
+
+    /// Checks `cols` and sizes the buffers for `m` rows of it.
+    fn size(&mut self, m: usize, cols: usize) {
+        assert!(
+            cols > 0 && cols.is_multiple_of(G),
+            "QActs::quantize: cols {cols} must be a positive multiple of 32"
         );
         let ng = cols / G;
         self.m = m;
@@ -231,5 +254,49 @@ impl QActs {
     pub(crate) fn row_sumq(&self, i: usize) -> &[i32] {
         let ng = self.cols / G;
         &self.sumq[i * ng..(i + 1) * ng]
+    }
+}
+
+/// Writes rows of a [`QActs`] from several threads (see [`QActs::rows`]).
+pub struct QActsRows<'a> {
+    isa: Isa,
+    shape: RowShape,
+    ng: usize,
+    m: usize,
+    q: RowsPtr<'a, i8>,
+    d: RowsPtr<'a, f32>,
+    sd: RowsPtr<'a, f32>,
+    sumq: RowsPtr<'a, i32>,
+}
+
+impl QActsRows<'_> {
+    /// Quantize `x` (one row of `cols` values) into row `i`.
+    ///
+    /// # Panics
+    /// If `i` is not below `m` or `x` is not `cols` long.
+    ///
+    /// # Safety
+    /// No other thread writes row `i` during this call.
+    pub unsafe fn quantize(&self, i: usize, x: &[f32]) {
+        let cols = self.shape.groups * G;
+        assert!(
+            i < self.m && x.len() == cols,
+            "QActsRows::quantize: row {i} of {} with {} values, want {cols}",
+            self.m,
+            x.len()
+        );
+        let ng = self.ng;
+        // SAFETY: `rows` sized q to m*cols and d, sd, sumq to m*ng; row i is
+        // this call's alone (contract), and the `QActs` stays exclusively
+        // borrowed while this writer lives.
+        let (qr, dr, sdr, sr) = unsafe {
+            (
+                self.q.row(i, cols),
+                self.d.row(i, ng),
+                self.sd.row(i, ng),
+                self.sumq.row(i, ng),
+            )
+        };
+        quantize_row(self.isa, &self.shape, x, qr, dr, sdr, sr);
     }
 }

@@ -5,6 +5,8 @@
 //! A row attends to its own sequence's C8 cache, which already holds every
 //! earlier position, including earlier rows of the same batch.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use cardinal_kernels::{self as k, AttnState, Isa, Pool, QActs, Rope, RowsPtr};
 
 use crate::config::ModelConfig;
@@ -124,11 +126,13 @@ pub fn forward_layer(
     resize(&mut ws.gu, n * 2 * cfg.ffn);
     resize(&mut ws.h, n * cfg.ffn);
 
-    // Attention block.
+    // Attention block: norm and quantize each row in one pass.
     {
         let (xs, xn) = (&*x, RowsPtr::new(&mut ws.xn));
+        let acts = ws.acts.rows(isa, n, hd);
         for_rows(pool, n, &|i| {
-            // SAFETY: row i of xn (sized n*hd above) belongs to this call of i only.
+            // SAFETY: row i of xn (sized n*hd above) and of acts belong to
+            // this call of i only.
             let out = unsafe { xn.row(i, hd) };
             k::rmsnorm(
                 isa,
@@ -137,45 +141,50 @@ pub fn forward_layer(
                 cfg.rms_eps,
                 out,
             );
+            // SAFETY: row i of acts is this call's alone (as above).
+            unsafe { acts.quantize(i, out) };
         });
     }
-    quantize(pool, isa, &mut ws.acts, &ws.xn[..n * hd], n, hd);
     linear(pool, isa, &layer.wqkv, &ws.acts, &mut ws.qkv, &mut ws.part);
     ws.rope(cfg)
         .tabulate(rows.iter().map(|r| r.pos + 1).max().unwrap_or(0));
     let rope = &ws.rope.as_ref().expect("rope set").2;
+    rope_and_write_kv(
+        pool,
+        isa,
+        cfg,
+        rope,
+        rotate_kv,
+        local,
+        rows,
+        caches,
+        &mut ws.qkv,
+    );
+    attention(pool, isa, cfg, local, rows, caches, &ws.qkv, &mut ws.attn);
     {
-        let qkv = RowsPtr::new(&mut ws.qkv);
+        // Attention over H·v gives H·(attention over v): rotate back, then
+        // quantize, row by row.
+        let (attn, acts) = (RowsPtr::new(&mut ws.attn), ws.acts.rows(isa, n, qd));
         for_rows(pool, n, &|i| {
-            // SAFETY: row i of qkv (sized n*qkv_w above) belongs to this call of i only.
-            let row = unsafe { qkv.row(i, qkv_w) };
-            let (q, kv) = row.split_at_mut(qd);
-            let (kk, vv) = kv.split_at_mut(kvd);
-            rope.apply(q, cfg.n_heads, rows[i].pos);
-            rope.apply(kk, cfg.n_kv_heads, rows[i].pos);
+            // SAFETY: row i of attn (sized n*qd above) and of acts belong to
+            // this call of i only.
+            let row = unsafe { attn.row(i, qd) };
             if rotate_kv {
-                // The cache holds H·k and H·v; with q' = H·q/32, q'·(H·k) = q·k.
-                k::hadamard32(isa, q, 1.0 / 32.0);
-                k::hadamard32(isa, kk, 1.0);
-                k::hadamard32(isa, vv, 1.0);
+                k::hadamard32(isa, row, 1.0 / 32.0);
             }
+            // SAFETY: row i of acts is this call's alone (as above).
+            unsafe { acts.quantize(i, row) };
         });
     }
-    write_kv(pool, local, rows, caches, &ws.qkv, qd, kvd);
-    attention(pool, isa, cfg, local, rows, caches, &ws.qkv, &mut ws.attn);
-    if rotate_kv {
-        // Attention over H·v gives H·(attention over v): rotate back.
-        k::hadamard32(isa, &mut ws.attn[..n * qd], 1.0 / 32.0);
-    }
-    quantize(pool, isa, &mut ws.acts, &ws.attn[..n * qd], n, qd);
     linear(pool, isa, &layer.wo, &ws.acts, &mut ws.proj, &mut ws.part);
 
-    // Residual add, then the MLP block.
+    // Residual add, then the MLP block's norm and quantization, in one pass.
     {
         let (xs, xn, proj) = (RowsPtr::new(x), RowsPtr::new(&mut ws.xn), &ws.proj);
+        let acts = ws.acts.rows(isa, n, hd);
         for_rows(pool, n, &|i| {
-            // SAFETY: rows i of x (n*hd, the caller's) and of xn (sized
-            // above) belong to this call of i only.
+            // SAFETY: rows i of x (n*hd, the caller's), of xn (sized above)
+            // and of acts belong to this call of i only.
             let (xr, out) = unsafe { (xs.row(i, hd), xn.row(i, hd)) };
             k::add_scaled(
                 isa,
@@ -184,9 +193,10 @@ pub fn forward_layer(
                 cfg.residual_multiplier,
             );
             k::rmsnorm(isa, xr, &layer.ffn_norm, cfg.rms_eps, out);
+            // SAFETY: row i of acts is this call's alone (as above).
+            unsafe { acts.quantize(i, out) };
         });
     }
-    quantize(pool, isa, &mut ws.acts, &ws.xn[..n * hd], n, hd);
     linear(
         pool,
         isa,
@@ -198,13 +208,17 @@ pub fn forward_layer(
     let f = cfg.ffn;
     {
         let (gus, h) = (&ws.gu, RowsPtr::new(&mut ws.h));
+        let acts = ws.acts.rows(isa, n, f);
         for_rows(pool, n, &|i| {
             let gu = &gus[i * 2 * f..(i + 1) * 2 * f];
-            // SAFETY: row i of h (sized n*f above) belongs to this call of i only.
-            k::swiglu(isa, &gu[..f], &gu[f..], unsafe { h.row(i, f) });
+            // SAFETY: row i of h (sized n*f above) and of acts belong to
+            // this call of i only.
+            let hr = unsafe { h.row(i, f) };
+            k::swiglu(isa, &gu[..f], &gu[f..], hr);
+            // SAFETY: row i of acts is this call's alone (as above).
+            unsafe { acts.quantize(i, hr) };
         });
     }
-    quantize(pool, isa, &mut ws.acts, &ws.h[..n * f], n, f);
     linear(
         pool,
         isa,
@@ -250,23 +264,37 @@ fn quantize(pool: &Pool, isa: Isa, acts: &mut QActs, x: &[f32], n: usize, cols: 
     }
 }
 
-/// Writes each row's key and value (in `qkv`, after RoPE) into its
-/// sequence's cache. When every row belongs to a different sequence (all
-/// decoding) and there are at least [`PAR_ROWS`], the rows are split across
-/// the pool; rows of one sequence (a prefill chunk) are written in order.
-fn write_kv(
+/// Applies RoPE to each row's query and key in `qkv` (and, when the cache
+/// is rotated, the Hadamard rotation to query, key and value), then writes
+/// the key and value into the row's sequence's cache. When every row belongs
+/// to a different sequence (all decoding) and there are at least
+/// [`PAR_ROWS`], each row does both in one task across the pool; rows of one
+/// sequence (a prefill chunk) are written in order after the rotations.
+#[allow(clippy::too_many_arguments)]
+fn rope_and_write_kv(
     pool: &Pool,
+    isa: Isa,
+    cfg: &ModelConfig,
+    rope: &Rope,
+    rotate_kv: bool,
     local: usize,
     rows: &[BatchRow],
     caches: &mut [&mut SeqKv],
-    qkv: &[f32],
-    qd: usize,
-    kvd: usize,
+    qkv: &mut [f32],
 ) {
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
     let qkv_w = qd + 2 * kvd;
-    let kv_of = |i: usize| {
-        let row = &qkv[i * qkv_w..(i + 1) * qkv_w];
-        (&row[qd..qd + kvd], &row[qd + kvd..])
+    let rotate = |i: usize, row: &mut [f32]| {
+        let (q, kv) = row.split_at_mut(qd);
+        let (kk, vv) = kv.split_at_mut(kvd);
+        rope.apply(q, cfg.n_heads, rows[i].pos);
+        rope.apply(kk, cfg.n_kv_heads, rows[i].pos);
+        if rotate_kv {
+            // The cache holds H·k and H·v; with q' = H·q/32, q'·(H·k) = q·k.
+            k::hadamard32(isa, q, 1.0 / 32.0);
+            k::hadamard32(isa, kk, 1.0);
+            k::hadamard32(isa, vv, 1.0);
+        }
     };
     let distinct = rows.len() >= PAR_ROWS && {
         let mut seen = vec![false; caches.len()];
@@ -274,19 +302,27 @@ fn write_kv(
             .all(|r| r.seq < seen.len() && !std::mem::replace(&mut seen[r.seq], true))
     };
     if distinct {
-        let cs = RowsPtr::new(caches);
+        let (cs, rs) = (RowsPtr::new(caches), RowsPtr::new(qkv));
         for_rows(pool, rows.len(), &|i| {
             let r = rows[i];
-            let (kk, vv) = kv_of(i);
-            // SAFETY: row i is the only row of sequence r.seq (checked
-            // above), so no other task touches this cache.
-            let cache = unsafe { &mut cs.range(r.seq, 1)[0] };
-            cache.write(local, r.pos, kk, vv);
+            // SAFETY: row i of qkv belongs to this call of i only, and row i
+            // is the only row of sequence r.seq (checked above), so no other
+            // task touches this cache.
+            let (row, cache) = unsafe { (rs.row(i, qkv_w), &mut cs.range(r.seq, 1)[0]) };
+            rotate(i, row);
+            cache.write(local, r.pos, &row[qd..qd + kvd], &row[qd + kvd..]);
         });
     } else {
+        {
+            let rs = RowsPtr::new(&mut *qkv);
+            for_rows(pool, rows.len(), &|i| {
+                // SAFETY: row i of qkv belongs to this call of i only.
+                rotate(i, unsafe { rs.row(i, qkv_w) });
+            });
+        }
         for (i, r) in rows.iter().enumerate() {
-            let (kk, vv) = kv_of(i);
-            caches[r.seq].write(local, r.pos, kk, vv);
+            let row = &qkv[i * qkv_w..(i + 1) * qkv_w];
+            caches[r.seq].write(local, r.pos, &row[qd..qd + kvd], &row[qd + kvd..]);
         }
     }
 }
@@ -331,10 +367,16 @@ fn attention(
     let tasks = rows.len() * parts;
     let out = RowsPtr::new(out);
     let caches: &[&mut SeqKv] = caches;
-    let work = |t: usize, nt: usize| {
+    // Threads claim tasks from a shared counter as they finish, so one slowed
+    // by the other load of its core does not hold the others at the join.
+    let next = AtomicUsize::new(0);
+    let work = |_: usize, _: usize| {
         let mut sts: Vec<AttnState> = (0..group).map(|_| AttnState::new(hdim)).collect();
-        let mut task = t;
-        while task < tasks {
+        loop {
+            let task = next.fetch_add(1, Ordering::Relaxed);
+            if task >= tasks {
+                break;
+            }
             let (i, part) = (task / parts, task % parts);
             let r = rows[i];
             let n_tok = r.pos + 1;
@@ -377,15 +419,14 @@ fn attention(
                     );
                 }
                 // SAFETY: the task owns out[i*qd + h0*hdim .. i*qd + h1*hdim]
-                // (its heads of row i), and tasks are distinct across
-                // threads (strided by nt).
+                // (its heads of row i), and each task is claimed by one
+                // thread only (the counter hands out every index once).
                 let dst = unsafe { out.range(i * qd + h0 * hdim, (h1 - h0) * hdim) };
                 for (j, st) in sts.iter().enumerate() {
                     k::attend_finish(st, &mut dst[j * hdim..(j + 1) * hdim]);
                 }
                 h0 = h1;
             }
-            task += nt;
         }
     };
     if tasks >= pool.threads() && rows.iter().map(|r| r.pos).max().unwrap_or(0) >= 64 {
