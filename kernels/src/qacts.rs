@@ -58,7 +58,23 @@ fn quantize_row(
     sumq: &mut [i32],
 ) {
     let mut tmp = [0i8; G];
-    for g in 0..shape.groups {
+    let mut whole = 0;
+    for c in 0..shape.chunks {
+        let (gs, cs) = (c * CG..(c + 1) * CG, c * CHUNK..(c + 1) * CHUNK);
+        let done = crate::qacts_simd::quantize_chunk(
+            isa,
+            (&x[cs.clone()]).try_into().expect("a chunk of values"),
+            (&mut q[cs]).try_into().expect("a chunk of quants"),
+            (&mut d[gs.clone()]).try_into().expect("8 scales"),
+            (&mut sd[gs.clone()]).try_into().expect("8 scaled sums"),
+            (&mut sumq[gs]).try_into().expect("8 sums"),
+        );
+        if !done {
+            break;
+        }
+        whole = c + 1;
+    }
+    for g in whole * CG..shape.groups {
         let (dg, s) = crate::qacts_simd::quantize_group(isa, &x[g * G..(g + 1) * G], &mut tmp);
         d[g] = dg;
         sd[g] = dg * s as f32;

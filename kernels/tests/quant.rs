@@ -252,6 +252,11 @@ fn activation_quantization_is_exact_across_isas_and_within_half_a_step() {
                 let t = (k as f32 - 16.0) + 0.5;
                 assert_eq!(qs[k] as f32, t.round_ties_even(), "tie {t}");
             }
+            // A scalar matmul reads the per-group sums (the min term) too.
+            let w = common::random_matrix(&mut rng, 5, cols, 1);
+            let pool = Pool::new(1);
+            let mut y_want = vec![0.0; m * 5];
+            matmul(&pool, Isa::Scalar, &w, &want, &mut y_want);
             for isa in Isa::all_available() {
                 let mut got = QActs::new();
                 got.quantize(isa, &x, m, cols);
@@ -262,6 +267,9 @@ fn activation_quantization_is_exact_across_isas_and_within_half_a_step() {
                     assert_eq!(a, b, "{isa} cols {cols} row {i}");
                     assert_eq!(want.row_scales(i), got.row_scales(i), "{isa}");
                 }
+                let mut y = vec![0.0; m * 5];
+                matmul(&pool, Isa::Scalar, &w, &got, &mut y);
+                assert_eq!(y, y_want, "{isa} cols {cols}: group sums");
             }
             let mut deq = vec![0.0; cols];
             for i in 0..m {
