@@ -23,6 +23,20 @@ pub fn quantize_kv(x: &[f32], out: &mut [i8]) -> f32 {
     d
 }
 
+/// [`quantize_kv`] with `isa`'s quantizer: the same bits (the same amax,
+/// `d`, `1/d`, products and half-even rounding), on AVX-512 for head sizes
+/// that are a multiple of 16.
+pub fn quantize_kv_with(isa: Isa, x: &[f32], out: &mut [i8]) -> f32 {
+    assert_eq!(
+        x.len(),
+        out.len(),
+        "quantize_kv: x has {} values, out {}; they must match",
+        x.len(),
+        out.len()
+    );
+    crate::qacts_simd::quantize_sym(isa.checked(), x, out).unwrap_or_else(|| quantize_kv(x, out))
+}
+
 /// `x.round_ties_even()` for |x| < 2^22, without a libm call: adding and
 /// subtracting 1.5 * 2^23 leaves no fraction bits, and f32 addition rounds
 /// to nearest-even. Baseline x86-64 (no SSE4.1 `roundps`) otherwise calls

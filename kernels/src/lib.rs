@@ -39,7 +39,7 @@ mod storage;
 /// Columns per quantization group (weights and activations).
 pub const GROUP: usize = 32;
 
-pub use attention::{AttnState, attend, attend_finish, quantize_kv};
+pub use attention::{AttnState, attend, attend_finish, quantize_kv, quantize_kv_with};
 pub use attention_group::attend_group;
 pub use elementwise::{add_scaled, rmsnorm, softmax, swiglu};
 pub use error::KernelError;

@@ -49,6 +49,26 @@ pub(crate) fn quantize_chunk(
     }
 }
 
+/// Symmetric int8 quantization of a whole vector with one scale (the C8
+/// cache's `quantize_kv`: `d = amax/127`, half-even rounding, ±127), if
+/// `isa` has a version for `x.len()` (AVX-512, multiples of 16); `None`
+/// (nothing written) otherwise. Bit-identical to the scalar code.
+#[inline]
+pub(crate) fn quantize_sym(isa: Isa, x: &[f32], q: &mut [i8]) -> Option<f32> {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if x.len().is_multiple_of(16) && q.len() == x.len() => {
+            // SAFETY: the caller checked AVX-512 availability; equal
+            // lengths, a multiple of 16.
+            Some(unsafe { x86::sym_avx512(x, q) })
+        }
+        _ => {
+            let _ = (x, q);
+            None
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -251,6 +271,36 @@ mod x86 {
             _mm256_storeu_ps(d.as_mut_ptr(), dv);
             _mm256_storeu_ps(sd.as_mut_ptr(), _mm256_mul_ps(dv, _mm256_cvtepi32_ps(s)));
             _mm256_storeu_si256(sumq.as_mut_ptr().cast(), s);
+        }
+    }
+
+    /// [`super::quantize_sym`] on AVX-512.
+    ///
+    /// # Safety
+    /// CPU supports AVX-512 F/BW/VL; `x.len() == q.len()`, a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn sym_avx512(x: &[f32], q: &mut [i8]) -> f32 {
+        let n = x.len();
+        // SAFETY: every access is a whole 16-lane vector below n (a
+        // multiple of 16) in x, or 16 bytes below n in q.
+        unsafe {
+            let p = x.as_ptr();
+            let mut m = _mm512_setzero_ps();
+            for i in (0..n).step_by(16) {
+                m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(p.add(i))));
+            }
+            let (d, id) = scales(_mm512_reduce_max_ps(m));
+            let idv = _mm512_set1_ps(id);
+            let lim = _mm512_set1_epi32(127);
+            let nlim = _mm512_set1_epi32(-127);
+            for i in (0..n).step_by(16) {
+                let r = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    _mm512_mul_ps(_mm512_loadu_ps(p.add(i)), idv),
+                );
+                let r = _mm512_max_epi32(_mm512_min_epi32(r, lim), nlim);
+                _mm_storeu_si128(q.as_mut_ptr().add(i).cast(), _mm512_cvtsepi32_epi8(r));
+            }
+            d
         }
     }
 }

@@ -7,7 +7,7 @@ mod common;
 
 use cardinal_kernels::{
     AttnState, Isa, Rope, add_scaled, attend, attend_finish, attend_group, hadamard32, quantize_kv,
-    rmsnorm, softmax, swiglu,
+    quantize_kv_with, rmsnorm, softmax, swiglu,
 };
 use common::Rng;
 
@@ -233,6 +233,35 @@ fn quantize_kv_error_is_half_a_step() {
     let mut q = [1i8; 4];
     assert_eq!(quantize_kv(&[0.0; 4], &mut q), 0.0);
     assert_eq!(q, [0; 4]);
+}
+
+/// `quantize_kv_with` gives `quantize_kv`'s bits on every ISA: head sizes
+/// on and off the SIMD path (multiples of 16 or not), exact half-step ties,
+/// an all-zero head and random heads.
+#[test]
+fn quantize_kv_with_equals_quantize_kv_on_every_isa() {
+    let mut rng = Rng::new(10);
+    let mut cases: Vec<Vec<f32>> = vec![vec![0.0; 64]];
+    let mut ties: Vec<f32> = (-63..=64)
+        .map(|i| i as f32 / 2.0 + 0.25 * (i % 2) as f32)
+        .collect();
+    ties[0] = 127.0;
+    cases.push(ties);
+    for n in [16, 32, 64, 128, 80, 12, 1] {
+        for _ in 0..20 {
+            cases.push(rng.vec_normal(n, 3.0));
+        }
+    }
+    for x in &cases {
+        let mut want = vec![0i8; x.len()];
+        let d = quantize_kv(x, &mut want);
+        for isa in Isa::all_available() {
+            let mut got = vec![1i8; x.len()];
+            let dg = quantize_kv_with(isa, x, &mut got);
+            assert_eq!(dg.to_bits(), d.to_bits(), "{isa} n {}", x.len());
+            assert_eq!(got, want, "{isa} n {}", x.len());
+        }
+    }
 }
 
 /// Rounding is to nearest, ties to even, exactly as `f32::round_ties_even`

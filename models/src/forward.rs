@@ -310,7 +310,7 @@ fn rope_and_write_kv(
             // task touches this cache.
             let (row, cache) = unsafe { (rs.row(i, qkv_w), &mut cs.range(r.seq, 1)[0]) };
             rotate(i, row);
-            cache.write(local, r.pos, &row[qd..qd + kvd], &row[qd + kvd..]);
+            cache.write(isa, local, r.pos, &row[qd..qd + kvd], &row[qd + kvd..]);
         });
     } else {
         {
@@ -322,7 +322,7 @@ fn rope_and_write_kv(
         }
         for (i, r) in rows.iter().enumerate() {
             let row = &qkv[i * qkv_w..(i + 1) * qkv_w];
-            caches[r.seq].write(local, r.pos, &row[qd..qd + kvd], &row[qd + kvd..]);
+            caches[r.seq].write(isa, local, r.pos, &row[qd..qd + kvd], &row[qd + kvd..]);
         }
     }
 }

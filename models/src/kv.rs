@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use cardinal_kernels::Isa;
+
 use crate::config::ModelConfig;
 
 /// Tokens per cache block.
@@ -180,17 +182,23 @@ impl SeqKv {
 
     /// Stores the K and V vectors (all KV heads, `kv_dim` values each) of the
     /// token at `pos` in local layer `layer`. The capacity must have been reserved.
-    pub fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+    pub fn write(&mut self, isa: Isa, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let s = self.shape;
         let block = &mut self.layers[layer][pos / KV_BLOCK];
         let t = pos % KV_BLOCK;
         for h in 0..s.n_kv_heads {
             let src = h * s.head_dim..(h + 1) * s.head_dim;
             let dst = (h * KV_BLOCK + t) * s.head_dim;
-            block.k_scale[h * KV_BLOCK + t] =
-                cardinal_kernels::quantize_kv(&k[src.clone()], &mut block.k[dst..dst + s.head_dim]);
-            block.v_scale[h * KV_BLOCK + t] =
-                cardinal_kernels::quantize_kv(&v[src], &mut block.v[dst..dst + s.head_dim]);
+            block.k_scale[h * KV_BLOCK + t] = cardinal_kernels::quantize_kv_with(
+                isa,
+                &k[src.clone()],
+                &mut block.k[dst..dst + s.head_dim],
+            );
+            block.v_scale[h * KV_BLOCK + t] = cardinal_kernels::quantize_kv_with(
+                isa,
+                &v[src],
+                &mut block.v[dst..dst + s.head_dim],
+            );
         }
     }
 
