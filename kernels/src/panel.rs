@@ -185,6 +185,17 @@ impl Panels {
         let words = (0..groups * G / 4)
             .map(|k| elem_pos(&shape, k / (G / 4), 4 * (k % (G / 4))))
             .collect();
+        // The 8-bit kernel takes the offset out in integers (`tile8o`).
+        assert!(
+            bits != 8
+                || data.as_slice().chunks_exact(record_bytes(8)).all(|rec| {
+                    (0..PANEL_ROWS).all(|j| {
+                        let (sc, mn) = lane_params(rec, 8, j);
+                        mn.to_f32() == -128.0 * sc.to_f32()
+                    })
+                }),
+            "8-bit panels need every min to be -128 * scale (q + 128 storage)"
+        );
         Panels {
             bits,
             rows,

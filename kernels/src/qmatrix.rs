@@ -3,6 +3,9 @@
 //! lossless import from ggml Q4_0/Q4_1/Q8_0 blocks, f32 quantization,
 //! dequantization and row slicing/stacking. Element order inside a row follows
 //! `crate::layout`; where rows, scales and mins are stored follows `crate::storage`.
+//! An 8-bit matrix always holds symmetric values as `u = q + 128` with a min of
+//! exactly `-128 * scale` (every constructor makes it so; the AVX-512 panel
+//! kernel takes the offset out in integers and checks this when it builds).
 
 use std::fmt;
 use std::ops::Range;
