@@ -123,6 +123,23 @@ unsafe fn operands<const BITS: u8>(r: *const u8) -> [__m512i; 8] {
     }
 }
 
+/// `init` plus one group's 8 `vpdpbusd` of the operands `wv` against the
+/// activation row `q`'s words at the offsets `wd` (broadcast to every lane).
+///
+/// # Safety
+/// `q + wd[t]` is readable for 4 bytes for every `t < 8`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn group_dot(init: __m512i, wv: &[__m512i; 8], q: *const i8, wd: &[usize]) -> __m512i {
+    // SAFETY: each word is 4 bytes at an offset inside the row (contract).
+    let word = |t: usize| unsafe { _mm512_set1_epi32(q.add(wd[t]).cast::<i32>().read_unaligned()) };
+    let mut x = init;
+    for (t, w) in wv.iter().enumerate() {
+        x = _mm512_dpbusd_epi32(x, *w, word(t));
+    }
+    x
+}
+
 /// One `BITS`-bit panel against `M` activation rows (rows `i0..i0 + M` of
 /// the output); writes the lanes of `mask` at output columns `r0..r0 + 16`.
 /// A group's operands are formed once for the tile ([`operands`]).
@@ -161,17 +178,7 @@ unsafe fn tile<const M: usize, const BITS: u8>(
             let mn = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(wb + 32).cast()));
             let wd = &words[g * (G / 4)..(g + 1) * (G / 4)];
             for i in 0..M {
-                let q = act[i].q;
-                let word =
-                    |t: usize| _mm512_set1_epi32(q.add(wd[t]).cast::<i32>().read_unaligned());
-                let x = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[0], word(0));
-                let x = _mm512_dpbusd_epi32(x, wv[1], word(1));
-                let x = _mm512_dpbusd_epi32(x, wv[2], word(2));
-                let x = _mm512_dpbusd_epi32(x, wv[3], word(3));
-                let x = _mm512_dpbusd_epi32(x, wv[4], word(4));
-                let x = _mm512_dpbusd_epi32(x, wv[5], word(5));
-                let x = _mm512_dpbusd_epi32(x, wv[6], word(6));
-                let x = _mm512_dpbusd_epi32(x, wv[7], word(7));
+                let x = group_dot(_mm512_setzero_si512(), &wv, act[i].q, wd);
                 let d = _mm512_set1_ps(*act[i].d.add(g));
                 let sd = _mm512_set1_ps(*act[i].sd.add(g));
                 facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), _mm512_mul_ps(s, d), facc[i]);
@@ -221,18 +228,8 @@ unsafe fn tile8o<const M: usize>(
             let s = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(wb).cast()));
             let wd = &words[g * (G / 4)..(g + 1) * (G / 4)];
             for i in 0..M {
-                let q = act[i].q;
-                let word =
-                    |t: usize| _mm512_set1_epi32(q.add(wd[t]).cast::<i32>().read_unaligned());
                 let bias = _mm512_set1_epi32(-128 * *act[i].sumq.add(g));
-                let x = _mm512_dpbusd_epi32(bias, wv[0], word(0));
-                let x = _mm512_dpbusd_epi32(x, wv[1], word(1));
-                let x = _mm512_dpbusd_epi32(x, wv[2], word(2));
-                let x = _mm512_dpbusd_epi32(x, wv[3], word(3));
-                let x = _mm512_dpbusd_epi32(x, wv[4], word(4));
-                let x = _mm512_dpbusd_epi32(x, wv[5], word(5));
-                let x = _mm512_dpbusd_epi32(x, wv[6], word(6));
-                let x = _mm512_dpbusd_epi32(x, wv[7], word(7));
+                let x = group_dot(bias, &wv, act[i].q, wd);
                 let d = _mm512_set1_ps(*act[i].d.add(g));
                 facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), _mm512_mul_ps(s, d), facc[i]);
             }
