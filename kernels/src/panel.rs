@@ -185,7 +185,7 @@ impl Panels {
         let words = (0..groups * G / 4)
             .map(|k| elem_pos(&shape, k / (G / 4), 4 * (k % (G / 4))))
             .collect();
-        // The 8-bit kernel takes the offset out in integers (`tile8o`).
+        // The 8-bit AVX-512 kernel takes the offset out in integers.
         assert!(
             bits != 8
                 || data.as_slice().chunks_exact(record_bytes(8)).all(|rec| {

@@ -161,11 +161,9 @@ impl QActs {
     /// If `cols` is not a positive multiple of 32.
     pub fn rows(&mut self, isa: Isa, m: usize, cols: usize) -> QActsRows<'_> {
         self.size(m, cols);
-        let ng = cols / G;
         QActsRows {
             isa: isa.checked(),
             shape: RowShape::new(cols),
-            ng,
             q: RowsPtr::new(self.q.as_i8_mut()),
             d: RowsPtr::new(&mut self.d),
             sd: RowsPtr::new(&mut self.sd),
@@ -277,7 +275,6 @@ impl QActs {
 pub struct QActsRows<'a> {
     isa: Isa,
     shape: RowShape,
-    ng: usize,
     m: usize,
     q: RowsPtr<'a, i8>,
     d: RowsPtr<'a, f32>,
@@ -301,7 +298,7 @@ impl QActsRows<'_> {
             self.m,
             x.len()
         );
-        let ng = self.ng;
+        let ng = self.shape.groups;
         // SAFETY: `rows` sized q to m*cols and d, sd, sumq to m*ng; row i is
         // this call's alone (contract), and the `QActs` stays exclusively
         // borrowed while this writer lives.

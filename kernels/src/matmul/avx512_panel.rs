@@ -4,10 +4,9 @@
 //! half of one) against a broadcast 4-byte activation word, then the group's
 //! scale (and, for 4 bits, min) term for 16 rows at once. An 8-bit weight is
 //! `q + 128` with a min of `-128 * scale`, so its offset is taken out in
-//! integers instead ([`tile8o`]). Activation rows go in tiles of up to
-//! [`MAX_TILE8O`] or [`MAX_TILE4`] over each panel, whose records (18 × 320
-//! bytes for 576 4-bit columns) stay in L1 between tiles; a 4-bit word is
-//! expanded once per tile.
+//! integers instead. Activation rows go in tiles of up to [`MAX_TILE`] over
+//! each panel, whose records (18 × 320 bytes for 576 4-bit columns) stay in
+//! L1 between tiles; a 4-bit word is expanded once per tile.
 //!
 //! Every output is the same sequence of f32 operations whatever the batch
 //! size or tile, so a row's logits do not depend on the batch it is in.
@@ -20,16 +19,12 @@ use crate::matmul::{ActRow, Out};
 use crate::panel::{PANEL_ROWS, record_bytes, words_bytes};
 use crate::{QActs, QMatrix};
 
-/// Activation rows per pass over a 4-bit panel: its 4 words expand to 8
+/// Activation rows per pass over a panel. 4-bit: its 4 words expand to 8
 /// registers once per tile, so a longer tile expands less often (8 against
-/// 4: one SmolLM2 m = 16 token of matmuls 17.0 -> 16.1 ms on 1 thread; 8
-/// for the 8-bit head was no faster).
-const MAX_TILE4: usize = 8;
-
-/// Activation rows per pass over an 8-bit panel whose mins are `-128 *
-/// scale` ([`tile8o`]): with no min accumulators, 8 words, 8 sums and 8
-/// accumulators fit the 32 registers.
-const MAX_TILE8O: usize = 8;
+/// 4: one SmolLM2 m = 16 token of matmuls 17.0 -> 16.1 ms on 1 thread).
+/// 8-bit: with no min accumulators, 8 words, 8 sums and 8 accumulators fit
+/// the 32 registers (the Q8 head ran the same with tiles of 4).
+const MAX_TILE: usize = 8;
 
 /// Panel kernel for weight rows `rows` of `w` (4- or 8-bit).
 ///
@@ -53,41 +48,30 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
         let rec = p.panel(panel);
         let mut i0 = 0;
         while i0 < acts.len() {
-            if p.bits() == 8 {
-                let n = (acts.len() - i0).min(MAX_TILE8O);
-                let at = &acts[i0..i0 + n];
-                // SAFETY: as for `tile` below; 8-bit records.
-                unsafe {
-                    match n {
-                        1 => tile8o::<1>(rec, words, at, out, i0, r0, mask),
-                        2 => tile8o::<2>(rec, words, at, out, i0, r0, mask),
-                        3 => tile8o::<3>(rec, words, at, out, i0, r0, mask),
-                        4 => tile8o::<4>(rec, words, at, out, i0, r0, mask),
-                        5 => tile8o::<5>(rec, words, at, out, i0, r0, mask),
-                        6 => tile8o::<6>(rec, words, at, out, i0, r0, mask),
-                        7 => tile8o::<7>(rec, words, at, out, i0, r0, mask),
-                        _ => tile8o::<8>(rec, words, at, out, i0, r0, mask),
-                    }
-                }
-                i0 += n;
-                continue;
-            }
-            let n = (acts.len() - i0).min(MAX_TILE4);
+            let n = (acts.len() - i0).min(MAX_TILE);
             let at = &acts[i0..i0 + n];
             // SAFETY: `rec` is the whole panel (groups × RECORD bytes),
             // `words` addresses inside every activation row (cols = the
             // matrix's, checked by the caller), and the masked lanes are
             // rows of this call in `out` (caller contract).
             unsafe {
-                match n {
-                    1 => tile::<1, 4>(rec, words, at, out, i0, r0, mask),
-                    2 => tile::<2, 4>(rec, words, at, out, i0, r0, mask),
-                    3 => tile::<3, 4>(rec, words, at, out, i0, r0, mask),
-                    4 => tile::<4, 4>(rec, words, at, out, i0, r0, mask),
-                    5 => tile::<5, 4>(rec, words, at, out, i0, r0, mask),
-                    6 => tile::<6, 4>(rec, words, at, out, i0, r0, mask),
-                    7 => tile::<7, 4>(rec, words, at, out, i0, r0, mask),
-                    _ => tile::<8, 4>(rec, words, at, out, i0, r0, mask),
+                match (p.bits(), n) {
+                    (8, 1) => tile::<1, 8>(rec, words, at, out, i0, r0, mask),
+                    (8, 2) => tile::<2, 8>(rec, words, at, out, i0, r0, mask),
+                    (8, 3) => tile::<3, 8>(rec, words, at, out, i0, r0, mask),
+                    (8, 4) => tile::<4, 8>(rec, words, at, out, i0, r0, mask),
+                    (8, 5) => tile::<5, 8>(rec, words, at, out, i0, r0, mask),
+                    (8, 6) => tile::<6, 8>(rec, words, at, out, i0, r0, mask),
+                    (8, 7) => tile::<7, 8>(rec, words, at, out, i0, r0, mask),
+                    (8, _) => tile::<8, 8>(rec, words, at, out, i0, r0, mask),
+                    (_, 1) => tile::<1, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, 2) => tile::<2, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, 3) => tile::<3, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, 4) => tile::<4, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, 5) => tile::<5, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, 6) => tile::<6, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, 7) => tile::<7, 4>(rec, words, at, out, i0, r0, mask),
+                    (_, _) => tile::<8, 4>(rec, words, at, out, i0, r0, mask),
                 }
             }
             i0 += n;
@@ -169,74 +153,45 @@ unsafe fn tile<const M: usize, const BITS: u8>(
     let mut macc = [_mm512_setzero_ps(); M];
     // SAFETY: record g spans bytes g*record..(g+1)*record of `rec`; word
     // offsets are element positions of the activation rows (+4 bytes inside
-    // the same group); group g < groups exists in every activation row.
+    // the same group); group g < groups exists in every activation row, and
+    // so do its `d`, `d*Σq` and `Σq`.
     unsafe {
         for g in 0..groups {
             let r = base.add(g * record);
             let wv = operands::<BITS>(r);
             let s = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(wb).cast()));
-            let mn = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(wb + 32).cast()));
+            let mn = if BITS == 4 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(r.add(wb + 32).cast()))
+            } else {
+                _mm512_setzero_ps()
+            };
             let wd = &words[g * (G / 4)..(g + 1) * (G / 4)];
             for i in 0..M {
-                let x = group_dot(_mm512_setzero_si512(), &wv, act[i].q, wd);
+                // 8-bit: u = q + 128 with min = -128*scale (asserted when the
+                // panels are built), so the offset comes out in integers and
+                // there is no f32 min term (the compiler drops `macc`).
+                let init = if BITS == 8 {
+                    _mm512_set1_epi32(-128 * *act[i].sumq.add(g))
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let x = group_dot(init, &wv, act[i].q, wd);
                 let d = _mm512_set1_ps(*act[i].d.add(g));
-                let sd = _mm512_set1_ps(*act[i].sd.add(g));
                 facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), _mm512_mul_ps(s, d), facc[i]);
-                macc[i] = _mm512_fmadd_ps(mn, sd, macc[i]);
+                if BITS == 4 {
+                    let sd = _mm512_set1_ps(*act[i].sd.add(g));
+                    macc[i] = _mm512_fmadd_ps(mn, sd, macc[i]);
+                }
             }
         }
         for i in 0..M {
-            let y = _mm512_add_ps(facc[i], macc[i]);
+            let y = if BITS == 4 {
+                _mm512_add_ps(facc[i], macc[i])
+            } else {
+                facc[i]
+            };
             let at = (i0 + i) * out.stride + r0;
             _mm512_mask_storeu_ps(out.ptr.add(at), mask, y);
-        }
-    }
-}
-
-/// [`tile`] for an 8-bit panel whose every min is `-128 * scale` (see
-/// `Panels::offset128`): each group's dot product starts from `-128 * Σa`
-/// (the activation row's integer group sum), so `Σ (u - 128)·a` is exact in
-/// integers and there is no min term in f32: one conversion, product and
-/// FMA per group and activation row, on the same f32 operations whatever
-/// the batch.
-///
-/// # Safety
-/// As for [`tile`], with 8-bit records.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-#[inline]
-unsafe fn tile8o<const M: usize>(
-    rec: &[u8],
-    words: &[usize],
-    acts: &[ActRow],
-    out: Out,
-    i0: usize,
-    r0: usize,
-    mask: __mmask16,
-) {
-    let record = record_bytes(8);
-    let wb = words_bytes(8);
-    let act: [ActRow; M] = std::array::from_fn(|i| acts[i]);
-    let groups = words.len() / (G / 4);
-    debug_assert!(rec.len() >= groups * record);
-    let base = rec.as_ptr();
-    let mut facc = [_mm512_setzero_ps(); M];
-    // SAFETY: as in `tile`; sumq has one value per group of every row.
-    unsafe {
-        for g in 0..groups {
-            let r = base.add(g * record);
-            let wv = operands::<8>(r);
-            let s = _mm512_cvtph_ps(_mm256_loadu_si256(r.add(wb).cast()));
-            let wd = &words[g * (G / 4)..(g + 1) * (G / 4)];
-            for i in 0..M {
-                let bias = _mm512_set1_epi32(-128 * *act[i].sumq.add(g));
-                let x = group_dot(bias, &wv, act[i].q, wd);
-                let d = _mm512_set1_ps(*act[i].d.add(g));
-                facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(x), _mm512_mul_ps(s, d), facc[i]);
-            }
-        }
-        for i in 0..M {
-            let at = (i0 + i) * out.stride + r0;
-            _mm512_mask_storeu_ps(out.ptr.add(at), mask, facc[i]);
         }
     }
 }
