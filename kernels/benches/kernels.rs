@@ -6,8 +6,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use cardinal_kernels::{
-    AttnState, Isa, Pool, QActs, QMatrix, Rope, attend, matmul, matmul_rows, quantize_kv, rmsnorm,
-    softmax, swiglu,
+    AttnState, Isa, Pool, QActs, QMatrix, Rope, attend, attend_group, matmul, matmul_rows,
+    quantize_kv, rmsnorm, softmax, swiglu, tile_keys,
 };
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -170,7 +170,10 @@ fn bench_small(c: &mut Criterion) {
         .zip(k.chunks_mut(hd))
         .map(|(s, d)| quantize_kv(s, d))
         .collect();
+    let kt = tile_keys(&k, hd);
     let mut st = AttnState::new(hd);
+    let qs: Vec<f32> = (0..3 * hd).map(|_| rng.f32()).collect();
+    let mut sts: Vec<AttnState> = (0..3).map(|_| AttnState::new(hd)).collect();
     let rope = Rope::new(hd, 10000.0);
     let mut heads = vec![0.5f32; 9 * hd];
     for isa in isas() {
@@ -191,7 +194,14 @@ fn bench_small(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("attend_1024", isa), |b| {
             b.iter(|| {
                 st.reset();
-                attend(isa, black_box(&q), &k, &ks, &k, &ks, 0.125, &mut st)
+                attend(isa, black_box(&q), &kt, &ks, &k, &ks, 0.125, &mut st)
+            })
+        });
+        // SmolLM2's grouping: three query heads per KV head.
+        g.bench_function(BenchmarkId::new("attend_group_3x1024", isa), |b| {
+            b.iter(|| {
+                sts.iter_mut().for_each(AttnState::reset);
+                attend_group(isa, black_box(&qs), &kt, &ks, &k, &ks, 0.125, &mut sts)
             })
         });
     }

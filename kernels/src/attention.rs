@@ -1,8 +1,70 @@
 //! Attention over an int8 (C8) KV cache: per-head symmetric quantization of
-//! keys/values, and a flash-attention style online-softmax accumulator that
-//! consumes the cache in blocks of tokens, with ISA dispatch.
+//! keys/values, the key-tile layout keys are stored in, and a flash-attention
+//! style online-softmax accumulator that consumes the cache in blocks of
+//! tokens, with ISA dispatch.
 
 use crate::Isa;
+
+/// Tokens per key tile. Keys are stored *dimension-major within tiles of
+/// [`KEY_TILE`] tokens*: the keys of `n` tokens of `head_dim` take
+/// [`key_len`]`(n, head_dim)` bytes, tile `i` holding tokens `16i..16i+16`,
+/// and byte `d * 16 + u` of a tile is element `d` of its token `u`. A score
+/// kernel then loads one dimension of 16 tokens as one vector and
+/// accumulates 16 scores in the lanes of a register, with no horizontal sum;
+/// each score is still the sum over `d` in order, so every ISA gives the
+/// scalar reference's bits. Values stay token-major (`n * head_dim`), the
+/// order their accumulation wants. A block of keys passed to [`attend`]
+/// starts on a tile boundary; slots of a partial last tile are ignored.
+pub const KEY_TILE: usize = 16;
+
+/// Bytes of keys for `n` tokens of `head_dim` in the tile layout (whole tiles).
+pub fn key_len(n: usize, head_dim: usize) -> usize {
+    n.div_ceil(KEY_TILE) * KEY_TILE * head_dim
+}
+
+/// Quantizes one key (as [`quantize_kv_with`]) into token slot `t` of
+/// `tiles`, keys in the tile layout ([`KEY_TILE`]); returns its scale.
+pub fn store_key(isa: Isa, x: &[f32], tiles: &mut [i8], t: usize) -> f32 {
+    let hd = x.len();
+    let base = t / KEY_TILE * KEY_TILE * hd + t % KEY_TILE;
+    assert!(
+        tiles.len() >= key_len(t + 1, hd),
+        "store_key: token {t} of head_dim {hd} needs {} key bytes, got {}",
+        key_len(t + 1, hd),
+        tiles.len()
+    );
+    let mut small = [0i8; 256];
+    let mut large = Vec::new();
+    let q: &mut [i8] = if hd <= small.len() {
+        &mut small[..hd]
+    } else {
+        large.resize(hd, 0);
+        &mut large
+    };
+    let d = quantize_kv_with(isa, x, q);
+    for (i, &v) in q.iter().enumerate() {
+        tiles[base + i * KEY_TILE] = v;
+    }
+    d
+}
+
+/// Token-major keys (`n * head_dim`, as [`quantize_kv`] writes them) laid
+/// out in tiles ([`KEY_TILE`]); unused slots of the last tile are zero.
+pub fn tile_keys(keys: &[i8], head_dim: usize) -> Vec<i8> {
+    assert!(
+        head_dim > 0 && keys.len().is_multiple_of(head_dim),
+        "tile_keys: {} key bytes are not whole rows of head_dim {head_dim}",
+        keys.len()
+    );
+    let mut out = vec![0i8; key_len(keys.len() / head_dim, head_dim)];
+    for (t, row) in keys.chunks_exact(head_dim).enumerate() {
+        let base = t / KEY_TILE * KEY_TILE * head_dim + t % KEY_TILE;
+        for (i, &v) in row.iter().enumerate() {
+            out[base + i * KEY_TILE] = v;
+        }
+    }
+    out
+}
 
 /// Quantize one head vector to symmetric int8 (`q = round(x/d)`, `d = amax/127`)
 /// into `out`; returns `d`.
@@ -79,7 +141,8 @@ impl AttnState {
 }
 
 /// Attend one query head over `n = k_scales.len()` contiguous cached tokens
-/// (`k`, `v`: `n*head_dim` int8, token-major); score = `scale * q·(k*ks)`.
+/// (`k`: [`key_len`]`(n, head_dim)` int8 in the key-tile layout, starting on
+/// a tile; `v`: `n*head_dim` int8, token-major); score = `(q·k) * scale * ks`.
 /// Call repeatedly over blocks of the cache in token order, then [`attend_finish`].
 pub fn attend(
     isa: Isa,
@@ -104,19 +167,16 @@ pub fn attend(
     let isa = isa.checked();
     let mut scores = std::mem::take(&mut st.scores);
     scores.resize(n, 0.0);
-    crate::attention_simd::scores(isa, q, k, k_scales, scale, &mut scores);
+    crate::attention_simd::scores(isa, q, hd, k, k_scales, scale, &mut scores);
     if let Some(corr) = online_update(isa, st, &mut scores, v_scales) {
         crate::attention_simd::accumulate(isa, &mut st.acc, corr, &scores, v);
     }
     st.scores = scores;
 }
 
-/// The online-softmax step for one block of `scores` (turned into value
-/// weights in place): updates the running max and sum of `st` and returns the
-/// factor the accumulated values must be rescaled by, or `None` when every
-/// score so far is -inf (nothing to accumulate).
-/// Checks that a cache block of `n = k_scales.len()` tokens holds `n *
-/// head_dim` keys and values and `n` value scales; returns n.
+/// Checks that a cache block of `n = k_scales.len()` tokens holds
+/// `key_len(n, head_dim)` keys, `n * head_dim` values and `n` value scales;
+/// returns n.
 pub(crate) fn check_block(
     what: &str,
     hd: usize,
@@ -127,9 +187,10 @@ pub(crate) fn check_block(
 ) -> usize {
     let n = k_scales.len();
     assert!(
-        k.len() == n * hd && v.len() == n * hd && v_scales.len() == n,
-        "{what}: head_dim {hd}, n {n}: k {} and v {} (want {}), v_scales {} (want {n})",
+        k.len() == key_len(n, hd) && v.len() == n * hd && v_scales.len() == n,
+        "{what}: head_dim {hd}, n {n}: k {} (want {}), v {} (want {}), v_scales {} (want {n})",
         k.len(),
+        key_len(n, hd),
         v.len(),
         n * hd,
         v_scales.len()
@@ -137,6 +198,10 @@ pub(crate) fn check_block(
     n
 }
 
+/// The online-softmax step for one block of `scores` (turned into value
+/// weights in place): updates the running max and sum of `st` and returns the
+/// factor the accumulated values must be rescaled by, or `None` when every
+/// score so far is -inf (nothing to accumulate).
 pub(crate) fn online_update(
     isa: Isa,
     st: &mut AttnState,

@@ -1,8 +1,9 @@
 //! Grouped-query attention over one block of the int8 KV cache: the `g` query
 //! heads that share a KV head are attended together, so each cached key and
 //! value is widened from int8 to f32 once for the group instead of once per
-//! head, in registers: keys four tokens at a time for every head's scores,
-//! values one token at a time for up to four heads' accumulators. The
+//! head, in registers: keys one dimension of a 16-token tile at a time for up
+//! to four heads' scores, values one token at a time for up to four heads'
+//! accumulators. The
 //! AVX-512 path performs, per head, exactly the f32 operations of
 //! [`crate::attend`] in the same order, so results are bit-identical to
 //! calling it head by head; other ISAs (and head sizes the fast path does not
@@ -60,9 +61,7 @@ pub fn attend_group(
         SCORES.with(|b| {
             let mut buf = b.borrow_mut();
             buf.resize(g * n, 0.0);
-            // SAFETY: AVX-512 was checked above; qs has g rows of hd, k and
-            // v n rows of hd, k_scales n values, buf g rows of n.
-            unsafe { x86::scores(hd, qs, k, k_scales, scale, &mut buf) };
+            crate::attention_simd::scores(isa, qs, hd, k, k_scales, scale, &mut buf);
             let mut heads = [(0usize, 0.0f32); MAX_GROUP];
             let mut live = 0;
             for (j, st) in sts.iter_mut().enumerate() {
@@ -72,7 +71,8 @@ pub fn attend_group(
                     live += 1;
                 }
             }
-            // SAFETY: as above; every head index is below g.
+            // SAFETY: AVX-512 was checked above; v holds n rows of hd, buf g
+            // rows of n; every head index is below g.
             unsafe { x86::accumulate(hd, sts, &heads[..live], &buf, v) };
         });
         return;
@@ -108,107 +108,6 @@ mod x86 {
         std::array::from_fn(|j| unsafe {
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16 * j).cast())))
         })
-    }
-
-    /// q·k of one token as `attention_simd`'s `dot_token` forms it (even
-    /// vectors into one sum, odd into another).
-    ///
-    /// # Safety
-    /// AVX-512F; `q` readable for `16 * NV` f32.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn dot<const NV: usize>(q: *const f32, k: &[__m512; NV]) -> __m512 {
-        // SAFETY: j < NV, inside q.
-        let ld = |j: usize| unsafe { _mm512_loadu_ps(q.add(16 * j)) };
-        let mut a0 = _mm512_setzero_ps();
-        let mut a1 = _mm512_setzero_ps();
-        let mut j = 0;
-        while j + 1 < NV {
-            a0 = _mm512_fmadd_ps(ld(j), k[j], a0);
-            a1 = _mm512_fmadd_ps(ld(j + 1), k[j + 1], a1);
-            j += 2;
-        }
-        if j < NV {
-            a0 = _mm512_fmadd_ps(ld(j), k[j], a0);
-        }
-        _mm512_add_ps(a0, a1)
-    }
-
-    /// `out[j*n + t] = scale * ks[t] * q_j·k[t]` for every head j of `qs`,
-    /// with `attention_simd`'s AVX-512 reductions (4 tokens transposed, then
-    /// singles); each key is widened once for all heads.
-    ///
-    /// # Safety
-    /// AVX-512F/DQ; `hd` is 32, 64, 128 or 256; `qs` holds g rows of hd, `k`
-    /// n rows of hd, `ks` n values and `out` g*n values (n = ks.len()).
-    #[target_feature(enable = "avx512f,avx512dq,avx2")]
-    pub(super) unsafe fn scores(
-        hd: usize,
-        qs: &[f32],
-        k: &[i8],
-        ks: &[f32],
-        scale: f32,
-        out: &mut [f32],
-    ) {
-        // SAFETY: forwarded contract; NV * 16 == hd.
-        unsafe {
-            match hd {
-                32 => scores_nv::<2>(qs, k, ks, scale, out),
-                64 => scores_nv::<4>(qs, k, ks, scale, out),
-                128 => scores_nv::<8>(qs, k, ks, scale, out),
-                _ => scores_nv::<16>(qs, k, ks, scale, out),
-            }
-        }
-    }
-
-    /// [`scores`] for `hd = 16 * NV`.
-    ///
-    /// # Safety
-    /// As for [`scores`].
-    #[target_feature(enable = "avx512f,avx512dq,avx2")]
-    unsafe fn scores_nv<const NV: usize>(
-        qs: &[f32],
-        k: &[i8],
-        ks: &[f32],
-        scale: f32,
-        out: &mut [f32],
-    ) {
-        let hd = 16 * NV;
-        let n = ks.len();
-        let g = qs.len() / hd;
-        let sc = _mm_set1_ps(scale);
-        let h =
-            |v: __m512| _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
-        // SAFETY: token t reads k[t*hd..(t+1)*hd] with t < n; head j reads
-        // qs[j*hd..(j+1)*hd] and writes out[j*n + t] with j < g.
-        unsafe {
-            let mut t = 0;
-            while t + 4 <= n {
-                let kb: [[__m512; NV]; 4] =
-                    std::array::from_fn(|u| widen::<NV>(k.as_ptr().add((t + u) * hd)));
-                let kscale = _mm_loadu_ps(ks.as_ptr().add(t));
-                for j in 0..g {
-                    let q = qs.as_ptr().add(j * hd);
-                    let a: [__m512; 4] = std::array::from_fn(|u| dot::<NV>(q, &kb[u]));
-                    // Transposed reduction: lane u of `r` is the sum of a[u].
-                    let h01 = _mm256_hadd_ps(h(a[0]), h(a[1]));
-                    let h23 = _mm256_hadd_ps(h(a[2]), h(a[3]));
-                    let hh = _mm256_hadd_ps(h01, h23);
-                    let r = _mm_add_ps(_mm256_castps256_ps128(hh), _mm256_extractf128_ps::<1>(hh));
-                    let r = _mm_mul_ps(_mm_mul_ps(r, sc), kscale);
-                    _mm_storeu_ps(out.as_mut_ptr().add(j * n + t), r);
-                }
-                t += 4;
-            }
-            while t < n {
-                let kr = widen::<NV>(k.as_ptr().add(t * hd));
-                for j in 0..g {
-                    let d = _mm512_reduce_add_ps(dot::<NV>(qs.as_ptr().add(j * hd), &kr));
-                    out[j * n + t] = scale * ks[t] * d;
-                }
-                t += 1;
-            }
-        }
     }
 
     /// For each `(j, corr)` of `heads`: `acc_j = acc_j * corr + Σ_t w_j[t] *

@@ -1,34 +1,45 @@
-//! The inner loops of [`crate::attend`] per ISA: int8-key scores and the
-//! rescale-and-accumulate of int8 values. The SIMD versions handle head sizes
-//! that are a multiple of their vector width (8 or 16; every real model) and
-//! fall back to scalar otherwise. Sums are in a different order than the scalar
-//! reference, so results agree to f32 rounding, not bit for bit.
+//! The inner loops of [`crate::attend`] per ISA: int8-key scores over the
+//! key-tile layout, and the rescale-and-accumulate of int8 values. Scores are
+//! bit-identical to the scalar reference on every ISA (each is one chain of
+//! fused multiply-adds over the head dimension, in order); value sums are in
+//! a different order than the scalar reference, so those agree to f32
+//! rounding, not bit for bit.
 
 use crate::Isa;
+use crate::attention::KEY_TILE;
 
-/// `scores[t] = scale * k_scales[t] * Σ_i q[i] * k[t*hd + i]`.
+/// `out[j*n + t] = (Σ_d q_j[d] * k_t[d]) * scale * k_scales[t]` for each of
+/// the `qs.len() / hd` query heads `q_j` (head-major) and the `n =
+/// k_scales.len()` keys `k_t` (tile layout, [`KEY_TILE`]); the sum is a
+/// chain of fused multiply-adds in the order of `d`.
 pub(crate) fn scores(
     isa: Isa,
-    q: &[f32],
+    qs: &[f32],
+    hd: usize,
     k: &[i8],
     k_scales: &[f32],
     scale: f32,
-    scores: &mut [f32],
+    out: &mut [f32],
 ) {
-    let hd = q.len();
-    debug_assert!(k.len() >= scores.len() * hd && k_scales.len() >= scores.len());
+    let n = k_scales.len();
+    assert!(
+        hd > 0
+            && qs.len().is_multiple_of(hd)
+            && out.len() == qs.len() / hd * n
+            && k.len() >= crate::attention::key_len(n, hd),
+        "scores: head_dim {hd}, {} query values, {n} tokens, {} key bytes, {} outputs",
+        qs.len(),
+        k.len(),
+        out.len()
+    );
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512 checked by the caller; lengths checked by `attend`.
-        Isa::Avx512 if hd.is_multiple_of(16) && hd <= 16 * x86::MAX_VECS => unsafe {
-            x86::scores_avx512(q, k, k_scales, scale, scores)
-        },
+        // SAFETY: AVX-512 checked by the caller; lengths checked above.
+        Isa::Avx512 => unsafe { x86::scores_avx512(qs, hd, k, k_scales, scale, out) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2 (or better) checked by the caller; lengths checked by `attend`.
-        Isa::Avx2 | Isa::Avx512 if hd.is_multiple_of(8) => unsafe {
-            x86::scores_avx2(q, k, k_scales, scale, scores)
-        },
-        _ => scores_scalar(q, k, k_scales, scale, scores),
+        // SAFETY: AVX2+FMA checked by the caller; lengths checked above.
+        Isa::Avx2 => unsafe { x86::scores_avx2(qs, hd, k, k_scales, scale, out) },
+        _ => scores_scalar(qs, hd, k, k_scales, scale, out),
     }
 }
 
@@ -75,13 +86,25 @@ pub(crate) fn weights_scalar(scores: &mut [f32], max: f32, v_scales: &[f32]) -> 
     sum
 }
 
-/// Scalar scores.
-pub(crate) fn scores_scalar(q: &[f32], k: &[i8], k_scales: &[f32], scale: f32, scores: &mut [f32]) {
-    let hd = q.len();
-    for (t, s) in scores.iter_mut().enumerate() {
-        let kt = &k[t * hd..(t + 1) * hd];
-        let dot: f32 = q.iter().zip(kt).map(|(&a, &b)| a * b as f32).sum();
-        *s = scale * k_scales[t] * dot;
+/// Scalar [`scores`]: the reference every ISA reproduces bit for bit.
+pub(crate) fn scores_scalar(
+    qs: &[f32],
+    hd: usize,
+    k: &[i8],
+    ks: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let n = ks.len();
+    for (q, o) in qs.chunks_exact(hd).zip(out.chunks_exact_mut(n)) {
+        for (t, s) in o.iter_mut().enumerate() {
+            let base = t / KEY_TILE * KEY_TILE * hd + t % KEY_TILE;
+            let mut dot = 0.0f32;
+            for (d, &qd) in q.iter().enumerate() {
+                dot = qd.mul_add(k[base + d * KEY_TILE] as f32, dot);
+            }
+            *s = dot * scale * ks[t];
+        }
     }
 }
 
@@ -103,121 +126,199 @@ pub(crate) fn accumulate_scalar(acc: &mut [f32], corr: f32, w: &[f32], v: &[i8])
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Most query vectors kept in registers (head_dim <= 256 at 16 lanes).
-    pub(super) const MAX_VECS: usize = 16;
+    use crate::attention::KEY_TILE;
 
-    /// q·k for one token as a 16-lane partial-sum vector.
+    /// Most query heads whose scores share one widening of the keys.
+    const MAX_HEADS: usize = 4;
+
+    /// [`super::scores`] on AVX-512: up to [`MAX_HEADS`] heads at a time,
+    /// each dimension of a tile widened once for all of them.
     ///
     /// # Safety
-    /// `kp` is readable for `16 * nv` bytes; `nv <= MAX_VECS`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    #[inline]
-    unsafe fn dot_token(qv: &[__m512; MAX_VECS], nv: usize, kp: *const i8) -> __m512 {
-        let mut a0 = _mm512_setzero_ps();
-        let mut a1 = _mm512_setzero_ps();
-        let kv = |j: usize| {
-            // SAFETY: j < nv, so the 16 bytes at kp + 16j are readable.
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(unsafe {
-                _mm_loadu_si128(kp.add(16 * j).cast())
-            }))
-        };
-        let mut j = 0;
-        while j + 1 < nv {
-            a0 = _mm512_fmadd_ps(qv[j], kv(j), a0);
-            a1 = _mm512_fmadd_ps(qv[j + 1], kv(j + 1), a1);
-            j += 2;
-        }
-        if j < nv {
-            a0 = _mm512_fmadd_ps(qv[j], kv(j), a0);
-        }
-        _mm512_add_ps(a0, a1)
-    }
-
-    /// # Safety
-    /// AVX-512F/BW/VL; `q.len() % 16 == 0`, `<= 256`; `k` holds `scores.len()` rows.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+    /// AVX-512F; lengths as checked by [`super::scores`].
+    #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn scores_avx512(
-        q: &[f32],
+        qs: &[f32],
+        hd: usize,
         k: &[i8],
         ks: &[f32],
         scale: f32,
-        scores: &mut [f32],
+        out: &mut [f32],
     ) {
-        let hd = q.len();
-        let nv = hd / 16;
-        let n = scores.len();
-        // SAFETY: q has nv*16 floats; token t reads k[t*hd..(t+1)*hd]; four
-        // tokens t..t+4 < n are handled per step, then single tokens.
-        unsafe {
-            let qv: [__m512; MAX_VECS] = std::array::from_fn(|j| {
-                if j < nv {
-                    _mm512_loadu_ps(q.as_ptr().add(16 * j))
-                } else {
-                    _mm512_setzero_ps()
+        let g = qs.len() / hd;
+        let mut j = 0;
+        while j < g {
+            let h = (g - j).min(MAX_HEADS);
+            // SAFETY: heads j..j+h exist in qs and out (forwarded contract).
+            unsafe {
+                let (q, o) = (qs.as_ptr().add(j * hd), out.as_mut_ptr().add(j * ks.len()));
+                // With one head, four tiles keep four FMA chains in flight.
+                match h {
+                    1 => heads_avx512::<1, 4>(q, hd, k, ks, scale, o),
+                    2 => heads_avx512::<2, 2>(q, hd, k, ks, scale, o),
+                    3 => heads_avx512::<3, 2>(q, hd, k, ks, scale, o),
+                    _ => heads_avx512::<4, 2>(q, hd, k, ks, scale, o),
                 }
-            });
-            let sc = _mm_set1_ps(scale);
-            let mut t = 0;
-            while t + 4 <= n {
-                let a: [__m512; 4] =
-                    std::array::from_fn(|u| dot_token(&qv, nv, k.as_ptr().add((t + u) * hd)));
-                // Transposed reduction: lane u of `r` is the sum of a[u].
-                let h = |v: __m512| {
-                    _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v))
-                };
-                let h01 = _mm256_hadd_ps(h(a[0]), h(a[1]));
-                let h23 = _mm256_hadd_ps(h(a[2]), h(a[3]));
-                let hh = _mm256_hadd_ps(h01, h23);
-                let r = _mm_add_ps(_mm256_castps256_ps128(hh), _mm256_extractf128_ps::<1>(hh));
-                let r = _mm_mul_ps(_mm_mul_ps(r, sc), _mm_loadu_ps(ks.as_ptr().add(t)));
-                _mm_storeu_ps(scores.as_mut_ptr().add(t), r);
-                t += 4;
             }
-            while t < n {
-                let d = _mm512_reduce_add_ps(dot_token(&qv, nv, k.as_ptr().add(t * hd)));
-                scores[t] = scale * ks[t] * d;
-                t += 1;
+            j += h;
+        }
+    }
+
+    /// The scores of `H` heads (`q`: H rows of hd; `out`: H rows of n),
+    /// `T` tiles at a time, then single tiles.
+    ///
+    /// # Safety
+    /// AVX-512F; `q`, `out` and the key tiles as above.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn heads_avx512<const H: usize, const T: usize>(
+        q: *const f32,
+        hd: usize,
+        k: &[i8],
+        ks: &[f32],
+        scale: f32,
+        out: *mut f32,
+    ) {
+        let tiles = ks.len().div_ceil(KEY_TILE);
+        let mut i = 0;
+        // SAFETY: tiles i..i+T exist (i + T <= tiles); forwarded contract.
+        unsafe {
+            while i + T <= tiles {
+                tiles_avx512::<H, T>(q, hd, k, ks, scale, out, i);
+                i += T;
+            }
+            while i < tiles {
+                tiles_avx512::<H, 1>(q, hd, k, ks, scale, out, i);
+                i += 1;
             }
         }
     }
 
+    /// Tiles `i..i+T` for `H` heads: one `vpmovsxbd` + `vcvtdq2ps` per
+    /// dimension and tile, one FMA per dimension, tile and head, each lane a
+    /// token's chain. Lanes past the last token are computed and not stored.
+    ///
     /// # Safety
-    /// AVX2+FMA; `q.len() % 8 == 0`; `k` holds `scores.len()` rows.
+    /// AVX-512F; tiles `i..i+T` lie inside `k`; `q` holds H rows of hd and
+    /// `out` H rows of `ks.len()`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tiles_avx512<const H: usize, const T: usize>(
+        q: *const f32,
+        hd: usize,
+        k: &[i8],
+        ks: &[f32],
+        scale: f32,
+        out: *mut f32,
+        i: usize,
+    ) {
+        let n = ks.len();
+        let mut acc = [[_mm512_setzero_ps(); T]; H];
+        // SAFETY: byte d*16 of tile i+u is inside k (whole tiles, d < hd);
+        // q rows hold hd values; stores are masked to the tokens below n.
+        unsafe {
+            let kt = k.as_ptr().add(i * KEY_TILE * hd);
+            for d in 0..hd {
+                let kv: [__m512; T] = std::array::from_fn(|u| {
+                    let p = kt.add(u * KEY_TILE * hd + d * KEY_TILE);
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast())))
+                });
+                for (h, acc_h) in acc.iter_mut().enumerate() {
+                    let qd = _mm512_set1_ps(*q.add(h * hd + d));
+                    for u in 0..T {
+                        acc_h[u] = _mm512_fmadd_ps(qd, kv[u], acc_h[u]);
+                    }
+                }
+            }
+            let sc = _mm512_set1_ps(scale);
+            for u in 0..T {
+                let t0 = (i + u) * KEY_TILE;
+                let m = if n - t0 >= 16 {
+                    0xffff
+                } else {
+                    ((1u32 << (n - t0)) - 1) as __mmask16
+                };
+                let kscale = _mm512_maskz_loadu_ps(m, ks.as_ptr().add(t0));
+                for (h, acc_h) in acc.iter().enumerate() {
+                    let r = _mm512_mul_ps(_mm512_mul_ps(acc_h[u], sc), kscale);
+                    _mm512_mask_storeu_ps(out.add(h * n + t0), m, r);
+                }
+            }
+        }
+    }
+
+    /// [`super::scores`] on AVX2: head by head, two tiles (four FMA chains
+    /// of 8 lanes) at a time.
+    ///
+    /// # Safety
+    /// AVX2+FMA; lengths as checked by [`super::scores`].
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scores_avx2(
+        qs: &[f32],
+        hd: usize,
+        k: &[i8],
+        ks: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let n = ks.len();
+        let tiles = n.div_ceil(KEY_TILE);
+        for (q, o) in qs.chunks_exact(hd).zip(out.chunks_exact_mut(n)) {
+            let mut i = 0;
+            // SAFETY: tiles i..i+T exist; forwarded contract.
+            unsafe {
+                while i + 2 <= tiles {
+                    tiles_avx2::<2>(q, k, ks, scale, o, i);
+                    i += 2;
+                }
+                if i < tiles {
+                    tiles_avx2::<1>(q, k, ks, scale, o, i);
+                }
+            }
+        }
+    }
+
+    /// Tiles `i..i+T` of one head on AVX2 (two 8-lane halves per tile).
+    ///
+    /// # Safety
+    /// AVX2+FMA; tiles `i..i+T` lie inside `k`; `o` holds `ks.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tiles_avx2<const T: usize>(
         q: &[f32],
         k: &[i8],
         ks: &[f32],
         scale: f32,
-        scores: &mut [f32],
+        o: &mut [f32],
+        i: usize,
     ) {
-        let hd = q.len();
-        let nv = hd / 8;
-        // SAFETY: q has nv*8 floats; token t reads k[t*hd..(t+1)*hd].
+        let (hd, n) = (q.len(), ks.len());
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        // SAFETY: the 16 bytes at d*16 of tile i+u are inside k (whole tiles).
         unsafe {
-            for (t, s) in scores.iter_mut().enumerate() {
-                let kp = k.as_ptr().add(t * hd);
-                let mut a0 = _mm256_setzero_ps();
-                let mut a1 = _mm256_setzero_ps();
-                let mut j = 0;
-                while j + 1 < nv {
-                    let k0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                        kp.add(8 * j).cast(),
-                    )));
-                    let k1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                        kp.add(8 * j + 8).cast(),
-                    )));
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(8 * j)), k0, a0);
-                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(8 * j + 8)), k1, a1);
-                    j += 2;
+            let kt = k.as_ptr().add(i * KEY_TILE * hd);
+            for (d, &qv) in q.iter().enumerate() {
+                let qd = _mm256_set1_ps(qv);
+                for (u, acc_u) in acc.iter_mut().enumerate() {
+                    let p = kt.add(u * KEY_TILE * hd + d * KEY_TILE);
+                    for (half, a) in acc_u.iter_mut().enumerate() {
+                        let kv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                            p.add(8 * half).cast(),
+                        )));
+                        *a = _mm256_fmadd_ps(qd, kv, *a);
+                    }
                 }
-                if j < nv {
-                    let k0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                        kp.add(8 * j).cast(),
-                    )));
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(8 * j)), k0, a0);
-                }
-                *s = scale * ks[t] * crate::elementwise::avx2::hsum(_mm256_add_ps(a0, a1));
+            }
+        }
+        for (u, acc_u) in acc.iter().enumerate() {
+            let t0 = (i + u) * KEY_TILE;
+            let mut dots = [0.0f32; 16];
+            // SAFETY: dots holds 16 values.
+            unsafe {
+                _mm256_storeu_ps(dots.as_mut_ptr(), acc_u[0]);
+                _mm256_storeu_ps(dots.as_mut_ptr().add(8), acc_u[1]);
+            }
+            for (x, &dot) in dots.iter().enumerate().take(n - t0) {
+                o[t0 + x] = dot * scale * ks[t0 + x];
             }
         }
     }
@@ -352,6 +453,47 @@ mod x86 {
                     _mm256_storeu_ps(ap.add(8 * j), a[j]);
                 }
                 base += 8 * nv;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::tile_keys;
+
+    /// Every ISA's scores carry the scalar reference's bits, for head sizes
+    /// on and off the vector widths, one to six heads (register chunks of
+    /// heads and the one-head path), and token counts that end on, before
+    /// and after a tile boundary.
+    #[test]
+    fn scores_equal_scalar_bits_on_every_isa() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for hd in [8, 12, 64, 80, 128] {
+            for g in 1..=6 {
+                for n in [1, 15, 16, 17, 31, 32, 33, 48, 63, 64, 100] {
+                    let qs: Vec<f32> = (0..g * hd)
+                        .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+                        .collect();
+                    let raw: Vec<i8> = (0..n * hd).map(|_| next() as i8).collect();
+                    let k = tile_keys(&raw, hd);
+                    let ks: Vec<f32> = (0..n).map(|_| (next() % 100 + 1) as f32 / 3000.0).collect();
+                    let mut want = vec![0.0; g * n];
+                    scores_scalar(&qs, hd, &k, &ks, 0.125, &mut want);
+                    for isa in Isa::all_available() {
+                        let mut got = vec![f32::NAN; g * n];
+                        scores(isa, &qs, hd, &k, &ks, 0.125, &mut got);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&got), bits(&want), "{isa} hd {hd} g {g} n {n}");
+                    }
+                }
             }
         }
     }

@@ -39,7 +39,10 @@ mod storage;
 /// Columns per quantization group (weights and activations).
 pub const GROUP: usize = 32;
 
-pub use attention::{AttnState, attend, attend_finish, quantize_kv, quantize_kv_with};
+pub use attention::{
+    AttnState, KEY_TILE, attend, attend_finish, key_len, quantize_kv, quantize_kv_with, store_key,
+    tile_keys,
+};
 pub use attention_group::attend_group;
 pub use elementwise::{add_scaled, rmsnorm, softmax, swiglu};
 pub use error::KernelError;

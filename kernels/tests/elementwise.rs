@@ -6,8 +6,8 @@
 mod common;
 
 use cardinal_kernels::{
-    AttnState, Isa, Rope, add_scaled, attend, attend_finish, attend_group, hadamard32, quantize_kv,
-    quantize_kv_with, rmsnorm, softmax, swiglu,
+    AttnState, Isa, KEY_TILE, Rope, add_scaled, attend, attend_finish, attend_group, hadamard32,
+    key_len, quantize_kv, quantize_kv_with, rmsnorm, softmax, store_key, swiglu, tile_keys,
 };
 use common::Rng;
 
@@ -293,6 +293,45 @@ fn quantize_kv_rounds_half_to_even() {
     }
 }
 
+/// `store_key` writes what `quantize_kv` gives, at the slots `tile_keys`
+/// puts it, on every ISA, for head sizes on and off the vector widths; the
+/// tile layout is byte `d * 16 + u` of tile `t / 16` for element `d` of
+/// token `t = 16 * tile + u`.
+#[test]
+fn store_key_writes_the_tile_layout() {
+    let mut rng = Rng::new(5);
+    for hd in [64, 80, 12, 320] {
+        let n = 37;
+        let xs: Vec<Vec<f32>> = (0..n).map(|_| rng.vec_normal(hd, 1.5)).collect();
+        let mut rows = vec![0i8; n * hd];
+        let scales: Vec<f32> = xs
+            .iter()
+            .enumerate()
+            .map(|(t, x)| quantize_kv(x, &mut rows[t * hd..(t + 1) * hd]))
+            .collect();
+        let want = tile_keys(&rows, hd);
+        assert_eq!(want.len(), key_len(n, hd));
+        assert_eq!(want.len(), 48 * hd);
+        for t in 0..n {
+            for d in 0..hd {
+                let at = t / KEY_TILE * KEY_TILE * hd + d * KEY_TILE + t % KEY_TILE;
+                assert_eq!(want[at], rows[t * hd + d]);
+            }
+        }
+        for isa in Isa::all_available() {
+            let mut got = vec![0i8; key_len(n, hd)];
+            for (t, x) in xs.iter().enumerate() {
+                assert_eq!(
+                    store_key(isa, x, &mut got, t),
+                    scales[t],
+                    "{isa} hd {hd} t {t}"
+                );
+            }
+            assert_eq!(got, want, "{isa} hd {hd}");
+        }
+    }
+}
+
 /// A random int8 cache of `n` tokens.
 fn cache(rng: &mut Rng, n: usize, hd: usize) -> (Vec<i8>, Vec<f32>) {
     let mut k = vec![0i8; n * hd];
@@ -344,7 +383,7 @@ fn attention_over_blocks_matches_f64_softmax() {
                         attend(
                             isa,
                             &q,
-                            &k[t0 * hd..t1 * hd],
+                            &tile_keys(&k[t0 * hd..t1 * hd], hd),
                             &ks[t0..t1],
                             &v[t0 * hd..t1 * hd],
                             &vs[t0..t1],
@@ -375,7 +414,7 @@ fn attention_over_blocks_matches_f64_softmax() {
 
 /// `attend_group` over the query heads of one KV head equals `attend` called
 /// head by head, bit for bit, on every ISA: over several blocks, with token
-/// counts that hit the 4-token and single-token paths, group sizes 1 to 8
+/// counts that hit whole and partial key tiles, group sizes 1 to 8
 /// (several register chunks of heads) and head sizes on and off the AVX-512
 /// fast path.
 #[test]
@@ -394,7 +433,8 @@ fn grouped_attention_equals_per_head_attention() {
                     let mut single: Vec<AttnState> = (0..g).map(|_| AttnState::new(hd)).collect();
                     let mut t0 = 0;
                     for &len in blocks.iter().filter(|&&l| l > 0) {
-                        let (kb, kbs) = (&k[t0 * hd..(t0 + len) * hd], &ks[t0..t0 + len]);
+                        let kb = &tile_keys(&k[t0 * hd..(t0 + len) * hd], hd);
+                        let kbs = &ks[t0..t0 + len];
                         let (vb, vbs) = (&v[t0 * hd..(t0 + len) * hd], &vs[t0..t0 + len]);
                         attend_group(isa, &qs, kb, kbs, vb, vbs, scale, &mut grouped);
                         for (j, st) in single.iter_mut().enumerate() {

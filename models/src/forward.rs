@@ -410,7 +410,7 @@ fn attention(
                     k::attend_group(
                         isa,
                         qs,
-                        &block.k[base..base + len * hdim],
+                        &block.k[base..base + k::key_len(len, hdim)],
                         &block.k_scale[sb..sb + len],
                         &block.v[base..base + len * hdim],
                         &block.v_scale[sb..sb + len],

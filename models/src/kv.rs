@@ -11,8 +11,9 @@ use cardinal_kernels::Isa;
 
 use crate::config::ModelConfig;
 
-/// Tokens per cache block.
+/// Tokens per cache block: a whole number of the kernels' key tiles.
 pub const KV_BLOCK: usize = 64;
+const _: () = assert!(KV_BLOCK.is_multiple_of(cardinal_kernels::KEY_TILE));
 
 /// The cache budget was exhausted.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -84,8 +85,10 @@ impl KvBudget {
     }
 }
 
-/// One block of one layer: `[kv_head][KV_BLOCK][head_dim]` int8 values for
-/// K and V, and `[kv_head][KV_BLOCK]` scales.
+/// One block of one layer: per KV head, `KV_BLOCK` keys in the kernels'
+/// key-tile layout (`KV_BLOCK * head_dim` int8, dimension-major within tiles
+/// of 16 tokens, see `cardinal_kernels::KEY_TILE`) and `[KV_BLOCK][head_dim]`
+/// int8 values; `[kv_head][KV_BLOCK]` scales for each.
 #[derive(Debug)]
 pub struct KvBlock {
     pub k: Vec<i8>,
@@ -189,10 +192,13 @@ impl SeqKv {
         for h in 0..s.n_kv_heads {
             let src = h * s.head_dim..(h + 1) * s.head_dim;
             let dst = (h * KV_BLOCK + t) * s.head_dim;
-            block.k_scale[h * KV_BLOCK + t] = cardinal_kernels::quantize_kv_with(
+            // A head's keys in a block are KV_BLOCK tokens in the kernels'
+            // key-tile layout (KV_BLOCK is a whole number of tiles).
+            block.k_scale[h * KV_BLOCK + t] = cardinal_kernels::store_key(
                 isa,
                 &k[src.clone()],
-                &mut block.k[dst..dst + s.head_dim],
+                &mut block.k[h_range(h, s.head_dim)],
+                t,
             );
             block.v_scale[h * KV_BLOCK + t] = cardinal_kernels::quantize_kv_with(
                 isa,
@@ -200,6 +206,23 @@ impl SeqKv {
                 &mut block.v[dst..dst + s.head_dim],
             );
         }
+    }
+
+    /// The cached key and value of KV head `head` at `pos` in local layer
+    /// `layer`, as int8 values (token order, whatever the storage layout)
+    /// and their scales: `(k, k_scale, v, v_scale)`.
+    pub fn read(&self, layer: usize, pos: usize, head: usize) -> (Vec<i8>, f32, Vec<i8>, f32) {
+        let (s, t) = (self.shape, pos % KV_BLOCK);
+        let block = &self.layers[layer][pos / KV_BLOCK];
+        let tile = cardinal_kernels::KEY_TILE;
+        let keys = h_range(head, s.head_dim);
+        let k = (0..s.head_dim)
+            .map(|d| block.k[keys.start + t / tile * tile * s.head_dim + d * tile + t % tile])
+            .collect();
+        let row = keys.start + t * s.head_dim;
+        let v = block.v[row..row + s.head_dim].to_vec();
+        let at = head * KV_BLOCK + t;
+        (k, block.k_scale[at], v, block.v_scale[at])
     }
 
     /// The blocks of local layer `layer`.
@@ -217,4 +240,9 @@ impl Drop for SeqKv {
     fn drop(&mut self) {
         self.budget.release(self.charged);
     }
+}
+
+/// The bytes of KV head `h`'s keys (or values) in a block.
+fn h_range(h: usize, head_dim: usize) -> std::ops::Range<usize> {
+    h * KV_BLOCK * head_dim..(h + 1) * KV_BLOCK * head_dim
 }
