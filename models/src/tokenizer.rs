@@ -442,6 +442,15 @@ impl Tokenizer {
         &self.inner.parse
     }
 
+    /// The raw bytes token `id` stands for (for a byte-level tokenizer, a
+    /// token may hold only part of a UTF-8 character, as in emoji and CJK
+    /// text; logprobs report these bytes). Empty for an unknown id.
+    pub fn token_raw_bytes(&self, id: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.token_bytes(id, &mut out);
+        out
+    }
+
     /// The raw bytes `id` stands for, for byte-level tokenizers (the same
     /// mapping as the byte-level decoder: a token whose characters are not all
     /// byte-level symbols counts as its UTF-8 text).

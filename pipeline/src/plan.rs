@@ -135,7 +135,20 @@ pub enum PlanError {
     TooManyCards { given: usize, max: usize },
     #[error("invalid plan request: {0}")]
     Invalid(String),
+    #[error(
+        "{users} users at context {ctx} need at least {needed} cards, more than the planner's limit of {MAX_CARDS}"
+    )]
+    TooLarge {
+        needed: u128,
+        users: usize,
+        ctx: usize,
+    },
 }
+
+/// Most cards a plan may use (the paper's largest instance is 96): a bound
+/// that keeps an absurd `users × ctx` an error instead of a table of
+/// millions of cards.
+pub const MAX_CARDS: usize = 65_536;
 
 /// One card of a plan.
 #[derive(Clone, Debug, Serialize)]
@@ -235,6 +248,23 @@ pub fn plan(
     if users == 0 || ctx == 0 {
         return Err(PlanError::Invalid(format!(
             "users ({users}) and ctx ({ctx}) must be at least 1"
+        )));
+    }
+    // A lower bound on the cards needed, in exact arithmetic, before any
+    // sharding allocates per card.
+    let total: u128 = parts
+        .iter()
+        .map(|p| {
+            p.weight_bytes as u128 + p.kv_bytes_per_token as u128 * users as u128 * ctx as u128
+        })
+        .sum();
+    let needed = total.div_ceil(u128::from(spec.memory_bytes.max(1)));
+    if needed > MAX_CARDS as u128 {
+        return Err(PlanError::TooLarge { needed, users, ctx });
+    }
+    if let Some(n) = cards.filter(|&n| n > MAX_CARDS) {
+        return Err(PlanError::Invalid(format!(
+            "--cards {n} is more than the planner's limit of {MAX_CARDS}"
         )));
     }
     let budget = spec.memory_bytes;

@@ -315,6 +315,32 @@ fn planner_invariants() {
     assert_eq!(g3.cards, 16);
 }
 
+/// An absurd `users × ctx` is refused from arithmetic alone, at once and
+/// without allocating per card (it once grew to 23 GB before the kernel
+/// killed it), and so is an absurd `--cards`.
+#[test]
+fn planner_refuses_absurd_sizes() {
+    let spec = CardSpec::default();
+    let cfg = cardinal_models::synthetic::config("granite-3b").unwrap();
+    let parts = plan::parts_of_config(&cfg);
+    match plan::plan(&parts, &spec, 1_000_000, 100_000_000, None) {
+        Err(e @ PlanError::TooLarge { needed, .. }) => {
+            assert!(needed > plan::MAX_CARDS as u128);
+            assert!(e.to_string().contains("65536"), "{e}");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    let err = plan::plan(&parts, &spec, 1, 2048, Some(10_000_000)).unwrap_err();
+    assert!(err.to_string().contains("10000000"), "{err}");
+    // Just under the limit still plans.
+    let p = plan::plan(&parts, &spec, 1000, 100_000, None).unwrap();
+    assert!(
+        p.cards > 10_000 && p.cards <= plan::MAX_CARDS,
+        "{}",
+        p.cards
+    );
+}
+
 #[test]
 fn perplexity_within_two_percent_of_llama_cpp() {
     let m = smollm2();

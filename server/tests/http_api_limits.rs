@@ -128,9 +128,12 @@ async fn bad_input_is_rejected_with_the_field_named() {
     ] {
         let mut b = json!({"messages": m, "logprobs": true});
         b[field] = value.clone();
-        post_json(&a.router, chat, b)
+        let e = post_json(&a.router, chat, b)
             .await
             .assert_error(400, Some(field));
+        // The limit named is a real one, not the integer type's.
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(!msg.contains("9223372036854775807"), "{msg}");
     }
     // A prompt over the context (256 tokens), and prompt + max_tokens over it.
     let long: Vec<u32> = (0..300).map(|i| 10 + i % 400).collect();
@@ -549,6 +552,8 @@ async fn while_loading_only_health_and_metrics_answer() {
     assert_eq!(call(&r, get("/health")).await.status, 200);
     assert_eq!(call(&r, get("/metrics")).await.status, 200);
     call(&r, get("/ready")).await.assert_error(503, None);
+    call(&r, get("/v1/models")).await.assert_error(503, None);
+    call(&r, get("/v1/models/m")).await.assert_error(503, None);
     let reply = post_json(&r, "/v1/chat/completions", json!({"messages": user("hi")})).await;
     reply.assert_error(503, None);
     assert_eq!(reply.headers["retry-after"], "1");
@@ -562,6 +567,8 @@ async fn while_loading_only_health_and_metrics_answer() {
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
+    let models = call(&r, get("/v1/models")).await.json();
+    assert_eq!(models["data"][0]["max_model_len"], 256);
 }
 
 #[tokio::test]

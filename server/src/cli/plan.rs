@@ -52,12 +52,22 @@ pub fn run(a: PlanArgs) -> Result<ExitCode> {
         spec.memory_bytes = m.saturating_mul(1 << 20);
     }
     spec.validate()?;
-    let parts = match ModelSource::parse(&a.model)? {
-        ModelSource::Synthetic(name) => plan::parts_of_config(&synthetic::config(&name)?),
-        source => plan::parts_of_model(
-            &cardinal_models::load(&source, &LoadOptions::default(), &mut log_stderr)?.model,
-        ),
+    let (parts, ctx_len) = match ModelSource::parse(&a.model)? {
+        ModelSource::Synthetic(name) => {
+            let cfg = synthetic::config(&name)?;
+            (plan::parts_of_config(&cfg), cfg.ctx_len)
+        }
+        source => {
+            let m = cardinal_models::load(&source, &LoadOptions::default(), &mut log_stderr)?.model;
+            (plan::parts_of_model(&m), m.cfg.ctx_len)
+        }
     };
+    anyhow::ensure!(
+        a.ctx <= ctx_len,
+        "--ctx {} is longer than {}'s context length of {ctx_len} tokens",
+        a.ctx,
+        a.model
+    );
     let p = match plan::plan(&parts, &spec, a.users, a.ctx, a.cards) {
         Ok(p) => p,
         Err(e @ PlanError::TooFewCards { .. }) => {
@@ -71,8 +81,14 @@ pub fn run(a: PlanArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{} on {} cards ({} servers), {} users x {} tokens, micro-batch {}",
-        a.model, p.cards, p.servers, p.users, p.ctx, p.micro_batch
+        "{} on {} cards ({} server{}), {} users x {} tokens, micro-batch {}",
+        a.model,
+        p.cards,
+        p.servers,
+        if p.servers == 1 { "" } else { "s" },
+        p.users,
+        p.ctx,
+        p.micro_batch
     );
     println!(
         "{:>5}  {:<28} {:>10} {:>10} {:>10} {:>12}",

@@ -165,14 +165,12 @@ impl ApiError {
         e
     }
 
-    /// 429 with Retry-After.
-    pub fn queue_full(waiting: usize) -> Self {
+    /// 429 with Retry-After; `why` says which limit was reached.
+    pub fn queue_full(why: impl std::fmt::Display) -> Self {
         let mut e = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
-            format!(
-                "the server is at capacity ({waiting} requests waiting); retry after {RETRY_AFTER_SECONDS} s"
-            ),
+            format!("the server is at capacity: {why}; retry after {RETRY_AFTER_SECONDS} s"),
         );
         e.code = Some("rate_limit_exceeded");
         e.rejected = Some("queue_full");
@@ -268,7 +266,9 @@ impl ApiError {
     /// Maps an engine refusal; `param` is the prompt field of the request.
     pub fn from_submit(e: SubmitError, param: &str) -> Self {
         match e {
-            SubmitError::QueueFull(n) => Self::queue_full(n),
+            SubmitError::QueueFull(n) => {
+                Self::queue_full(format_args!("{n} requests are waiting, the --max-queue limit"))
+            }
             SubmitError::Invalid(m) => Self::invalid(param, m),
             SubmitError::TooLong {
                 prompt,

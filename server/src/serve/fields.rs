@@ -94,9 +94,15 @@ impl<'a> Fields<'a> {
             }
         };
         if n < lo || n > hi {
+            // An open-ended range names only the bound that matters.
+            let range = match (lo, hi) {
+                (_, i64::MAX) => format!("at least {lo}"),
+                (i64::MIN, _) => format!("at most {hi}"),
+                _ => format!("between {lo} and {hi}"),
+            };
             return Err(ApiError::invalid(
                 p.clone(),
-                format!("`{p}` is {}; it must be between {lo} and {hi}", show_int(n)),
+                format!("`{p}` is {}; it must be {range}", show_int(n)),
             ));
         }
         Ok(Some(n))

@@ -92,8 +92,10 @@ async fn handle(s: AppState, endpoint: Endpoint, req: Request) -> Result<Respons
         ));
     }
     let prompts = prompt_ids(sv, &g).await?;
-    let seqs = submit(&s, sv, &g, &prompts)?;
+    // Preparing ends before the engine counts the request as waiting, so it
+    // is never counted twice (see `Shared::admit`).
     drop(preparing);
+    let seqs = submit(&s, sv, &g, &prompts)?;
     let inflight = s.inner.inflight_guard();
     let tok = sv.loaded.tokenizer.clone();
     let cfg = DriverConfig {

@@ -326,24 +326,35 @@ impl AppState {
 impl Shared {
     /// Counts a generation request in flight until the guard drops.
     /// Load shedding at arrival: counts the request as preparing and returns
-    /// its guard, or the number of requests waiting when the engine's queue
-    /// is full or would be once every request already preparing is
-    /// submitted (running + waiting + preparing reaching `max_num_seqs +
-    /// max_queue`). Without the second condition a burst of N requests all
-    /// pass while the queue is still empty, and N − capacity of them are
-    /// refused only after rendering and tokenizing, behind the others.
+    /// its guard, or why it is refused: the engine's queue is full, or would
+    /// be once every request already preparing is submitted (running +
+    /// waiting + preparing reaching `max_num_seqs + max_queue`). Without the
+    /// second condition a burst of N requests all pass while the queue is
+    /// still empty, and N − capacity of them are refused only after
+    /// rendering and tokenizing, behind the others. The guard must be
+    /// dropped *before* the request is submitted: counted both as preparing
+    /// and as waiting or running, it would refuse others spuriously.
     pub(crate) fn admit(
         self: &Arc<Self>,
         stats: &cardinal_pipeline::engine::EngineStats,
         max_num_seqs: usize,
         max_queue: usize,
-    ) -> Result<PreparingGuard, usize> {
+    ) -> Result<PreparingGuard, String> {
         let preparing = self.preparing.fetch_add(1, Ordering::AcqRel);
         let guard = PreparingGuard(self.clone());
         let waiting = stats.waiting.load(Ordering::Acquire);
         let running = stats.running.load(Ordering::Acquire);
-        if waiting >= max_queue || running + waiting + preparing >= max_num_seqs + max_queue {
-            return Err(waiting);
+        if waiting >= max_queue {
+            return Err(format!(
+                "{waiting} requests are waiting, the --max-queue limit"
+            ));
+        }
+        let limit = max_num_seqs + max_queue;
+        if running + waiting + preparing >= limit {
+            return Err(format!(
+                "{running} running, {waiting} waiting and {preparing} being read or tokenized \
+                 fill --max-num-seqs + --max-queue = {limit}"
+            ));
         }
         Ok(guard)
     }

@@ -124,20 +124,42 @@ pub fn usage(u: &Usage, energy_source: &str) -> Value {
     })
 }
 
-/// Text of one token, for logprobs (a model without a tokenizer shows each
-/// token as its id and a space, as in its generated text).
-pub fn token_text(tok: Option<&Tokenizer>, id: u32) -> String {
-    match tok {
-        Some(t) => t.decode(&[id], false).unwrap_or_default(),
-        None => format!("{id} "),
+/// Text and bytes of one token, for logprobs. A token that is whole UTF-8
+/// text shows as that text. One that holds only part of a character (emoji
+/// and CJK text split by a byte-level BPE) shows, as OpenAI's API does, as
+/// `bytes:\xf0\x9f`, so distinct tokens never share a name; its `bytes`
+/// are the raw ones, from which a client rebuilds the character. A model
+/// without a tokenizer shows each token as its id and a space, as in its
+/// generated text.
+pub fn token_piece(tok: Option<&Tokenizer>, id: u32) -> (String, Vec<u8>) {
+    let Some(t) = tok else {
+        let s = format!("{id} ");
+        let b = s.clone().into_bytes();
+        return (s, b);
+    };
+    let text = t.decode(&[id], false).unwrap_or_default();
+    if !text.contains('\u{FFFD}') {
+        let b = text.clone().into_bytes();
+        return (text, b);
+    }
+    let raw = t.token_raw_bytes(id);
+    match String::from_utf8(raw.clone()) {
+        Ok(s) => (s, raw),
+        Err(_) => {
+            let name = raw.iter().fold(String::from("bytes:"), |mut n, b| {
+                n.push_str(&format!("\\x{b:02x}"));
+                n
+            });
+            (name, raw)
+        }
     }
 }
 
 /// Chat logprobs: `{"content":[{token, logprob, bytes, top_logprobs}]}`.
 pub fn chat_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprob]) -> Value {
     let entry = |id: u32, lp: f32| {
-        let t = token_text(tok, id);
-        json!({ "token": t, "logprob": finite(lp), "bytes": t.as_bytes() })
+        let (t, b) = token_piece(tok, id);
+        json!({ "token": t, "logprob": finite(lp), "bytes": b })
     };
     let content: Vec<Value> = lps
         .iter()
@@ -151,21 +173,26 @@ pub fn chat_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprob]) -> Value {
 }
 
 /// Completions logprobs: parallel `tokens`, `token_logprobs`,
-/// `top_logprobs` and `text_offset` lists; `offset` is where the first
-/// token's text starts in the choice's text (advanced past these tokens).
+/// `top_logprobs` and `text_offset` lists. `text_offset` counts characters
+/// of the choice's text, as vLLM's (Python) offsets do: a token starts at
+/// the number of characters begun before its first byte, less one when that
+/// byte continues a character (a token holding the tail of an emoji points
+/// at the emoji). `chars` carries that count from chunk to chunk.
 pub fn completion_logprobs(
     tok: Option<&Tokenizer>,
     lps: &[TokenLogprob],
-    offset: &mut usize,
+    chars: &mut usize,
 ) -> Value {
     let (mut tokens, mut logprobs, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    let continues = |b: u8| b & 0xC0 == 0x80;
     for l in lps {
-        let t = token_text(tok, l.id);
-        offsets.push(*offset);
-        *offset += t.len();
+        let (t, bytes) = token_piece(tok, l.id);
+        let mid_char = bytes.first().is_some_and(|&b| continues(b));
+        offsets.push(chars.saturating_sub(usize::from(mid_char)));
+        *chars += bytes.iter().filter(|&&b| !continues(b)).count();
         let mut top = Map::new();
         for &(id, lp) in &l.top {
-            top.insert(token_text(tok, id), finite(lp));
+            top.insert(token_piece(tok, id).0, finite(lp));
         }
         top.entry(t.clone()).or_insert_with(|| finite(l.logprob));
         tokens.push(json!(t));
@@ -321,10 +348,82 @@ mod tests {
                 top: vec![(3, -1.0)],
             },
         ];
-        let mut off = 0;
-        let v = completion_logprobs(None, &lps, &mut off);
+        let mut chars = 0;
+        let v = completion_logprobs(None, &lps, &mut chars);
         assert_eq!(v["text_offset"], json!([0, 2]));
-        assert_eq!(off, 5);
+        assert_eq!(chars, 5);
         assert_eq!(v["tokens"], json!(["1 ", "22 "]));
+    }
+
+    /// Tokens holding parts of one character (the tiny Granite tokenizer
+    /// splits an emoji into its bytes) get distinct `bytes:` names and
+    /// their raw bytes, top logprobs keep one entry per token, and text
+    /// offsets count characters, a character's tail pointing at its start.
+    #[test]
+    fn partial_character_tokens() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../models/tests/fixtures/tiny-granite"
+        );
+        let tok = Tokenizer::from_hf_dir(std::path::Path::new(dir)).unwrap();
+        let ids = tok.encode("a🐧b", false).unwrap();
+        let pieces: Vec<(String, Vec<u8>)> =
+            ids.iter().map(|&id| token_piece(Some(&tok), id)).collect();
+        let bytes: Vec<u8> = pieces.iter().flat_map(|p| p.1.clone()).collect();
+        assert_eq!(bytes, "a🐧b".as_bytes());
+        let partial: Vec<&String> = pieces
+            .iter()
+            .map(|p| &p.0)
+            .filter(|n| n.starts_with("bytes:"))
+            .collect();
+        assert!(partial.len() >= 2, "{pieces:?}");
+        assert!(
+            partial
+                .iter()
+                .any(|n| n.as_str() == "bytes:\\xf0" || n.starts_with("bytes:\\xf0\\x")),
+            "{partial:?}"
+        );
+        let lps: Vec<TokenLogprob> = ids
+            .iter()
+            .map(|&id| TokenLogprob {
+                id,
+                logprob: -1.0,
+                top: ids.iter().map(|&t| (t, -2.0)).collect(),
+            })
+            .collect();
+        let mut chars = 0;
+        let v = completion_logprobs(Some(&tok), &lps, &mut chars);
+        assert_eq!(chars, 3);
+        let offsets: Vec<u64> = v["text_offset"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets.first(), Some(&0));
+        assert_eq!(offsets.last(), Some(&2));
+        assert!(
+            offsets[1..ids.len() - 1].iter().all(|&o| o == 1),
+            "{offsets:?}"
+        );
+        let distinct: std::collections::HashSet<u32> = ids.iter().copied().collect();
+        for top in v["top_logprobs"].as_array().unwrap() {
+            assert_eq!(top.as_object().unwrap().len(), distinct.len(), "{top}");
+        }
+        let chat = chat_logprobs(Some(&tok), &lps);
+        let raw: Vec<u8> = chat["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| {
+                e["bytes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap() as u8)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(raw, "a🐧b".as_bytes());
     }
 }

@@ -106,12 +106,14 @@ async fn observe(State(s): State<AppState>, mut req: Request, next: Next) -> Res
         }
     }
     let status = resp.status().as_u16();
-    let ms = format!("{:.1}", arrival.elapsed().as_secs_f64() * 1e3);
+    // A number (ms, to 0.1) and the path as text, so JSON logs get
+    // "ms":12.3 and "path":"/v1/models".
+    let ms = (arrival.elapsed().as_secs_f64() * 1e4).round() / 10.0;
     let path = clip(&path, 200);
     match status {
-        500.. => warn!(%method, ?path, status, %ms, "request"),
-        400.. => info!(%method, ?path, status, %ms, "request"),
-        _ => debug!(%method, ?path, status, %ms, "request"),
+        500.. => warn!(%method, %path, status, ms, "request"),
+        400.. => info!(%method, %path, status, ms, "request"),
+        _ => debug!(%method, %path, status, ms, "request"),
     }
     resp
 }
@@ -277,24 +279,30 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
-fn model_card(s: &AppState) -> Value {
-    json!({
+/// The model's card; a 503 while it is still loading (its name and context
+/// length are not known yet, and it cannot serve).
+fn model_card(s: &AppState) -> Result<Value, ApiError> {
+    let sv = served(s)?;
+    Ok(json!({
         "id": s.inner.served_name,
         "object": "model",
         "created": s.inner.started,
         "owned_by": "cardinal",
-        "root": s.served().map(|sv| sv.loaded.name.clone()),
-        "max_model_len": s.served().map(|sv| sv.max_model_len),
-    })
+        "root": sv.loaded.name,
+        "max_model_len": sv.max_model_len,
+    }))
 }
 
 async fn models(State(s): State<AppState>) -> Response {
-    axum::Json(json!({ "object": "list", "data": [model_card(&s)] })).into_response()
+    match model_card(&s) {
+        Ok(card) => axum::Json(json!({ "object": "list", "data": [card] })).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn model(State(s): State<AppState>, Path(id): Path<String>) -> Response {
-    match check_model(&s, Some(&id)) {
-        Ok(()) => axum::Json(model_card(&s)).into_response(),
+    match check_model(&s, Some(&id)).and_then(|()| model_card(&s)) {
+        Ok(card) => axum::Json(card).into_response(),
         Err(e) => e.into_response(),
     }
 }
