@@ -44,7 +44,12 @@ LAST LINE
   SUMMARY status=<complete|interrupted|aborted> levels=L requests=R errors=E
   output_tok_s=v1,v2,.. req_s=.. ttft_p50_ms=.. ttft_p99_ms=.. itl_p50_ms=..
   itl_p99_ms=.. e2e_p50_ms=.. goodput_req_s=.. server_tok_s=..
-  joules_per_token_cards=.. joules_per_token_host=..  (one value per level, na = n/a)";
+  joules_per_token_cards=.. joules_per_token_host=..  (one value per level, na = n/a)
+EXIT CODES
+  0 every level ran and at most --max-error-rate of the requests failed;
+  1 could not start, or more than --max-error-rate of the requests failed
+  (default 0: any failed request; reports are still written); 2 stopped after
+  --max-consecutive-errors failures in a row; 130 interrupted.";
 
 /// Which OpenAI endpoint to load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -252,6 +257,12 @@ pub struct Args {
     /// is still printed); 0 disables.
     #[arg(long, default_value_t = 50)]
     pub max_consecutive_errors: usize,
+    /// Largest fraction of failed requests (errors / finished requests, over
+    /// every level) for which the run still exits 0. 0, the default, fails
+    /// the run (exit 1) on any failed request; 1 never fails it for errors.
+    /// The report and --out files are written either way.
+    #[arg(long, value_name = "R", default_value_t = 0.0, value_parser = parse_error_rate, allow_negative_numbers = true)]
+    pub max_error_rate: f64,
     /// Progress display on stderr.
     #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
     pub progress: ProgressArg,
@@ -292,6 +303,19 @@ impl Args {
             return Err("--url must start with http://".into());
         }
         Ok(())
+    }
+}
+
+/// An error fraction in [0, 1].
+fn parse_error_rate(s: &str) -> Result<f64, String> {
+    let r: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number (expected a fraction in [0, 1])"))?;
+    if (0.0..=1.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!("{r} is outside [0, 1] (a fraction of requests)"))
     }
 }
 
@@ -349,5 +373,28 @@ mod tests {
         let j = serde_json::to_value(Args::try_parse_from(["x", "--api-key", "sekrit"]).unwrap())
             .unwrap();
         assert_eq!(j["api_key"], "<redacted>");
+    }
+
+    #[test]
+    fn max_error_rate_is_a_fraction() {
+        assert_eq!(Args::try_parse_from(["x"]).unwrap().max_error_rate, 0.0);
+        let a = Args::try_parse_from(["x", "--max-error-rate", "0.25"]).unwrap();
+        assert_eq!(a.max_error_rate, 0.25);
+        assert_eq!(
+            Args::try_parse_from(["x", "--max-error-rate", "1"])
+                .unwrap()
+                .max_error_rate,
+            1.0
+        );
+        for bad in ["1.5", "-0.1", "NaN", "inf", "lots"] {
+            let e = Args::try_parse_from(["x", "--max-error-rate", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("--max-error-rate") && e.contains(bad),
+                "names the flag and the value: {e}"
+            );
+            assert!(e.contains("[0, 1]"), "names the limit: {e}");
+        }
     }
 }

@@ -3,8 +3,10 @@
 //! once), runs the load test, prints the table on stdout, writes `--out`
 //! files, and prints the SUMMARY line last.
 //!
-//! Exit codes: 0 run complete, 1 could not start, 2 stopped after too many
-//! consecutive errors, 130 interrupted.
+//! Exit codes: 0 run complete within its error budget, 1 could not start or
+//! more than `--max-error-rate` of the requests failed (the report and the
+//! `--out` files are still written, and stderr says why), 2 stopped after
+//! too many consecutive errors, 130 interrupted.
 
 use cardinal_loadtest::progress::ProgressMode;
 use cardinal_loadtest::report::{RunStatus, summary_line};
@@ -41,13 +43,18 @@ async fn main() -> ExitCode {
         }
     });
     let out_dir = args.out.clone();
-    let report = match run::run(args.clone(), stop_rx, mode).await {
+    let mut report = match run::run(args.clone(), stop_rx, mode).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e:#}");
             cardinal_loadtest::run::failed_report(args, format!("{e:#}"))
         }
     };
+    // Said in the report's notes too, so report.json explains the exit code.
+    let over_budget = report.error_budget_exceeded();
+    if let Some(why) = &over_budget {
+        report.notes.push(format!("{why}: exit code 1"));
+    }
     let mut stdout = std::io::stdout().lock();
     if !report.levels.is_empty() {
         let _ = write!(stdout, "\n{}{}", report.table(), report.details());
@@ -64,6 +71,10 @@ async fn main() -> ExitCode {
     }
     let _ = writeln!(stdout, "{}", report.summary_line());
     let _ = stdout.flush();
+    if let Some(why) = over_budget {
+        eprintln!("error: {why}");
+        return ExitCode::from(1);
+    }
     match report.status {
         RunStatus::Complete => ExitCode::SUCCESS,
         RunStatus::Failed => ExitCode::from(1),

@@ -138,6 +138,29 @@ impl Report {
         self.levels.iter().map(|l| l.stats.errors.total).sum()
     }
 
+    /// Failed requests as a fraction of finished requests over all levels;
+    /// None when no request finished.
+    pub fn error_rate(&self) -> Option<f64> {
+        let requests = self.total_requests();
+        (requests > 0).then(|| self.total_errors() as f64 / requests as f64)
+    }
+
+    /// Why a complete run fails its error budget: a message when more than
+    /// `config.max_error_rate` of its requests failed. Runs that did not
+    /// complete have their own exit codes and are not judged here.
+    pub fn error_budget_exceeded(&self) -> Option<String> {
+        let max = self.config.max_error_rate;
+        let rate = self.error_rate()?;
+        (self.status == RunStatus::Complete && rate > max).then(|| {
+            format!(
+                "{} of {} requests failed ({:.1}%), more than --max-error-rate {max} allows",
+                self.total_errors(),
+                self.total_requests(),
+                rate * 100.0
+            )
+        })
+    }
+
     /// The per-level table shown on stdout.
     pub fn table(&self) -> String {
         let headers = [

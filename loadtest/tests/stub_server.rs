@@ -1,7 +1,8 @@
 //! End-to-end tests of the load generator against the scripted stub server
 //! in `common/`: measured TTFT, per-token ITL and token counts against the
 //! script, every error class, server-side figures from /metrics, output
-//! files, Ctrl-C and a server that dies mid-run.
+//! files, Ctrl-C, a server that dies mid-run, and the binary's exit code
+//! against `--max-error-rate`.
 //!
 //! Tolerances. The stub sleeps with tokio timers (1 ms granularity, and a
 //! sleep never ends early), and this 2-core machine may be compiling other
@@ -510,4 +511,105 @@ async fn binary_prints_table_then_summary_last() {
         .unwrap();
     let help = String::from_utf8(help.stdout).unwrap();
     assert!(help.contains("inter-token latency, per token") && help.contains("SUMMARY status="));
+}
+
+/// Runs the binary against `url` with `extra` flags; returns the exit code,
+/// stdout and stderr.
+async fn run_binary(url: &str, extra: &[&str]) -> (Option<i32>, String, String) {
+    let mut v: Vec<String> = ["--url", url, "--progress", "none", "--no-extensions"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cardinal-loadtest"))
+            .args(&v)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_exits_1_when_requests_fail_beyond_the_error_budget() {
+    // Every request fails: exit 1 with the default budget of 0, a clear
+    // stderr line, and the report files still written.
+    let failing = Stub::start(Script {
+        ttft_ms: 5,
+        gap_ms: 5,
+        behaviors: vec![Behavior::Status500],
+        ..Script::default()
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("loadtest-budget-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out_dir = dir.display().to_string();
+    let (code, stdout, stderr) =
+        run_binary(&failing.url, &["--requests", "2", "--out", &out_dir]).await;
+    assert_eq!(code, Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    let last = stdout.lines().last().unwrap();
+    assert!(
+        last.starts_with("SUMMARY status=complete levels=1 requests=2 errors=2 "),
+        "{last}"
+    );
+    assert!(
+        stderr.contains("error: 2 of 2 requests failed (100.0%), more than --max-error-rate 0"),
+        "{stderr}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["config"]["max_error_rate"], 0.0);
+    assert!(json["notes"].to_string().contains("exit code 1"), "{json}");
+    let _ = std::fs::remove_dir_all(&dir);
+    // --max-error-rate 1 tolerates every failure.
+    let (code, _, stderr) =
+        run_binary(&failing.url, &["--requests", "2", "--max-error-rate", "1"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+
+    // Half the requests fail (the stub alternates ok and 500 at
+    // concurrency 1): a budget of exactly 0.5 passes, 0.25 does not.
+    let half = Stub::start(Script {
+        ttft_ms: 5,
+        gap_ms: 5,
+        behaviors: vec![Behavior::Ok, Behavior::Status500],
+        ..Script::default()
+    })
+    .await;
+    let (code, stdout, stderr) =
+        run_binary(&half.url, &["--requests", "4", "--max-error-rate", "0.5"]).await;
+    assert_eq!(code, Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("requests=4 errors=2 "), "{stdout}");
+    let (code, _, stderr) =
+        run_binary(&half.url, &["--requests", "4", "--max-error-rate", "0.25"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("2 of 4 requests failed (50.0%)"),
+        "{stderr}"
+    );
+
+    // No failure: exit 0 with the default budget.
+    let healthy = Stub::start(Script {
+        ttft_ms: 5,
+        gap_ms: 5,
+        ..Script::default()
+    })
+    .await;
+    let (code, stdout, stderr) = run_binary(&healthy.url, &["--requests", "2"]).await;
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert!(stdout.contains("requests=2 errors=0 "), "{stdout}");
+    assert!(!stderr.contains("--max-error-rate"), "{stderr}");
+
+    // A budget outside [0, 1] is refused before anything is sent.
+    let (code, _, stderr) = run_binary(&healthy.url, &["--max-error-rate", "1.5"]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("--max-error-rate") && stderr.contains("1.5 is outside [0, 1]"),
+        "{stderr}"
+    );
 }

@@ -21,7 +21,7 @@ pub struct ModelArgs {
     #[arg(long, env = "CARDINAL_MODEL", default_value = "smollm2-135m-instruct")]
     pub model: String,
     /// Number of emulated cards (default: the fewest that fit).
-    #[arg(long, env = "CARDINAL_CARDS")]
+    #[arg(long, env = "CARDINAL_CARDS", value_parser = crate::cli::int_at_least(1), allow_negative_numbers = true)]
     pub cards: Option<usize>,
     /// TOML file overriding card spec fields (see ARCHITECTURE.md).
     #[arg(long, env = "CARDINAL_CARD_SPEC")]
@@ -29,8 +29,8 @@ pub struct ModelArgs {
     /// Card memory for weights and KV, MiB (overrides the spec file).
     #[arg(long)]
     pub card_memory_mib: Option<u64>,
-    /// Worker threads for the kernels (default: all cores).
-    #[arg(long, env = "CARDINAL_THREADS")]
+    /// Worker threads for the kernels, 1 to 256 (default: all cores).
+    #[arg(long, env = "CARDINAL_THREADS", value_parser = crate::cli::int_in(1, MAX_THREADS), allow_negative_numbers = true)]
     pub threads: Option<usize>,
     /// Seed for synthetic weights.
     #[arg(long, default_value_t = 0)]
@@ -40,7 +40,23 @@ pub struct ModelArgs {
     pub hf_int8: bool,
 }
 
+/// Most kernel worker threads accepted by `--threads`.
+pub const MAX_THREADS: usize = 256;
+
 impl ModelArgs {
+    /// Checks what can be checked without loading the model: the model
+    /// argument, the thread count and the card spec (file and flags).
+    /// `serve` calls it before binding its port.
+    pub fn check(&self) -> Result<()> {
+        ModelSource::parse(&self.model)?;
+        self.threads()?;
+        self.spec()?;
+        if self.cards == Some(0) {
+            bail!("--cards 0: must be at least 1");
+        }
+        Ok(())
+    }
+
     /// The card spec from defaults, the file and single flags.
     pub fn spec(&self) -> Result<CardSpec> {
         let mut spec = match &self.card_spec {
@@ -63,7 +79,7 @@ impl ModelArgs {
             .unwrap_or(1);
         match self.threads {
             Some(0) => bail!("--threads 0: must be at least 1"),
-            Some(t) if t > 256 => bail!("--threads {t}: must be at most 256"),
+            Some(t) if t > MAX_THREADS => bail!("--threads {t}: must be at most {MAX_THREADS}"),
             Some(t) => Ok(t),
             None => Ok(all),
         }

@@ -2,11 +2,24 @@
 //! does not exist, a plan with too few cards and an out-of-range
 //! `--prefill-chunk` each exit non-zero with one
 //! clear line on stderr (exit 2 for the plan, as scripts rely on), and never
-//! a panic.
+//! a panic. Numeric flags out of range (negative ones included) are refused
+//! when parsed, before any model is loaded or port bound (clap's exit 2). A
+//! closed stdout ends a command quietly with exit 0; `tokenize` shows no
+//! weight-loading progress; logs carry no ANSI colours off a terminal, and
+//! JSON request logs have the path as text and the duration as a number.
 
-use std::process::{Command, Output};
+use std::io::{BufRead, Read, Write};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 fn cardinal(args: &[&str]) -> Output {
+    command(args).output().expect("the cardinal binary runs")
+}
+
+/// The binary with `args`, and no `CARDINAL_*` settings from the
+/// environment.
+fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cardinal"));
     cmd.args(args);
     // Settings from the environment must not change what is tested.
@@ -17,10 +30,12 @@ fn cardinal(args: &[&str]) -> Output {
         "CARDINAL_THREADS",
         "CARDINAL_ISA",
         "RUST_BACKTRACE",
+        "CARDINAL_LOG",
+        "CARDINAL_LOG_FORMAT",
     ] {
         cmd.env_remove(var);
     }
-    cmd.output().expect("the cardinal binary runs")
+    cmd
 }
 
 /// Asserts a failure with `code` whose stderr has every piece of `want` and
@@ -130,4 +145,310 @@ fn serve_with_a_bad_prefill_chunk() {
         ]);
         assert_fails(&out, 1, &[want]);
     }
+}
+
+#[test]
+fn numeric_flags_out_of_range_are_refused_before_loading() {
+    // The model does not exist: had the flags been checked after loading,
+    // the error would be about the file.
+    let gen_flags = |flag: &'static str, v: &'static str| {
+        vec![
+            "generate",
+            "--model",
+            "/nonexistent.gguf",
+            "--prompt",
+            "hi",
+            flag,
+            v,
+        ]
+    };
+    for (args, want) in [
+        (
+            gen_flags("--max-tokens", "0"),
+            "invalid value '0' for '--max-tokens <MAX_TOKENS>': must be ≥ 1",
+        ),
+        (
+            gen_flags("--max-tokens", "-1"),
+            "invalid value '-1' for '--max-tokens <MAX_TOKENS>': must be ≥ 1",
+        ),
+        (
+            gen_flags("--temperature", "-1"),
+            "invalid value '-1' for '--temperature <TEMPERATURE>': must be ≥ 0 and ≤ 100",
+        ),
+        (
+            gen_flags("--top-p", "5"),
+            "invalid value '5' for '--top-p <TOP_P>': must be > 0 and ≤ 1",
+        ),
+        (
+            gen_flags("--top-k", "-2"),
+            "invalid value '-2' for '--top-k <TOP_K>': must be ≥ 0",
+        ),
+        (
+            gen_flags("--threads", "0"),
+            "invalid value '0' for '--threads <THREADS>': must be ≥ 1",
+        ),
+        (
+            gen_flags("--threads", "1000"),
+            "invalid value '1000' for '--threads <THREADS>': must be ≤ 256",
+        ),
+        (
+            gen_flags("--cards", "0"),
+            "invalid value '0' for '--cards <CARDS>': must be ≥ 1",
+        ),
+        (
+            vec!["bench", "--model", "/nonexistent.gguf", "--gen-tokens", "1"],
+            "invalid value '1' for '--gen-tokens <GEN_TOKENS>': must be ≥ 2",
+        ),
+        (
+            vec![
+                "bench",
+                "--model",
+                "/nonexistent.gguf",
+                "--concurrency",
+                "0",
+            ],
+            "invalid value '0' for '--concurrency <CONCURRENCY>': must be ≥ 1",
+        ),
+        (
+            vec![
+                "perplexity",
+                "--model",
+                "/nonexistent.gguf",
+                "--file",
+                "/dev/null",
+                "--ctx",
+                "2",
+            ],
+            "invalid value '2' for '--ctx <CTX>': must be ≥ 4",
+        ),
+    ] {
+        let out = cardinal(&args);
+        let stderr = assert_fails(&out, 2, &[want]);
+        assert!(
+            !stderr.contains("no such file"),
+            "{args:?} loaded: {stderr}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn serve_refuses_bad_model_flags_before_binding() {
+    let model = tiny_granite();
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["serve", "--model", &model, "--port", "0"];
+        args.extend_from_slice(extra);
+        cardinal(&args)
+    };
+    let out = serve(&["--threads", "0"]);
+    let stderr = assert_fails(
+        &out,
+        2,
+        &["invalid value '0' for '--threads <THREADS>': must be ≥ 1"],
+    );
+    assert!(!stderr.contains("listening"), "bound a port: {stderr}");
+    // The same from the environment.
+    let out = command(&["serve", "--model", &model, "--port", "0"])
+        .env("CARDINAL_THREADS", "-1")
+        .output()
+        .unwrap();
+    let stderr = assert_fails(
+        &out,
+        2,
+        &["invalid value '-1' for '--threads <THREADS>': must be ≥ 1"],
+    );
+    assert!(!stderr.contains("listening"), "bound a port: {stderr}");
+    // A card spec that cannot be read is found before binding too.
+    let out = serve(&["--threads", "1", "--card-spec", "/nonexistent.toml"]);
+    let stderr = assert_fails(&out, 1, &["/nonexistent.toml"]);
+    assert!(!stderr.contains("listening"), "bound a port: {stderr}");
+}
+
+/// Runs `args` with stdout's reader gone before the command writes.
+fn with_stdout_closed(args: &[&str]) -> Output {
+    let mut child = command(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the cardinal binary runs");
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let model = tiny_granite();
+    for args in [
+        vec!["tokenize", "--model", &model, "hello world"],
+        vec![
+            "generate",
+            "--model",
+            &model,
+            "--threads",
+            "1",
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "4",
+        ],
+        vec![
+            "generate",
+            "--model",
+            &model,
+            "--threads",
+            "1",
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "2",
+            "--json",
+        ],
+        vec![
+            "bench",
+            "--model",
+            "synthetic:tiny",
+            "--threads",
+            "1",
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "4",
+            "--reps",
+            "1",
+        ],
+        vec!["plan", "--model", "synthetic:granite-3b", "--users", "28"],
+    ] {
+        let out = with_stdout_closed(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        assert!(!stderr.contains("error"), "{args:?}: {stderr}");
+    }
+}
+
+/// A context past the model's own, or a plan past the planner's card
+/// limit, is refused at once with the value and the limit.
+#[test]
+fn plan_refuses_absurd_sizes() {
+    let out = cardinal(&["plan", "--model", "synthetic:granite-3b", "--ctx", "100000"]);
+    assert_fails(&out, 1, &["--ctx 100000", "4096"]);
+    let out = cardinal(&[
+        "plan",
+        "--model",
+        "synthetic:granite-3b",
+        "--ctx",
+        "4096",
+        "--users",
+        "100000000",
+    ]);
+    assert_fails(&out, 1, &["100000000 users", "65536"]);
+}
+
+#[test]
+fn tokenize_shows_no_weight_progress() {
+    let out = cardinal(&["tokenize", "--model", &tiny_granite(), "hello world"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "261 310 404\n");
+    assert!(!stderr.contains("loading weights"), "{stderr}");
+    // A synthetic model has no tokenizer: said before building any weights.
+    let out = cardinal(&["tokenize", "--model", "synthetic:tiny", "hi"]);
+    let stderr = assert_fails(&out, 1, &["synthetic:tiny has no tokenizer"]);
+    assert!(!stderr.contains("building"), "{stderr}");
+}
+
+#[test]
+fn logs_to_a_pipe_have_no_colour() {
+    let out = cardinal(&[
+        "generate",
+        "--model",
+        &tiny_granite(),
+        "--threads",
+        "1",
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("INFO"),
+        "a tracing line was logged: {stderr}"
+    );
+    assert!(!stderr.contains('\x1b'), "ANSI codes: {stderr:?}");
+}
+
+#[test]
+fn json_request_logs_have_plain_fields() {
+    let mut child = command(&[
+        "serve",
+        "--model",
+        &tiny_granite(),
+        "--threads",
+        "1",
+        "--port",
+        "0",
+        "--log-format",
+        "json",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("the cardinal binary runs");
+    let (tx, rx) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let mut wait_for = |f: &dyn Fn(&serde_json::Value) -> bool| -> Option<serde_json::Value> {
+        let end = Instant::now() + Duration::from_secs(30);
+        while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            lines.push(line.clone());
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && f(&v)
+            {
+                return Some(v);
+            }
+        }
+        None
+    };
+    let listening = wait_for(&|v| {
+        v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("listening on http://"))
+    });
+    let request = listening.and_then(|v| {
+        let msg = v["fields"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let addr = msg.trim_start_matches("listening on http://");
+        let mut sock = std::net::TcpStream::connect(addr).ok()?;
+        sock.write_all(b"GET /no/such/path HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut resp = String::new();
+        let _ = sock.read_to_string(&mut resp);
+        wait_for(&|v| v["fields"]["message"] == "request")
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = lines.join("\n");
+    let request = request.unwrap_or_else(|| panic!("no request log line: {log}"));
+    let f = &request["fields"];
+    assert_eq!(f["path"], "/no/such/path", "{request}");
+    assert_eq!(f["method"], "GET", "{request}");
+    assert_eq!(f["status"], 404, "{request}");
+    assert!(
+        f["ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "ms is a number: {request}"
+    );
+    assert!(!log.contains('\x1b'), "ANSI codes in JSON logs: {log:?}");
 }

@@ -14,6 +14,7 @@ use cardinal_pipeline::engine::Finished;
 use cardinal_pipeline::{Event, Request, SamplingParams};
 
 use super::generate::log_stderr;
+use super::{int_at_least, outln};
 use crate::setup::{self, CLI_PREFILL_CHUNK, Limits, ModelArgs, Runtime};
 
 /// Flags of `bench`.
@@ -21,17 +22,17 @@ use crate::setup::{self, CLI_PREFILL_CHUNK, Limits, ModelArgs, Runtime};
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Prompt tokens for the prefill measurement.
-    #[arg(long, default_value_t = 128)]
+    /// Prompt tokens for the prefill measurement (at least 1).
+    #[arg(long, default_value_t = 128, value_parser = int_at_least(1), allow_negative_numbers = true)]
     pub prompt_tokens: usize,
-    /// Tokens generated per stream.
-    #[arg(long, default_value_t = 128)]
+    /// Tokens generated per stream (at least 2).
+    #[arg(long, default_value_t = 128, value_parser = int_at_least(2), allow_negative_numbers = true)]
     pub gen_tokens: usize,
-    /// Concurrent streams for the aggregate decode measurement.
-    #[arg(long, default_value_t = 1)]
+    /// Concurrent streams for the aggregate decode measurement (at least 1).
+    #[arg(long, default_value_t = 1, value_parser = int_at_least(1), allow_negative_numbers = true)]
     pub concurrency: usize,
-    /// Repetitions; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    /// Repetitions; the median is reported (at least 1).
+    #[arg(long, default_value_t = 3, value_parser = int_at_least(1), allow_negative_numbers = true)]
     pub reps: usize,
     /// Print one JSON object.
     #[arg(long)]
@@ -52,16 +53,20 @@ pub struct PerplexityArgs {
     /// The text file.
     #[arg(long)]
     pub file: std::path::PathBuf,
-    /// Window length in tokens.
-    #[arg(long, default_value_t = 512)]
+    /// Window length in tokens (at least 4).
+    #[arg(long, default_value_t = 512, value_parser = int_at_least(MIN_PPL_CTX), allow_negative_numbers = true)]
     pub ctx: usize,
     /// Stop after this many windows (0 = all).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_at_least(0), allow_negative_numbers = true)]
     pub max_chunks: usize,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
 }
+
+/// Shortest perplexity window: `cardinal_pipeline::eval` scores the second
+/// half of each window but its last position, so below 4 nothing is scored.
+const MIN_PPL_CTX: usize = 4;
 
 fn synthetic_prompt(n: usize, vocab: usize, salt: u64) -> Vec<u32> {
     let mut rng = cardinal_models::synthetic::SplitMix::new(0xBE9C ^ salt);
@@ -191,9 +196,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs `bench`.
 pub fn run(a: BenchArgs) -> Result<ExitCode> {
+    // The flags' parsers refuse these; the check stays for callers that
+    // build the arguments in code.
     if a.concurrency == 0 || a.reps == 0 || a.gen_tokens < 2 || a.prompt_tokens == 0 {
         bail!(
-            "--concurrency, --reps and --prompt-tokens must be at least 1, --generated-tokens at least 2"
+            "--concurrency {}, --reps {}, --prompt-tokens {}, --gen-tokens {}: the first three must be at least 1, --gen-tokens at least 2",
+            a.concurrency,
+            a.reps,
+            a.prompt_tokens,
+            a.gen_tokens
         );
     }
     let limits = Limits {
@@ -267,61 +278,65 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         "threads": rt.threads,
     });
     if a.json {
-        println!("{j}");
+        outln!("{j}")?;
     } else {
-        println!(
+        outln!(
             "model {}  cards {}  isa {}  threads {}  concurrency {}",
-            rt.loaded.name, rt.plan.cards, rt.isa, rt.threads, a.concurrency
-        );
-        println!(
+            rt.loaded.name,
+            rt.plan.cards,
+            rt.isa,
+            rt.threads,
+            a.concurrency
+        )?;
+        outln!(
             "prefill  {:>9.1} tok/s  ({} prompt tokens, median of {})",
             j["prefill_tokens_per_second"].as_f64().unwrap_or(0.0),
             a.prompt_tokens,
             a.reps
-        );
+        )?;
         if a.concurrency == 1 {
-            println!(
+            outln!(
                 "decode   {:>9.1} tok/s  ({} tokens)",
                 j["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
                 a.gen_tokens
-            );
+            )?;
         } else {
-            println!(
+            outln!(
                 "decode   {:>9.1} tok/s  aggregate while all {} streams decode ({} tokens per stream)",
                 j["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
                 a.concurrency,
                 a.gen_tokens
-            );
-            println!(
+            )?;
+            outln!(
                 "span     {:>9.1} tok/s  from the first stream's first token to the last one's last (prefill of later streams included)",
                 j["decode_span_tokens_per_second"].as_f64().unwrap_or(0.0)
-            );
+            )?;
         }
-        println!(
+        outln!(
             "measured {:>9.1} tok/s end to end on this CPU",
             j["measured_tokens_per_second"].as_f64().unwrap_or(0.0)
-        );
-        println!(
+        )?;
+        outln!(
             "modeled  {:>9.1} tok/s on the cards",
             j["modeled_card_tokens_per_second"].as_f64().unwrap_or(0.0)
-        );
-        println!(
+        )?;
+        outln!(
             "energy   {:.3} mJ/token modeled cards, {:.3} mJ/token host ({})",
             1e3 * j["modeled_card_joules_per_token"].as_f64().unwrap_or(0.0),
             1e3 * j["host_joules_per_token"].as_f64().unwrap_or(0.0),
             rt.engine.host_energy_source.label()
-        );
-        println!(
+        )?;
+        outln!(
             "util     {}",
             util.iter()
                 .map(|u| format!("{:.0}%", u * 100.0))
                 .collect::<Vec<_>>()
                 .join(" ")
-        );
-        println!(
+        )?;
+        outln!(
             "peak RSS {:.1} MiB",
             peak_rss_bytes() as f64 / (1 << 20) as f64
-        );
+        )?;
     }
     rt.engine.shutdown();
     Ok(ExitCode::SUCCESS)
@@ -361,15 +376,18 @@ pub fn perplexity(a: PerplexityArgs) -> Result<ExitCode> {
     .with_context(|| format!("{}", a.file.display()))?;
     let tps = (r.windows * a.ctx) as f64 / t0.elapsed().as_secs_f64();
     if a.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"perplexity": r.perplexity, "chunks": r.windows, "ctx": a.ctx, "scored_tokens": r.scored_tokens, "tokens_per_second": tps})
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "perplexity {:.4} over {} windows of {} tokens ({} scored), {tps:.1} tok/s",
-            r.perplexity, r.windows, a.ctx, r.scored_tokens
-        );
+            r.perplexity,
+            r.windows,
+            a.ctx,
+            r.scored_tokens
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,7 +11,12 @@ use cardinal_models::tokenizer::IncrementalDecoder;
 use cardinal_models::{LoadOptions, LoadedModel, ModelSource};
 use cardinal_pipeline::{Event, Request, SamplingParams};
 
+use super::{float_in, int_at_least, outln, stdout_error};
 use crate::setup::{self, CLI_PREFILL_CHUNK, Limits, ModelArgs};
+
+/// Highest `--temperature`, the engine's own limit
+/// ([`SamplingParams::validate`]).
+const MAX_TEMPERATURE: f32 = 100.0;
 
 /// Flags of `generate`.
 #[derive(clap::Args, Debug)]
@@ -27,14 +32,18 @@ pub struct GenerateArgs {
     /// A system message (implies --chat).
     #[arg(long)]
     pub system: Option<String>,
-    #[arg(long, default_value_t = 128)]
+    /// Most tokens to generate (at least 1).
+    #[arg(long, default_value_t = 128, value_parser = int_at_least(1), allow_negative_numbers = true)]
     pub max_tokens: usize,
-    /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, 0 to 100; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = float_in(0.0, MAX_TEMPERATURE, false), allow_negative_numbers = true)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 0)]
+    /// Sample from the k most likely tokens only; 0 is no limit.
+    #[arg(long, default_value_t = 0, value_parser = int_at_least(0), allow_negative_numbers = true)]
     pub top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling: the smallest set of tokens whose probabilities
+    /// reach top_p, in (0, 1]; 1 is no limit.
+    #[arg(long, default_value_t = 1.0, value_parser = float_in(0.0, 1.0, true), allow_negative_numbers = true)]
     pub top_p: f32,
     #[arg(long)]
     pub seed: Option<u64>,
@@ -142,8 +151,9 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
                 generated.push(t.id);
                 let piece = dec.push(t.id)?;
                 if !a.json {
-                    out.write_all(piece.as_bytes())?;
-                    out.flush()?;
+                    out.write_all(piece.as_bytes())
+                        .and_then(|()| out.flush())
+                        .map_err(stdout_error)?;
                 }
             }
             Event::Done(f) => break f,
@@ -168,9 +178,9 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
             "modeled_card_joules": finished.card_joules,
             "host_joules": finished.host_joules,
         });
-        writeln!(out, "{j}")?;
+        writeln!(out, "{j}").map_err(stdout_error)?;
     } else {
-        writeln!(out, "{tail}")?;
+        writeln!(out, "{tail}").map_err(stdout_error)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -178,9 +188,20 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
 /// Runs `tokenize`.
 pub fn tokenize(a: TokenizeArgs) -> Result<ExitCode> {
     let source = ModelSource::parse(&a.model)?;
+    if let ModelSource::Synthetic(name) = &source {
+        bail!(
+            "synthetic:{name} has no tokenizer: synthetic models take token ids only (use `cardinal bench`)"
+        );
+    }
     // Tokenizing needs no weights, but loading is the one code path that
-    // validates the file; the default model loads in under a second.
-    let loaded = cardinal_models::load(&source, &LoadOptions::default(), &mut log_stderr)?;
+    // validates the file; the default model loads in under a second. Its
+    // weight-loading progress would only suggest they are run, so it is
+    // not shown (other lines, such as the first-use download, are).
+    let loaded = cardinal_models::load(&source, &LoadOptions::default(), &mut |line: &str| {
+        if !is_weight_progress(line) {
+            log_stderr(line);
+        }
+    })?;
     let ids = if a.chat {
         prompt_ids(&loaded, &a.text, true, None)?
     } else {
@@ -190,12 +211,84 @@ pub fn tokenize(a: TokenizeArgs) -> Result<ExitCode> {
         loaded.tokenizer()?.encode(&a.text, false)?
     };
     if a.json {
-        println!("{}", serde_json::to_string(&ids)?);
+        outln!("{}", serde_json::to_string(&ids)?)?;
     } else {
-        println!(
+        outln!(
             "{}",
             ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A loader progress line about weights ("loading weights: 25% (…)").
+fn is_weight_progress(line: &str) -> bool {
+    line.starts_with("loading weights:")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        generate: GenerateArgs,
+    }
+
+    fn parse_error(flags: &[&str]) -> String {
+        let mut v = vec!["cardinal", "--prompt", "hi"];
+        v.extend_from_slice(flags);
+        Cli::try_parse_from(v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn sampling_flags_are_range_checked_when_parsed() {
+        let ok = Cli::try_parse_from(["cardinal", "--prompt", "hi"]).unwrap();
+        assert_eq!(ok.generate.max_tokens, 128);
+        assert_eq!(ok.generate.top_p, 1.0);
+        for (flags, want) in [
+            (
+                ["--max-tokens", "0"],
+                "invalid value '0' for '--max-tokens <MAX_TOKENS>': must be ≥ 1",
+            ),
+            (
+                ["--max-tokens", "-1"],
+                "invalid value '-1' for '--max-tokens <MAX_TOKENS>': must be ≥ 1",
+            ),
+            (
+                ["--temperature", "-1"],
+                "invalid value '-1' for '--temperature <TEMPERATURE>': must be ≥ 0 and ≤ 100",
+            ),
+            (["--temperature", "101"], "must be ≥ 0 and ≤ 100"),
+            (
+                ["--top-p", "5"],
+                "invalid value '5' for '--top-p <TOP_P>': must be > 0 and ≤ 1",
+            ),
+            (["--top-p", "0"], "must be > 0 and ≤ 1"),
+            (
+                ["--top-k", "-1"],
+                "invalid value '-1' for '--top-k <TOP_K>': must be ≥ 0",
+            ),
+            (
+                ["--threads", "0"],
+                "invalid value '0' for '--threads <THREADS>': must be ≥ 1",
+            ),
+            (["--threads", "300"], "must be ≤ 256"),
+            (
+                ["--cards", "0"],
+                "invalid value '0' for '--cards <CARDS>': must be ≥ 1",
+            ),
+        ] {
+            let e = parse_error(&flags);
+            assert!(e.contains(want), "{flags:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn weight_progress_is_recognised() {
+        assert!(is_weight_progress("loading weights: 25% (3/12 parts)"));
+        assert!(!is_weight_progress("loading /models/a.gguf"));
+    }
 }

@@ -11,6 +11,7 @@ use cardinal_pipeline::CardSpec;
 use cardinal_pipeline::plan::{self, PlanError};
 
 use super::generate::log_stderr;
+use super::outln;
 
 /// Flags of `plan`.
 #[derive(clap::Args, Debug)]
@@ -77,10 +78,10 @@ pub fn run(a: PlanArgs) -> Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&p)?);
+        outln!("{}", serde_json::to_string_pretty(&p)?)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{} on {} cards ({} server{}), {} users x {} tokens, micro-batch {}",
         a.model,
         p.cards,
@@ -89,22 +90,32 @@ pub fn run(a: PlanArgs) -> Result<ExitCode> {
         p.users,
         p.ctx,
         p.micro_batch
-    );
-    println!(
+    )?;
+    outln!(
         "{:>5}  {:<28} {:>10} {:>10} {:>10} {:>12}",
-        "card", "parts", "weights", "kv", "free", "stage"
-    );
-    println!(
+        "card",
+        "parts",
+        "weights",
+        "kv",
+        "free",
+        "stage"
+    )?;
+    outln!(
         "{:>5}  {:<28} {:>10} {:>10} {:>10} {:>12}",
-        "", "", "MiB", "MiB", "MiB", "us/pass"
-    );
+        "",
+        "",
+        "MiB",
+        "MiB",
+        "MiB",
+        "us/pass"
+    )?;
     for c in &p.per_card {
         let parts: Vec<String> = c.parts.iter().map(|k| k.to_string()).collect();
         let mut names = parts.join(",");
         if names.len() > 28 {
             names = format!("{}..{} ({})", parts[0], parts[parts.len() - 1], parts.len());
         }
-        println!(
+        outln!(
             "{:>5}  {:<28} {:>10} {:>10} {:>10} {:>12.1}",
             c.card,
             names,
@@ -112,23 +123,25 @@ pub fn run(a: PlanArgs) -> Result<ExitCode> {
             mib(c.kv_bytes),
             mib(c.free_bytes),
             c.stage_seconds * 1e6
-        );
+        )?;
     }
-    println!(
+    outln!(
         "modeled inter-token latency per user: {:.3} ms",
         p.modeled_itl_seconds * 1e3
-    );
-    println!(
+    )?;
+    outln!(
         "modeled throughput at {} users: {:.0} tokens/s",
-        p.users, p.modeled_tokens_per_second
-    );
-    println!(
+        p.users,
+        p.modeled_tokens_per_second
+    )?;
+    outln!(
         "modeled card power: {:.1} W  ({:.1} W host, not included)",
-        p.modeled_power_watts, p.modeled_host_watts
-    );
-    println!(
+        p.modeled_power_watts,
+        p.modeled_host_watts
+    )?;
+    outln!(
         "modeled energy: {:.2} mJ/token (cards)",
         p.modeled_joules_per_token * 1e3
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -266,9 +266,9 @@ impl ApiError {
     /// Maps an engine refusal; `param` is the prompt field of the request.
     pub fn from_submit(e: SubmitError, param: &str) -> Self {
         match e {
-            SubmitError::QueueFull(n) => {
-                Self::queue_full(format_args!("{n} requests are waiting, the --max-queue limit"))
-            }
+            SubmitError::QueueFull(n) => Self::queue_full(format_args!(
+                "{n} requests are waiting, the --max-queue limit"
+            )),
             SubmitError::Invalid(m) => Self::invalid(param, m),
             SubmitError::TooLong {
                 prompt,
