@@ -74,8 +74,21 @@ impl HostEnergy {
     }
 }
 
-/// User + system CPU seconds of this process (from /proc/self/stat).
+/// User + system CPU seconds of this process: from the kernel's
+/// process CPU-time clock (nanoseconds), else from /proc/self/stat (in
+/// 10 ms ticks, which made short requests' host energy 0.0 J or 0.1 J).
 pub fn process_cpu_seconds() -> f64 {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into the valid `ts`.
+        if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
+            return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+        }
+    }
     let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
         return 0.0;
     };
@@ -109,4 +122,30 @@ fn proc_status_kib(key: &str) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Process CPU time is read finer than /proc's 10 ms ticks, so a short
+    /// request's host energy is not rounded to 0 or 0.1 J.
+    #[test]
+    fn cpu_time_is_finer_than_ticks() {
+        let start = std::time::Instant::now();
+        let mut seen = vec![process_cpu_seconds()];
+        while start.elapsed() < std::time::Duration::from_millis(3) {
+            let t = process_cpu_seconds();
+            if t != *seen.last().unwrap() {
+                seen.push(t);
+            }
+        }
+        // Ticks would give at most one change in 3 ms of work.
+        assert!(
+            seen.len() > 10,
+            "only {} CPU-time readings in 3 ms",
+            seen.len()
+        );
+        assert!(seen.windows(2).all(|w| w[1] > w[0]), "{seen:?}");
+    }
 }

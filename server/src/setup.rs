@@ -27,16 +27,16 @@ pub struct ModelArgs {
     #[arg(long, env = "CARDINAL_CARD_SPEC")]
     pub card_spec: Option<PathBuf>,
     /// Card memory for weights and KV, MiB (overrides the spec file).
-    #[arg(long)]
+    #[arg(long, env = "CARDINAL_CARD_MEMORY_MIB")]
     pub card_memory_mib: Option<u64>,
     /// Worker threads for the kernels, 1 to 256 (default: all cores).
     #[arg(long, env = "CARDINAL_THREADS", value_parser = crate::cli::int_in(1, MAX_THREADS), allow_negative_numbers = true)]
     pub threads: Option<usize>,
     /// Seed for synthetic weights.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "CARDINAL_WEIGHT_SEED", default_value_t = 0)]
     pub weight_seed: u64,
     /// Quantize float checkpoints to int8 instead of int4.
-    #[arg(long)]
+    #[arg(long, env = "CARDINAL_HF_INT8")]
     pub hf_int8: bool,
 }
 

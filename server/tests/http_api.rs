@@ -325,6 +325,16 @@ async fn stop_strings_never_leak() {
     assert_eq!(v["choices"][0]["text"].as_str().unwrap(), &text[..cut]);
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["choices"][0]["stop_reason"], stop.as_str());
+    // vLLM's include_stop_str_in_output keeps the stop string.
+    let mut with_stop = body(false);
+    with_stop["include_stop_str_in_output"] = json!(true);
+    let w = post_json(&a.router, "/v1/completions", with_stop)
+        .await
+        .json();
+    assert_eq!(
+        w["choices"][0]["text"].as_str().unwrap(),
+        &text[..cut + stop.len()]
+    );
     // The engine still reports the stopped sequence's figures.
     let through_stop = (1..=toks.len())
         .find(|&j| toks[..j].concat().len() >= cut + stop.len())

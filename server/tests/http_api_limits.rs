@@ -58,6 +58,17 @@ async fn bad_input_is_rejected_with_the_field_named() {
     )
     .await
     .assert_error(415, None);
+    // A compressed body is refused by name, not read as bad UTF-8.
+    let gz = Request::post(chat)
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(Body::from(vec![0x1f, 0x8b, 0x08, 0x00]))
+        .unwrap();
+    let e = call(&a.router, gz).await.assert_error(415, None);
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("gzip"),
+        "{e}"
+    );
     // A wrong JSON type per field.
     for (field, value) in [
         ("temperature", json!("hot")),

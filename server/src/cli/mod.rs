@@ -198,6 +198,28 @@ pub(crate) fn float_in(
 mod tests {
     use super::*;
 
+    /// The README says every run-time flag of `serve` has a `CARDINAL_*`
+    /// environment variable: so it does.
+    #[test]
+    fn every_serve_flag_has_an_environment_variable() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("serve");
+        let missing: Vec<String> = serve
+            .get_arguments()
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            .filter(|a| {
+                a.get_env()
+                    .is_none_or(|e| !e.to_string_lossy().starts_with("CARDINAL_"))
+            })
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "flags without CARDINAL_* env: {missing:?}"
+        );
+    }
+
     #[test]
     fn int_parser_names_the_value_and_the_limit() {
         let p = int_in(1, 256);

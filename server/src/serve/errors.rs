@@ -165,6 +165,20 @@ impl ApiError {
         e
     }
 
+    /// 415 for a compressed (or otherwise encoded) body.
+    pub fn content_encoding(got: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            format!(
+                "the Content-Encoding `{}` is not supported; send the body uncompressed",
+                clip(got, 100)
+            ),
+        );
+        e.code = Some("unsupported_content_encoding");
+        e
+    }
+
     /// 429 with Retry-After; `why` says which limit was reached.
     pub fn queue_full(why: impl std::fmt::Display) -> Self {
         let mut e = Self::new(

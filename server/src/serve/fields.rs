@@ -63,12 +63,13 @@ impl<'a> Fields<'a> {
             return Ok(None);
         };
         let p = self.param(name);
-        let n = match v {
+        // Read wide, so a value past i64 is reported as itself, not clamped.
+        let n: i128 = match v {
             Value::Number(n) => {
                 if let Some(i) = n.as_i64() {
-                    i
-                } else if n.as_u64().is_some() {
-                    i64::MAX
+                    i128::from(i)
+                } else if let Some(u) = n.as_u64() {
+                    i128::from(u)
                 } else {
                     let f = n.as_f64().unwrap_or(f64::NAN);
                     if f.fract() != 0.0 || !f.is_finite() {
@@ -77,13 +78,8 @@ impl<'a> Fields<'a> {
                             format!("`{p}` must be an integer, not {f}"),
                         ));
                     }
-                    if f >= i64::MAX as f64 {
-                        i64::MAX
-                    } else if f <= i64::MIN as f64 {
-                        i64::MIN
-                    } else {
-                        f as i64
-                    }
+                    // Saturating; anything this large is out of every range.
+                    f as i128
                 }
             }
             other => {
@@ -93,19 +89,22 @@ impl<'a> Fields<'a> {
                 ));
             }
         };
-        if n < lo || n > hi {
-            // An open-ended range names only the bound that matters.
+        if n < i128::from(lo) || n > i128::from(hi) {
+            // An open-ended range names only the bound that matters (a
+            // bound of the integer type itself means none).
             let range = match (lo, hi) {
+                (i64::MIN, i64::MAX) => "a 64-bit signed integer".to_string(),
                 (_, i64::MAX) => format!("at least {lo}"),
                 (i64::MIN, _) => format!("at most {hi}"),
                 _ => format!("between {lo} and {hi}"),
             };
             return Err(ApiError::invalid(
                 p.clone(),
-                format!("`{p}` is {}; it must be {range}", show_int(n)),
+                format!("`{p}` is {n}; it must be {range}"),
             ));
         }
-        Ok(Some(n))
+        // In range of two i64 bounds, so it fits.
+        Ok(Some(n as i64))
     }
 
     /// A finite number in `lo..=hi`.

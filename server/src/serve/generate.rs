@@ -102,6 +102,7 @@ async fn handle(s: AppState, endpoint: Endpoint, req: Request) -> Result<Respons
         tokenizer: tok.clone(),
         skip_special_tokens: g.skip_special_tokens,
         stop: g.stop.clone(),
+        include_stop_str: g.include_stop_str,
         stop_token_ids: g.stop_token_ids.clone(),
         logprobs: g.logprobs.is_some(),
         keep: !g.stream,

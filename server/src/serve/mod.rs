@@ -91,6 +91,7 @@ pub struct ServeOptions {
     /// Address to bind. Binding a non-loopback address without --api-key logs a warning.
     #[arg(long, env = "CARDINAL_HOST", default_value = "127.0.0.1")]
     pub host: String,
+    /// TCP port to listen on.
     #[arg(long, env = "CARDINAL_PORT", default_value_t = 8000)]
     pub port: u16,
     /// Most sequences running at once (continuous batching).
@@ -373,7 +374,7 @@ impl Shared {
         let mut seen = self.unknown.lock().unwrap_or_else(|p| p.into_inner());
         for n in names {
             if seen.len() < MAX_UNKNOWN_NAMES && seen.insert(n.clone()) {
-                warn!(endpoint, field = ?errors::clip(n, 64), "ignoring an unknown request field (logged once per field name)");
+                warn!(endpoint, field = %errors::clip(&n.escape_debug().to_string(), 64), "ignoring an unknown request field (logged once per field name)");
             }
         }
     }

@@ -61,6 +61,9 @@ pub struct GenRequest {
     pub min_tokens: usize,
     pub params: SamplingParams,
     pub stop: Vec<String>,
+    /// vLLM's `include_stop_str_in_output`: a matched stop string stays in
+    /// the text.
+    pub include_stop_str: bool,
     pub stop_token_ids: Vec<u32>,
     pub n: usize,
     /// None: no logprobs; Some(k): logprobs with k alternatives per token.
@@ -106,6 +109,7 @@ const COMMON_FIELDS: &[&str] = &[
     "min_tokens",
     "skip_special_tokens",
     "stop_token_ids",
+    "include_stop_str_in_output",
 ];
 const CHAT_FIELDS: &[&str] = &[
     "messages",
@@ -232,6 +236,7 @@ pub fn parse(endpoint: Endpoint, body: &Value, b: Bounds) -> Result<GenRequest, 
         min_tokens,
         params,
         stop,
+        include_stop_str: f.bool("include_stop_str_in_output")?.unwrap_or(false),
         stop_token_ids,
         n,
         logprobs,
@@ -249,11 +254,11 @@ fn parse_sampling(f: &Fields, vocab: usize) -> Result<SamplingParams, ApiError> 
     if let Some(t) = f.number("temperature", 0.0, 100.0)? {
         p.temperature = t as f32;
     }
-    if let Some(t) = f.number("top_p", 0.0, 1.0)? {
-        if t <= 0.0 {
+    if let Some(t) = f.number("top_p", f64::MIN, f64::MAX)? {
+        if !(t > 0.0 && t <= 1.0) {
             return Err(ApiError::invalid(
                 "top_p",
-                "`top_p` is 0; it must be in (0, 1]",
+                format!("`top_p` is {t}; it must be in (0, 1]"),
             ));
         }
         p.top_p = t as f32;
@@ -270,11 +275,11 @@ fn parse_sampling(f: &Fields, vocab: usize) -> Result<SamplingParams, ApiError> 
     if let Some(v) = f.number("frequency_penalty", -2.0, 2.0)? {
         p.frequency_penalty = v as f32;
     }
-    if let Some(v) = f.number("repetition_penalty", 0.0, 10.0)? {
-        if v <= 0.0 {
+    if let Some(v) = f.number("repetition_penalty", f64::MIN, f64::MAX)? {
+        if !(v > 0.0 && v <= 10.0) {
             return Err(ApiError::invalid(
                 "repetition_penalty",
-                "`repetition_penalty` must be greater than 0",
+                format!("`repetition_penalty` is {v}; it must be in (0, 10]"),
             ));
         }
         p.repetition_penalty = v as f32;

@@ -110,7 +110,12 @@ async fn observe(State(s): State<AppState>, mut req: Request, next: Next) -> Res
     // "ms":12.3 and "path":"/v1/models".
     let ms = (arrival.elapsed().as_secs_f64() * 1e4).round() / 10.0;
     let path = clip(&path, 200);
+    // A 503 from /ready or /health is the answer a probe asks for while
+    // loading or draining, not a fault: info, not warn, so probes do not
+    // flood the warnings.
+    let probe = matches!(path.as_str(), "/ready" | "/health");
     match status {
+        503 if probe => info!(%method, %path, status, ms, "request"),
         500.. => warn!(%method, %path, status, ms, "request"),
         400.. => info!(%method, %path, status, ms, "request"),
         _ => debug!(%method, %path, status, ms, "request"),
@@ -175,6 +180,12 @@ pub async fn read_json(s: &AppState, req: Request) -> Result<Value, ApiError> {
             && !(mime.starts_with("application/") && mime.ends_with("+json"))
         {
             return Err(ApiError::media_type(Some(text)));
+        }
+    }
+    if let Some(enc) = req.headers().get(header::CONTENT_ENCODING) {
+        let text = enc.to_str().unwrap_or("(not text)");
+        if !text.trim().eq_ignore_ascii_case("identity") {
+            return Err(ApiError::content_encoding(text));
         }
     }
     let declared = req

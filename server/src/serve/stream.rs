@@ -31,6 +31,9 @@ use super::metrics::Metrics;
 pub struct StopBuffer {
     stops: Vec<String>,
     held: String,
+    /// Whether a matched stop string is part of the output (vLLM's
+    /// `include_stop_str_in_output`).
+    include: bool,
 }
 
 impl StopBuffer {
@@ -39,11 +42,19 @@ impl StopBuffer {
         StopBuffer {
             stops,
             held: String::new(),
+            include: false,
         }
     }
 
+    /// The same, keeping a matched stop string in the output.
+    pub fn including(mut self, include: bool) -> Self {
+        self.include = include;
+        self
+    }
+
     /// Adds `piece`; returns the text now safe to emit and, on a match, the
-    /// index of the stop string (the text from the match on is dropped).
+    /// index of the stop string (the text from the match on is dropped, or
+    /// from its end on when the stop string is included).
     pub fn push(&mut self, piece: &str) -> (String, Option<usize>) {
         if self.stops.is_empty() {
             return (piece.to_string(), None);
@@ -56,7 +67,12 @@ impl StopBuffer {
             .filter_map(|(i, s)| self.held.find(s.as_str()).map(|p| (p, i)))
             .min();
         if let Some((p, i)) = hit {
-            let out = self.held[..p].to_string();
+            let end = if self.include {
+                p + self.stops[i].len()
+            } else {
+                p
+            };
+            let out = self.held[..end].to_string();
             self.held.clear();
             return (out, Some(i));
         }
@@ -166,6 +182,8 @@ pub struct DriverConfig {
     pub tokenizer: Option<Tokenizer>,
     pub skip_special_tokens: bool,
     pub stop: Vec<String>,
+    /// Keep a matched stop string in the text.
+    pub include_stop_str: bool,
     pub stop_token_ids: Vec<u32>,
     /// Whether to report logprobs.
     pub logprobs: bool,
@@ -214,7 +232,7 @@ impl Driver {
                     .tokenizer
                     .as_ref()
                     .map(|t| IncrementalDecoder::new(t, cfg.skip_special_tokens)),
-                stops: StopBuffer::new(cfg.stop.clone()),
+                stops: StopBuffer::new(cfg.stop.clone()).including(cfg.include_stop_str),
                 tokens: 0,
                 text: String::new(),
                 logprobs: Vec::new(),
@@ -537,6 +555,15 @@ mod tests {
             run(&["é!"], &["caf", "é", "!"]),
             ("caf".into(), Some("é!".into()))
         );
+    }
+
+    /// With `include_stop_str_in_output`, the match ends the text, across
+    /// pieces too, and the earliest stop still wins.
+    #[test]
+    fn included_stop_string_ends_the_text() {
+        let mut b = StopBuffer::new(vec!["STOP".into(), "OP!".into()]).including(true);
+        assert_eq!(b.push("abcST").0, "abc");
+        assert_eq!(b.push("OP! and more"), ("STOP".into(), Some(0)));
     }
 
     #[test]
