@@ -250,6 +250,7 @@ async fn api_key_is_required_except_on_health() {
     assert!(!r.text().contains("s3cret"));
     assert_eq!(call(&a.router, with_key("s3cret")).await.status, 200);
     assert_eq!(call(&a.router, get("/health")).await.status, 200);
+    assert_eq!(call(&a.router, get("/ready")).await.status, 200);
     assert_eq!(call(&a.router, get("/metrics")).await.status, 200);
     call(&a.router, get("/v1/models"))
         .await

@@ -108,7 +108,7 @@ pub struct ServeOptions {
     /// faster prefill.
     #[arg(long, env = "CARDINAL_PREFILL_CHUNK", default_value_t = crate::setup::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
-    /// Require `Authorization: Bearer KEY` on every endpoint but /health (and /metrics).
+    /// Require `Authorization: Bearer KEY` on every endpoint but the probes /health and /ready (and /metrics).
     #[arg(long, env = "CARDINAL_API_KEY", hide_env_values = true)]
     pub api_key: Option<ApiKey>,
     /// Seconds a generation request may run before it is ended (0: no limit).

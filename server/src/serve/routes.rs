@@ -123,15 +123,18 @@ async fn observe(State(s): State<AppState>, mut req: Request, next: Next) -> Res
     resp
 }
 
-/// With `--api-key`, requires `Authorization: Bearer KEY` except on /health
-/// (and /metrics unless `--metrics-require-auth`).
+/// With `--api-key`, requires `Authorization: Bearer KEY` except on the
+/// probes /health and /ready (a Kubernetes probe sends no key, and they tell
+/// only whether the server is up and loaded), and /metrics unless
+/// `--metrics-require-auth`.
 async fn auth(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let sh = &s.inner;
     if !sh.auth_required() {
         return next.run(req).await;
     }
     let path = req.uri().path();
-    if path == "/health" || (path == "/metrics" && !sh.opts.metrics_require_auth) {
+    if matches!(path, "/health" | "/ready") || (path == "/metrics" && !sh.opts.metrics_require_auth)
+    {
         return next.run(req).await;
     }
     match bearer(req.headers()) {
