@@ -149,31 +149,73 @@ pub fn forward_layer(
     ws.rope(cfg)
         .tabulate(rows.iter().map(|r| r.pos + 1).max().unwrap_or(0));
     let rope = &ws.rope.as_ref().expect("rope set").2;
-    rope_and_write_kv(
-        pool,
-        isa,
-        cfg,
-        rope,
-        rotate_kv,
-        local,
-        rows,
-        caches,
-        &mut ws.qkv,
-    );
-    attention(pool, isa, cfg, local, rows, caches, &ws.qkv, &mut ws.attn);
-    {
-        // Attention over H·v gives H·(attention over v): rotate back, then
-        // quantize, row by row.
+    // Attention over H·v gives H·(attention over v): each row's output is
+    // rotated back, then quantized for the output projection.
+    let finish_row = |row: &mut [f32], acts: &k::QActsRows<'_>, i: usize| {
+        if rotate_kv {
+            k::hadamard32(isa, row, 1.0 / 32.0);
+        }
+        // SAFETY: the callers hand each row index i to one call only.
+        unsafe { acts.quantize(i, row) };
+    };
+    if distinct_rows(rows, caches.len()) && n >= 2 * pool.threads() {
+        // All rows decode, one per sequence: RoPE, the cache write, the
+        // attention and the rotation back run per row in one fork-join.
+        let (qkv, attn) = (RowsPtr::new(&mut ws.qkv), RowsPtr::new(&mut ws.attn));
+        let (cs, acts) = (RowsPtr::new(caches), ws.acts.rows(isa, n, qd));
+        let next = AtomicUsize::new(0);
+        pool.run(&|_, _| {
+            let mut sts: Vec<AttnState> = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let r = rows[i];
+                // SAFETY: the counter hands out each row index once; row i is
+                // the only row of sequence r.seq (`distinct_rows`), so no other
+                // task touches its qkv row, its output row or its cache.
+                let (row, out, cache) = unsafe {
+                    (
+                        qkv.row(i, qkv_w),
+                        attn.row(i, qd),
+                        &mut cs.range(r.seq, 1)[0],
+                    )
+                };
+                rope_row(isa, cfg, rope, rotate_kv, r.pos, row);
+                cache.write(isa, local, r.pos, &row[qd..qd + kvd], &row[qd + kvd..]);
+                attend_heads(
+                    isa,
+                    cfg,
+                    local,
+                    r,
+                    cache,
+                    &row[..qd],
+                    0..cfg.n_heads,
+                    &mut sts,
+                    out,
+                );
+                finish_row(out, &acts, i);
+            }
+        });
+    } else {
+        rope_and_write_kv(
+            pool,
+            isa,
+            cfg,
+            rope,
+            rotate_kv,
+            local,
+            rows,
+            caches,
+            &mut ws.qkv,
+        );
+        attention(pool, isa, cfg, local, rows, caches, &ws.qkv, &mut ws.attn);
         let (attn, acts) = (RowsPtr::new(&mut ws.attn), ws.acts.rows(isa, n, qd));
         for_rows(pool, n, &|i| {
-            // SAFETY: row i of attn (sized n*qd above) and of acts belong to
-            // this call of i only.
-            let row = unsafe { attn.row(i, qd) };
-            if rotate_kv {
-                k::hadamard32(isa, row, 1.0 / 32.0);
-            }
-            // SAFETY: row i of acts is this call's alone (as above).
-            unsafe { acts.quantize(i, row) };
+            // SAFETY: row i of attn (sized n*qd above) belongs to this call
+            // of i only.
+            finish_row(unsafe { attn.row(i, qd) }, &acts, i);
         });
     }
     linear(pool, isa, &layer.wo, &ws.acts, &mut ws.proj, &mut ws.part);
@@ -284,24 +326,8 @@ fn rope_and_write_kv(
 ) {
     let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
     let qkv_w = qd + 2 * kvd;
-    let rotate = |i: usize, row: &mut [f32]| {
-        let (q, kv) = row.split_at_mut(qd);
-        let (kk, vv) = kv.split_at_mut(kvd);
-        rope.apply(q, cfg.n_heads, rows[i].pos);
-        rope.apply(kk, cfg.n_kv_heads, rows[i].pos);
-        if rotate_kv {
-            // The cache holds H·k and H·v; with q' = H·q/32, q'·(H·k) = q·k.
-            k::hadamard32(isa, q, 1.0 / 32.0);
-            k::hadamard32(isa, kk, 1.0);
-            k::hadamard32(isa, vv, 1.0);
-        }
-    };
-    let distinct = rows.len() >= PAR_ROWS && {
-        let mut seen = vec![false; caches.len()];
-        rows.iter()
-            .all(|r| r.seq < seen.len() && !std::mem::replace(&mut seen[r.seq], true))
-    };
-    if distinct {
+    let rotate = |i: usize, row: &mut [f32]| rope_row(isa, cfg, rope, rotate_kv, rows[i].pos, row);
+    if distinct_rows(rows, caches.len()) {
         let (cs, rs) = (RowsPtr::new(caches), RowsPtr::new(qkv));
         for_rows(pool, rows.len(), &|i| {
             let r = rows[i];
@@ -324,6 +350,39 @@ fn rope_and_write_kv(
             let row = &qkv[i * qkv_w..(i + 1) * qkv_w];
             caches[r.seq].write(isa, local, r.pos, &row[qd..qd + kvd], &row[qd + kvd..]);
         }
+    }
+}
+
+/// RoPE on one row's query and key at `pos` (and, when the cache is
+/// rotated, the Hadamard rotation of query, key and value).
+fn rope_row(
+    isa: Isa,
+    cfg: &ModelConfig,
+    rope: &Rope,
+    rotate_kv: bool,
+    pos: usize,
+    row: &mut [f32],
+) {
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+    let (q, kv) = row.split_at_mut(qd);
+    let (kk, vv) = kv.split_at_mut(kvd);
+    rope.apply(q, cfg.n_heads, pos);
+    rope.apply(kk, cfg.n_kv_heads, pos);
+    if rotate_kv {
+        // The cache holds H·k and H·v; with q' = H·q/32, q'·(H·k) = q·k.
+        k::hadamard32(isa, q, 1.0 / 32.0);
+        k::hadamard32(isa, kk, 1.0);
+        k::hadamard32(isa, vv, 1.0);
+    }
+}
+
+/// Whether there are at least [`PAR_ROWS`] rows and each belongs to a
+/// different sequence (all decoding), so rows can be handled independently.
+fn distinct_rows(rows: &[BatchRow], n_caches: usize) -> bool {
+    rows.len() >= PAR_ROWS && {
+        let mut seen = vec![false; n_caches];
+        rows.iter()
+            .all(|r| r.seq < seen.len() && !std::mem::replace(&mut seen[r.seq], true))
     }
 }
 
@@ -353,7 +412,6 @@ fn attention(
 ) {
     let (qd, kvd, hdim) = (cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
     let qkv_w = qd + 2 * kvd;
-    let group = cfg.n_heads / cfg.n_kv_heads;
     // One task per (row, KV head): its `group` query heads are attended
     // together, so each cached key and value is widened once for all of them.
     // With too few such tasks to keep the threads evenly busy (one sequence
@@ -371,68 +429,103 @@ fn attention(
     // by the other load of its core does not hold the others at the join.
     let next = AtomicUsize::new(0);
     let work = |_: usize, _: usize| {
-        let mut sts: Vec<AttnState> = (0..group).map(|_| AttnState::new(hdim)).collect();
+        let mut sts: Vec<AttnState> = Vec::new();
         loop {
             let task = next.fetch_add(1, Ordering::Relaxed);
             if task >= tasks {
                 break;
             }
             let (i, part) = (task / parts, task % parts);
-            let r = rows[i];
-            let n_tok = r.pos + 1;
             let heads = part * cfg.n_heads / parts..(part + 1) * cfg.n_heads / parts;
-            let mut h0 = heads.start;
-            while h0 < heads.end {
-                let kvh = h0 / group;
-                let h1 = heads.end.min((kvh + 1) * group);
-                let sts = &mut sts[..h1 - h0];
-                let qs = &qkv[i * qkv_w + h0 * hdim..i * qkv_w + h1 * hdim];
-                sts.iter_mut().for_each(AttnState::reset);
-                let blocks = &caches[r.seq].blocks(local)[..n_tok.div_ceil(KV_BLOCK)];
-                let base = kvh * KV_BLOCK * hdim;
-                let sb = kvh * KV_BLOCK;
-                // The blocks are small and scattered, and the weights streamed
-                // since the last layer have evicted them: ask for them a few
-                // blocks ahead of use, so each does not start with a miss.
-                let ahead = |b: usize| {
-                    if let Some(block) = blocks.get(b) {
-                        k::prefetch(&block.k[base..base + KV_BLOCK * hdim]);
-                        k::prefetch(&block.v[base..base + KV_BLOCK * hdim]);
-                        k::prefetch(&block.k_scale[sb..sb + KV_BLOCK]);
-                        k::prefetch(&block.v_scale[sb..sb + KV_BLOCK]);
-                    }
-                };
-                (0..PREFETCH_BLOCKS).for_each(ahead);
-                for (b, block) in blocks.iter().enumerate() {
-                    ahead(b + PREFETCH_BLOCKS);
-                    let start = b * KV_BLOCK;
-                    let len = (n_tok - start).min(KV_BLOCK);
-                    k::attend_group(
-                        isa,
-                        qs,
-                        &block.k[base..base + k::key_len(len, hdim)],
-                        &block.k_scale[sb..sb + len],
-                        &block.v[base..base + len * hdim],
-                        &block.v_scale[sb..sb + len],
-                        cfg.attention_scale,
-                        sts,
-                    );
-                }
-                // SAFETY: the task owns out[i*qd + h0*hdim .. i*qd + h1*hdim]
-                // (its heads of row i), and each task is claimed by one
-                // thread only (the counter hands out every index once).
-                let dst = unsafe { out.range(i * qd + h0 * hdim, (h1 - h0) * hdim) };
-                for (j, st) in sts.iter().enumerate() {
-                    k::attend_finish(st, &mut dst[j * hdim..(j + 1) * hdim]);
-                }
-                h0 = h1;
-            }
+            // SAFETY: the task owns out[i*qd + heads.start*hdim ..
+            // i*qd + heads.end*hdim] (its heads of row i), and each task is
+            // claimed by one thread only (the counter hands out every index once).
+            let dst = unsafe { out.range(i * qd + heads.start * hdim, heads.len() * hdim) };
+            let q = &qkv[i * qkv_w..i * qkv_w + qd];
+            attend_heads(
+                isa,
+                cfg,
+                local,
+                rows[i],
+                caches[rows[i].seq],
+                q,
+                heads,
+                &mut sts,
+                dst,
+            );
         }
     };
     if tasks >= pool.threads() && rows.iter().map(|r| r.pos).max().unwrap_or(0) >= 64 {
         pool.run(&work);
     } else {
         work(0, 1);
+    }
+}
+
+/// Attends query heads `heads` of one row (`q`: the row's `q_dim` query
+/// values, rotated) over its sequence's cache in local layer `local`,
+/// KV group by KV group, and writes their outputs into `out`
+/// (`heads.len() * head_dim` values). `sts` is scratch, grown as needed.
+#[allow(clippy::too_many_arguments)]
+fn attend_heads(
+    isa: Isa,
+    cfg: &ModelConfig,
+    local: usize,
+    r: BatchRow,
+    cache: &SeqKv,
+    q: &[f32],
+    heads: std::ops::Range<usize>,
+    sts: &mut Vec<AttnState>,
+    out: &mut [f32],
+) {
+    let hdim = cfg.head_dim;
+    let group = cfg.n_heads / cfg.n_kv_heads;
+    if sts.len() < group {
+        sts.resize_with(group, || AttnState::new(hdim));
+    }
+    let n_tok = r.pos + 1;
+    let blocks = &cache.blocks(local)[..n_tok.div_ceil(KV_BLOCK)];
+    let mut h0 = heads.start;
+    while h0 < heads.end {
+        let kvh = h0 / group;
+        let h1 = heads.end.min((kvh + 1) * group);
+        let sts = &mut sts[..h1 - h0];
+        let qs = &q[h0 * hdim..h1 * hdim];
+        sts.iter_mut().for_each(AttnState::reset);
+        let base = kvh * KV_BLOCK * hdim;
+        let sb = kvh * KV_BLOCK;
+        // The blocks are small and scattered, and the weights streamed
+        // since the last layer have evicted them: ask for them a few
+        // blocks ahead of use, so each does not start with a miss.
+        let ahead = |b: usize| {
+            if let Some(block) = blocks.get(b) {
+                k::prefetch(&block.k[base..base + KV_BLOCK * hdim]);
+                k::prefetch(&block.v[base..base + KV_BLOCK * hdim]);
+                k::prefetch(&block.k_scale[sb..sb + KV_BLOCK]);
+                k::prefetch(&block.v_scale[sb..sb + KV_BLOCK]);
+            }
+        };
+        (0..PREFETCH_BLOCKS).for_each(ahead);
+        for (b, block) in blocks.iter().enumerate() {
+            ahead(b + PREFETCH_BLOCKS);
+            let start = b * KV_BLOCK;
+            let len = (n_tok - start).min(KV_BLOCK);
+            k::attend_group(
+                isa,
+                qs,
+                &block.k[base..base + k::key_len(len, hdim)],
+                &block.k_scale[sb..sb + len],
+                &block.v[base..base + len * hdim],
+                &block.v_scale[sb..sb + len],
+                cfg.attention_scale,
+                sts,
+            );
+        }
+        let dst = &mut out[(h0 - heads.start) * hdim..(h1 - heads.start) * hdim];
+        for (j, st) in sts.iter().enumerate() {
+            k::attend_finish(st, &mut dst[j * hdim..(j + 1) * hdim]);
+        }
+        h0 = h1;
     }
 }
 
