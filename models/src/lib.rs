@@ -15,6 +15,7 @@
 
 pub mod alloc_guard;
 pub mod config;
+mod detok;
 pub mod error;
 pub mod fetch;
 pub mod forward;

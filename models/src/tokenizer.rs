@@ -2,7 +2,7 @@
 //! back. It builds a byte-level BPE tokenizer (Hugging Face `tokenizers`) from
 //! GGUF metadata or from a Hugging Face `tokenizer.json`, knows the model's
 //! BOS/EOS ids, whether it wants a BOS, which ids are special, and its chat
-//! template source. [`IncrementalDecoder`] turns a stream of generated ids into
+//! template source. [`IncrementalDecoder`] (in `detok.rs`) turns a stream of generated ids into
 //! text pieces that never split a UTF-8 character.
 //!
 //! Special tokens: GGUF tokens of type 3 (control) and Hugging Face added
@@ -382,7 +382,7 @@ impl Tokenizer {
             .map_err(|e| tk_err(&format!("decoding {} ids", ids.len()), e))
     }
 
-    fn check_id(&self, id: u32) -> Result<()> {
+    pub(crate) fn check_id(&self, id: u32) -> Result<()> {
         if (id as usize) < self.inner.vocab_size {
             Ok(())
         } else {
@@ -422,6 +422,11 @@ impl Tokenizer {
         self.inner.parse.id_to_token(id)
     }
 
+    /// Whether the tokenizer is byte-level (GPT-2's alphabet, all GGUF ones).
+    pub(crate) fn byte_level(&self) -> bool {
+        self.inner.byte_level
+    }
+
     /// Whether `id` is a special (control) token.
     pub fn is_special(&self, id: u32) -> bool {
         self.inner
@@ -454,10 +459,20 @@ impl Tokenizer {
     /// The raw bytes `id` stands for, for byte-level tokenizers (the same
     /// mapping as the byte-level decoder: a token whose characters are not all
     /// byte-level symbols counts as its UTF-8 text).
-    fn token_bytes(&self, id: u32, out: &mut Vec<u8>) {
+    pub(crate) fn token_bytes(&self, id: u32, out: &mut Vec<u8>) {
         let Some(tok) = self.inner.parse.id_to_token(id) else {
             return;
         };
+        // A SentencePiece byte-fallback token (`<0xF0>`) is its one byte.
+        if let Some(b) = tok
+            .strip_prefix("<0x")
+            .and_then(|h| h.strip_suffix('>'))
+            .filter(|h| h.len() == 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(b);
+            return;
+        }
         let table = char_to_byte();
         let start = out.len();
         for c in tok.chars() {
@@ -668,134 +683,4 @@ fn char_to_byte() -> &'static HashMap<char, u8> {
     })
 }
 
-/// Streaming detokenizer: push generated ids one at a time and get back only
-/// complete text, never half a UTF-8 character.
-///
-/// For byte-level tokenizers (all GGUF ones) each id is turned into its raw
-/// bytes and the longest valid UTF-8 prefix is emitted; an incomplete
-/// trailing sequence is held back until it completes, and bytes that can never
-/// be valid become U+FFFD exactly as in [`Tokenizer::decode`]. So the pieces
-/// concatenated always equal `decode(all ids)`. Other decoders use the
-/// prefix-offset method of vLLM/TGI (decode a small window twice, emit the
-/// growth once it no longer ends in U+FFFD).
-#[derive(Debug)]
-pub struct IncrementalDecoder {
-    tok: Tokenizer,
-    skip_special: bool,
-    state: DecodeState,
-}
-
-#[derive(Debug)]
-enum DecodeState {
-    /// Raw bytes not yet emitted (an incomplete character).
-    Bytes(Vec<u8>),
-    /// The window of ids still needed; text of `ids[..read]` was emitted.
-    Window { ids: Vec<u32>, read: usize },
-}
-
-impl IncrementalDecoder {
-    /// A decoder for `tok`; special tokens are dropped with `skip_special`.
-    pub fn new(tok: &Tokenizer, skip_special: bool) -> Self {
-        let state = match tok.inner.byte_level {
-            true => DecodeState::Bytes(Vec::new()),
-            false => DecodeState::Window {
-                ids: Vec::new(),
-                read: 0,
-            },
-        };
-        IncrementalDecoder {
-            tok: tok.clone(),
-            skip_special,
-            state,
-        }
-    }
-
-    /// Adds one id; returns the text that became complete (often empty).
-    pub fn push(&mut self, id: u32) -> Result<String> {
-        self.tok.check_id(id)?;
-        if self.skip_special && self.tok.is_special(id) {
-            return Ok(String::new());
-        }
-        match &mut self.state {
-            DecodeState::Bytes(pending) => {
-                self.tok.token_bytes(id, pending);
-                Ok(take_utf8(pending, false))
-            }
-            DecodeState::Window { ids, read } => {
-                ids.push(id);
-                window_text(&self.tok, ids, read, self.skip_special, false)
-            }
-        }
-    }
-
-    /// Flushes what is held back (an incomplete character becomes U+FFFD) and
-    /// resets the decoder for a new stream.
-    pub fn finish(&mut self) -> Result<String> {
-        match &mut self.state {
-            DecodeState::Bytes(pending) => Ok(take_utf8(pending, true)),
-            DecodeState::Window { ids, read } => {
-                window_text(&self.tok, ids, read, self.skip_special, true)
-            }
-        }
-    }
-}
-
-/// Prefix-offset step: the text `ids` add beyond `ids[..read]`, once it does
-/// not end in U+FFFD (or at `flush`); then the window slides forward.
-fn window_text(
-    tok: &Tokenizer,
-    ids: &mut Vec<u32>,
-    read: &mut usize,
-    skip: bool,
-    flush: bool,
-) -> Result<String> {
-    let before = tok.decode(&ids[..*read], skip)?;
-    let now = tok.decode(ids, skip)?;
-    let ready = now.len() > before.len() && now.is_char_boundary(before.len());
-    let out = match ready && (flush || !now.ends_with('\u{FFFD}')) {
-        true => now[before.len()..].to_string(),
-        false if flush => String::new(),
-        false => return Ok(String::new()),
-    };
-    if flush {
-        ids.clear();
-    } else {
-        ids.drain(..*read);
-    }
-    *read = ids.len();
-    Ok(out)
-}
-
-/// Removes and returns the complete UTF-8 text at the front of `buf`, with
-/// invalid bytes as U+FFFD (as `String::from_utf8_lossy` does). An incomplete
-/// sequence at the end stays in `buf` unless `flush`.
-fn take_utf8(buf: &mut Vec<u8>, flush: bool) -> String {
-    let mut out = String::new();
-    let mut pos = 0;
-    while pos < buf.len() {
-        match std::str::from_utf8(&buf[pos..]) {
-            Ok(s) => {
-                out.push_str(s);
-                pos = buf.len();
-            }
-            Err(e) => {
-                let valid = e.valid_up_to();
-                out.push_str(std::str::from_utf8(&buf[pos..pos + valid]).unwrap_or_default());
-                pos += valid;
-                match e.error_len() {
-                    Some(n) => {
-                        out.push('\u{FFFD}');
-                        pos += n;
-                    }
-                    None if flush => {
-                        out.push('\u{FFFD}');
-                        pos = buf.len();
-                    }
-                    None => break,
-                }
-            }
-        }
-    }
-    buf.drain(..pos);
-    out
-}
+pub use crate::detok::IncrementalDecoder;

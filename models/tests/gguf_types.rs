@@ -197,12 +197,13 @@ fn c8_values(codes: &[(Vec<i8>, f32)]) -> Vec<f64> {
 /// each within 3 steps (one of rounding, two measured downstream of an A8
 /// flip in the first layer: layer 1, position 5 of the Q4_1 model on AVX2
 /// and AVX-512) and the scales within 3% (1.6% there); a key in the wrong
-/// slot or head is off by the whole range. Codes that differ are counted.
+/// slot or head is off by the whole range. Codes that differ are counted
+/// (and bounded in [`check`]).
 fn c8(
     x: &[f64],
     r: Rounding,
     engine: Option<(&SeqKv, usize, usize, bool)>,
-    flips: &mut usize,
+    flips: &mut (usize, usize),
 ) -> Vec<f64> {
     if r == Rounding::Exact {
         return x.to_vec();
@@ -227,7 +228,8 @@ fn c8(
                 (x as i32 - y as i32).abs() <= 3,
                 "layer {layer} pos {pos} head {h} (value {value}) element {i}: cache holds {y}, the reference rounds to {x}"
             );
-            *flips += usize::from(x != y);
+            flips.0 += usize::from(x != y);
+            flips.1 += 1;
         }
     }
     c8_values(&theirs)
@@ -264,7 +266,7 @@ fn reference_logits(
     tokens: &[u32],
     r: Rounding,
     engine: Option<&SeqKv>,
-    flips: &mut usize,
+    flips: &mut (usize, usize),
 ) -> Vec<f64> {
     let mut xs: Vec<Vec<f64>> = tokens
         .iter()
@@ -473,7 +475,8 @@ fn check(spec: &Tiny) -> (f64, f64) {
     let (steps, cache) = generate(&loaded, &prompt, 6);
     let mut tokens = prompt.clone();
     let (mut worst_exact, mut worst_a8c8) = (0.0f64, 0.0f64);
-    let mut flips = 0;
+    // Cached codes one step off the reference's, and codes compared.
+    let mut flips = (0, 0);
     for (i, (next, logits)) in steps.iter().enumerate() {
         let mut err = |w: &Weights, r: Rounding| {
             let want = reference_logits(w, &tokens, r, Some(&cache), &mut flips);
@@ -501,12 +504,24 @@ fn check(spec: &Tiny) -> (f64, f64) {
     eprintln!(
         "{:?} (v/down {:?}, output {:?}) {}: worst logit error, relative to the largest logit: \
          {worst_exact:.2e} against exact f64, {worst_a8c8:.2e} against f64 with A8/C8 rounding \
-         ({flips} cached codes one step off the reference's, summed over the steps); generated {:?}",
+         ({} of {} cached codes one step off the reference's, summed over the steps); generated {:?}",
         spec.matrices,
         spec.v_down,
         spec.output,
         spec.arch,
+        flips.0,
+        flips.1,
         &tokens[prompt.len()..]
+    );
+    // A systematic rounding difference in the cache write (another rounding
+    // mode, a scale off by an ulp-scale factor) moves a large share of the
+    // codes by one step; ulp noise and an upstream A8 flip move ~1% (0.8% for
+    // the Q4_1 model on AVX2 and AVX-512).
+    assert!(
+        flips.0 * 100 <= 3 * flips.1,
+        "{spec:?}: {} of {} cached codes differ from the reference's rounding",
+        flips.0,
+        flips.1
     );
     (worst_exact, worst_a8c8)
 }

@@ -250,6 +250,8 @@ pub fn plan(
             "users ({users}) and ctx ({ctx}) must be at least 1"
         )));
     }
+    spec.validate()
+        .map_err(|e| PlanError::Invalid(e.to_string()))?;
     // A lower bound on the cards needed, in exact arithmetic, before any
     // sharding allocates per card.
     let total: u128 = parts
@@ -258,7 +260,7 @@ pub fn plan(
             p.weight_bytes as u128 + p.kv_bytes_per_token as u128 * users as u128 * ctx as u128
         })
         .sum();
-    let needed = total.div_ceil(u128::from(spec.memory_bytes.max(1)));
+    let needed = total.div_ceil(u128::from(spec.memory_bytes));
     if needed > MAX_CARDS as u128 {
         return Err(PlanError::TooLarge { needed, users, ctx });
     }
@@ -287,6 +289,14 @@ pub fn plan(
             groups.push(vec![i]);
             used = need(p);
         }
+    }
+    if groups.len() > MAX_CARDS {
+        // Parts that each need a card of their own can exceed the bound.
+        return Err(PlanError::TooLarge {
+            needed: groups.len() as u128,
+            users,
+            ctx,
+        });
     }
     if let Some(n) = cards {
         if n < groups.len() {

@@ -397,7 +397,7 @@ fn json_request_logs_have_plain_fields() {
     .stderr(Stdio::piped())
     .spawn()
     .expect("the cardinal binary runs");
-    let (tx, rx) = mpsc::channel::<String>();
+    let (tx, rx) = mpsc::sync_channel::<String>(4096);
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr).lines() {

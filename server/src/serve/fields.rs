@@ -78,7 +78,13 @@ impl<'a> Fields<'a> {
                             format!("`{p}` must be an integer, not {f}"),
                         ));
                     }
-                    // Saturating; anything this large is out of every range.
+                    if f.abs() >= 1e18 {
+                        // Out of every range; named as sent, not saturated.
+                        return Err(ApiError::invalid(
+                            p.clone(),
+                            format!("`{p}` is {f}; it must fit a 64-bit signed integer"),
+                        ));
+                    }
                     f as i128
                 }
             }

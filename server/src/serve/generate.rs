@@ -323,6 +323,7 @@ impl Job {
             usage,
             self.tok.as_ref(),
             self.g.logprobs.is_some(),
+            self.g.skip_special_tokens,
         );
         Ok(axum::Json(body).into_response())
     }
@@ -369,7 +370,8 @@ impl Job {
                 }
             }
         }
-        let mut offsets = vec![0usize; self.driver.choices().len()];
+        let mut offsets =
+            vec![render::CharCursor::new(self.g.skip_special_tokens); self.driver.choices().len()];
         loop {
             let next = tokio::select! {
                 biased;

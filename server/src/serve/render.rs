@@ -172,24 +172,66 @@ pub fn chat_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprob]) -> Value {
     json!({ "content": content })
 }
 
+/// Where tokens' text starts in a choice's text, in characters (as vLLM's
+/// Python offsets count), carried from chunk to chunk: the characters begun
+/// so far, and how many continuation bytes the last one still expects. A
+/// byte that cannot start or continue a character shows as one U+FFFD and
+/// counts one; a skipped special token shows nothing and counts none.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CharCursor {
+    chars: usize,
+    pending: u8,
+    skip_special: bool,
+}
+
+impl CharCursor {
+    /// A cursor at the start of a text whose special tokens are skipped
+    /// (`skip_special_tokens`) or not.
+    pub fn new(skip_special: bool) -> Self {
+        CharCursor {
+            skip_special,
+            ..Self::default()
+        }
+    }
+
+    /// Advances past a token's bytes; returns the offset of the character
+    /// its first byte belongs to (a token holding the tail of an emoji
+    /// points at the emoji).
+    fn feed(&mut self, bytes: &[u8]) -> usize {
+        let continues = bytes.first().is_some_and(|&b| b & 0xC0 == 0x80);
+        let start = if continues && self.pending > 0 {
+            self.chars - 1
+        } else {
+            self.chars
+        };
+        for &b in bytes {
+            let (counts, pending) = match b {
+                0x80..=0xBF if self.pending > 0 => (false, self.pending - 1),
+                0xC2..=0xDF => (true, 1),
+                0xE0..=0xEF => (true, 2),
+                0xF0..=0xF4 => (true, 3),
+                _ => (true, 0),
+            };
+            self.chars += usize::from(counts);
+            self.pending = pending;
+        }
+        start
+    }
+}
+
 /// Completions logprobs: parallel `tokens`, `token_logprobs`,
-/// `top_logprobs` and `text_offset` lists. `text_offset` counts characters
-/// of the choice's text, as vLLM's (Python) offsets do: a token starts at
-/// the number of characters begun before its first byte, less one when that
-/// byte continues a character (a token holding the tail of an emoji points
-/// at the emoji). `chars` carries that count from chunk to chunk.
+/// `top_logprobs` and `text_offset` lists, the offsets in characters of
+/// the choice's text ([`CharCursor`], carried across chunks).
 pub fn completion_logprobs(
     tok: Option<&Tokenizer>,
     lps: &[TokenLogprob],
-    chars: &mut usize,
+    cursor: &mut CharCursor,
 ) -> Value {
     let (mut tokens, mut logprobs, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
-    let continues = |b: u8| b & 0xC0 == 0x80;
     for l in lps {
         let (t, bytes) = token_piece(tok, l.id);
-        let mid_char = bytes.first().is_some_and(|&b| continues(b));
-        offsets.push(chars.saturating_sub(usize::from(mid_char)));
-        *chars += bytes.iter().filter(|&&b| !continues(b)).count();
+        let hidden = cursor.skip_special && tok.is_some_and(|t| t.is_special(l.id));
+        offsets.push(cursor.feed(if hidden { &[] } else { &bytes }));
         let mut top = Map::new();
         for &(id, lp) in &l.top {
             top.insert(token_piece(tok, id).0, finite(lp));
@@ -282,6 +324,7 @@ pub fn full(
     usage: Value,
     tok: Option<&Tokenizer>,
     logprobs: bool,
+    skip_special: bool,
 ) -> Value {
     let out = choices
         .iter()
@@ -293,7 +336,9 @@ pub fn full(
             let lp = match (logprobs, meta.endpoint) {
                 (false, _) => Value::Null,
                 (true, Endpoint::Chat) => chat_logprobs(tok, &c.logprobs),
-                (true, Endpoint::Completions) => completion_logprobs(tok, &c.logprobs, &mut 0),
+                (true, Endpoint::Completions) => {
+                    completion_logprobs(tok, &c.logprobs, &mut CharCursor::new(skip_special))
+                }
             };
             match meta.endpoint {
                 Endpoint::Chat => json!({
@@ -348,10 +393,10 @@ mod tests {
                 top: vec![(3, -1.0)],
             },
         ];
-        let mut chars = 0;
-        let v = completion_logprobs(None, &lps, &mut chars);
+        let mut cursor = CharCursor::new(true);
+        let v = completion_logprobs(None, &lps, &mut cursor);
         assert_eq!(v["text_offset"], json!([0, 2]));
-        assert_eq!(chars, 5);
+        assert_eq!(cursor.chars, 5);
         assert_eq!(v["tokens"], json!(["1 ", "22 "]));
     }
 
@@ -391,9 +436,9 @@ mod tests {
                 top: ids.iter().map(|&t| (t, -2.0)).collect(),
             })
             .collect();
-        let mut chars = 0;
-        let v = completion_logprobs(Some(&tok), &lps, &mut chars);
-        assert_eq!(chars, 3);
+        let mut cursor = CharCursor::new(true);
+        let v = completion_logprobs(Some(&tok), &lps, &mut cursor);
+        assert_eq!(cursor.chars, 3);
         let offsets: Vec<u64> = v["text_offset"]
             .as_array()
             .unwrap()
@@ -410,6 +455,26 @@ mod tests {
         for top in v["top_logprobs"].as_array().unwrap() {
             assert_eq!(top.as_object().unwrap().len(), distinct.len(), "{top}");
         }
+        // Stray bytes count one character each, as the text shows them.
+        let mut c = CharCursor::new(true);
+        let offs: Vec<usize> = [
+            &b"a"[..],
+            &[0x9f],
+            &[0xfb, 0xfb],
+            &[0xf0, 0x9f],
+            &[0x90, 0xa7],
+            b"b",
+        ]
+        .iter()
+        .map(|b| c.feed(b))
+        .collect();
+        assert_eq!(offs, [0, 1, 2, 4, 4, 5]);
+        assert_eq!(
+            String::from_utf8_lossy(b"a\x9f\xfb\xfb\xf0\x9f\x90\xa7b")
+                .chars()
+                .count(),
+            c.chars
+        );
         let chat = chat_logprobs(Some(&tok), &lps);
         let raw: Vec<u8> = chat["content"]
             .as_array()

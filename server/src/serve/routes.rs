@@ -278,6 +278,10 @@ async fn ready(State(s): State<AppState>) -> Response {
         )
         .into_response();
     }
+    // /ready needs no key (probes send none), so with one it names no model.
+    if s.inner.auth_required() {
+        return axum::Json(json!({ "status": "ready" })).into_response();
+    }
     axum::Json(json!({ "status": "ready", "model": s.inner.served_name })).into_response()
 }
 
