@@ -95,9 +95,15 @@ pub fn embed(model: &Model, tokens: &[u32], out: &mut [f32]) {
     }
 }
 
+/// A pass over one row of hidden values, run on the kernel pool.
+pub type RowFn = dyn Fn(&mut [f32]) + Sync;
+
 /// Runs decoder layer `layer` (local index `local` in the caches) over the
 /// rows of `x` (`rows.len() x hidden`), updating `x` in place. Each row's
-/// cache must have capacity for its position.
+/// cache must have capacity for its position. `row_out`, if given, is
+/// applied to each row of `x` at the end, in the same pass as the residual
+/// add (the pipeline rounds rows through its link format there).
+#[allow(clippy::too_many_arguments)]
 pub fn forward_layer(
     pool: &Pool,
     isa: Isa,
@@ -108,6 +114,7 @@ pub fn forward_layer(
     rows: &[BatchRow],
     caches: &mut [&mut SeqKv],
     ws: &mut Workspace,
+    row_out: Option<&RowFn>,
 ) {
     let n = rows.len();
     let hd = cfg.hidden;
@@ -279,6 +286,9 @@ pub fn forward_layer(
             &proj[i * hd..(i + 1) * hd],
             cfg.residual_multiplier,
         );
+        if let Some(f) = row_out {
+            f(xr);
+        }
     });
 }
 

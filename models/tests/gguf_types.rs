@@ -369,6 +369,7 @@ fn generate(loaded: &LoadedModel, prompt: &[u32], steps: usize) -> (Vec<(u32, Ve
                 &rows,
                 &mut [&mut cache],
                 &mut ws,
+                None,
             );
         }
         forward::forward_head(

@@ -226,6 +226,8 @@ impl Cards {
                 let mut seq_caches: Vec<&mut SeqKv> =
                     caches.iter_mut().map(|c| &mut c[ci]).collect();
                 for (local, li) in card.layers.clone().enumerate() {
+                    // Every part boundary rounds the hidden state through the
+                    // link format, row by row in the layer's last pass.
                     forward::forward_layer(
                         pool,
                         isa,
@@ -236,8 +238,8 @@ impl Cards {
                         rows,
                         &mut seq_caches,
                         &mut scratch.ws,
+                        Some(&move |row: &mut [f32]| a8_roundtrip(isa, row)),
                     );
-                    a8_roundtrip(isa, &mut scratch.x[..n * h]);
                     let macs = (n * cfg.layer_params()) as u64;
                     card.counters.ops_int4.fetch_add(macs, Ordering::Relaxed);
                 }
