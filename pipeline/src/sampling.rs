@@ -177,9 +177,16 @@ impl Sampler {
                 }
             }
         }
+        // Greedy needs one pass (the argmax, whose logit is the max); the
+        // max is a second pass over the vocabulary only when used.
+        let greedy = p.temperature == 0.0 || p.top_k == 1;
+        let best = greedy.then(|| argmax(logits));
+        let max = match best {
+            Some(i) if !logits[i].is_nan() => logits[i],
+            _ => logits.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        };
         // Log-softmax normaliser of the processed logits: an f64 exp per
         // vocabulary entry (~0.5 ms for 49k), so only when log-probs are asked.
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let lse = if p.logprobs || top_n > 0 {
             max + logits
                 .iter()
@@ -197,10 +204,9 @@ impl Sampler {
         } else {
             Vec::new()
         };
-        let id = if p.temperature == 0.0 || p.top_k == 1 {
-            argmax(logits)
-        } else {
-            self.draw(logits, max)
+        let id = match best {
+            Some(i) => i,
+            None => self.draw(logits, max),
         };
         Sampled {
             id: id as u32,
