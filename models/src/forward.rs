@@ -103,6 +103,12 @@ pub type RowFn = dyn Fn(&mut [f32]) + Sync;
 /// cache must have capacity for its position. `row_out`, if given, is
 /// applied to each row of `x` at the end, in the same pass as the residual
 /// add (the pipeline rounds rows through its link format there).
+///
+/// Layers can hand over their first pass: with `next_norm` (the next
+/// layer's `attn_norm`), the last pass also normalizes and quantizes each
+/// finished row for the next layer into `ws`, and that next call, given
+/// `normed_input`, skips its own first pass. Same operations, one fork-join
+/// fewer per layer.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_layer(
     pool: &Pool,
@@ -115,6 +121,8 @@ pub fn forward_layer(
     caches: &mut [&mut SeqKv],
     ws: &mut Workspace,
     row_out: Option<&RowFn>,
+    normed_input: bool,
+    next_norm: Option<&[f32]>,
 ) {
     let n = rows.len();
     let hd = cfg.hidden;
@@ -133,8 +141,15 @@ pub fn forward_layer(
     resize(&mut ws.gu, n * 2 * cfg.ffn);
     resize(&mut ws.h, n * cfg.ffn);
 
-    // Attention block: norm and quantize each row in one pass.
-    {
+    // Attention block: norm and quantize each row in one pass (done by the
+    // previous layer's last pass when `normed_input`).
+    assert!(
+        !normed_input || (ws.acts.m() == n && ws.acts.cols() == hd),
+        "forward_layer: normed_input, but the workspace holds {} x {} activations",
+        ws.acts.m(),
+        ws.acts.cols()
+    );
+    if !normed_input {
         let (xs, xn) = (&*x, RowsPtr::new(&mut ws.xn));
         let acts = ws.acts.rows(isa, n, hd);
         for_rows(pool, n, &|i| {
@@ -276,10 +291,12 @@ pub fn forward_layer(
         &mut ws.proj,
         &mut ws.part,
     );
-    let (xs, proj) = (RowsPtr::new(x), &ws.proj);
+    let (xs, xn, proj) = (RowsPtr::new(x), RowsPtr::new(&mut ws.xn), &ws.proj);
+    let next = next_norm.map(|norm| (norm, ws.acts.rows(isa, n, hd)));
     for_rows(pool, n, &|i| {
-        // SAFETY: row i of x (n*hd, the caller's) belongs to this call of i only.
-        let xr = unsafe { xs.row(i, hd) };
+        // SAFETY: row i of x (n*hd, the caller's) and of xn (sized n*hd
+        // above) belong to this call of i only.
+        let (xr, out) = unsafe { (xs.row(i, hd), xn.row(i, hd)) };
         k::add_scaled(
             isa,
             xr,
@@ -288,6 +305,11 @@ pub fn forward_layer(
         );
         if let Some(f) = row_out {
             f(xr);
+        }
+        if let Some((norm, acts)) = &next {
+            k::rmsnorm(isa, xr, norm, cfg.rms_eps, out);
+            // SAFETY: row i of acts is this call's alone (as above).
+            unsafe { acts.quantize(i, out) };
         }
     });
 }

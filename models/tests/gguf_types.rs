@@ -370,6 +370,8 @@ fn generate(loaded: &LoadedModel, prompt: &[u32], steps: usize) -> (Vec<(u32, Ve
                 &mut [&mut cache],
                 &mut ws,
                 None,
+                false,
+                None,
             );
         }
         forward::forward_head(

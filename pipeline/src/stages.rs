@@ -221,6 +221,9 @@ impl Cards {
         forward::embed(m, tokens, &mut scratch.x[..n * h]);
         let mut link_seconds = 0.0;
         let last = self.cards.len() - 1;
+        // Whether the previous layer's last pass already normalized and
+        // quantized the rows for the next layer (see `forward_layer`).
+        let mut normed = false;
         for (ci, card) in self.cards.iter().enumerate() {
             if !card.layers.is_empty() {
                 let mut seq_caches: Vec<&mut SeqKv> =
@@ -239,7 +242,10 @@ impl Cards {
                         &mut seq_caches,
                         &mut scratch.ws,
                         Some(&move |row: &mut [f32]| a8_roundtrip(isa, row)),
+                        normed,
+                        m.layers.get(li + 1).map(|l| &l.attn_norm[..]),
                     );
+                    normed = li + 1 < m.layers.len();
                     let macs = (n * cfg.layer_params()) as u64;
                     card.counters.ops_int4.fetch_add(macs, Ordering::Relaxed);
                 }
