@@ -17,6 +17,12 @@ use crate::Isa;
 /// starts on a tile boundary; slots of a partial last tile are ignored.
 pub const KEY_TILE: usize = 16;
 
+/// Where element 0 of token `t`'s key lies in the tile layout; element `d`
+/// is [`KEY_TILE`]` * d` bytes further on.
+pub fn key_offset(t: usize, head_dim: usize) -> usize {
+    t / KEY_TILE * KEY_TILE * head_dim + t % KEY_TILE
+}
+
 /// Bytes of keys for `n` tokens of `head_dim` in the tile layout (whole tiles).
 pub fn key_len(n: usize, head_dim: usize) -> usize {
     n.div_ceil(KEY_TILE) * KEY_TILE * head_dim
@@ -26,7 +32,7 @@ pub fn key_len(n: usize, head_dim: usize) -> usize {
 /// `tiles`, keys in the tile layout ([`KEY_TILE`]); returns its scale.
 pub fn store_key(isa: Isa, x: &[f32], tiles: &mut [i8], t: usize) -> f32 {
     let hd = x.len();
-    let base = t / KEY_TILE * KEY_TILE * hd + t % KEY_TILE;
+    let base = key_offset(t, hd);
     assert!(
         tiles.len() >= key_len(t + 1, hd),
         "store_key: token {t} of head_dim {hd} needs {} key bytes, got {}",
@@ -58,7 +64,7 @@ pub fn tile_keys(keys: &[i8], head_dim: usize) -> Vec<i8> {
     );
     let mut out = vec![0i8; key_len(keys.len() / head_dim, head_dim)];
     for (t, row) in keys.chunks_exact(head_dim).enumerate() {
-        let base = t / KEY_TILE * KEY_TILE * head_dim + t % KEY_TILE;
+        let base = key_offset(t, head_dim);
         for (i, &v) in row.iter().enumerate() {
             out[base + i * KEY_TILE] = v;
         }

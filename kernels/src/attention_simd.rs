@@ -98,7 +98,7 @@ pub(crate) fn scores_scalar(
     let n = ks.len();
     for (q, o) in qs.chunks_exact(hd).zip(out.chunks_exact_mut(n)) {
         for (t, s) in o.iter_mut().enumerate() {
-            let base = t / KEY_TILE * KEY_TILE * hd + t % KEY_TILE;
+            let base = crate::attention::key_offset(t, hd);
             let mut dot = 0.0f32;
             for (d, &qd) in q.iter().enumerate() {
                 dot = qd.mul_add(k[base + d * KEY_TILE] as f32, dot);

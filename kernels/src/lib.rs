@@ -40,8 +40,8 @@ mod storage;
 pub const GROUP: usize = 32;
 
 pub use attention::{
-    AttnState, KEY_TILE, attend, attend_finish, key_len, quantize_kv, quantize_kv_with, store_key,
-    tile_keys,
+    AttnState, KEY_TILE, attend, attend_finish, key_len, key_offset, quantize_kv, quantize_kv_with,
+    store_key, tile_keys,
 };
 pub use attention_group::attend_group;
 pub use elementwise::{add_scaled, rmsnorm, softmax, swiglu};

@@ -214,10 +214,10 @@ impl SeqKv {
     pub fn read(&self, layer: usize, pos: usize, head: usize) -> (Vec<i8>, f32, Vec<i8>, f32) {
         let (s, t) = (self.shape, pos % KV_BLOCK);
         let block = &self.layers[layer][pos / KV_BLOCK];
-        let tile = cardinal_kernels::KEY_TILE;
         let keys = h_range(head, s.head_dim);
+        let at = keys.start + cardinal_kernels::key_offset(t, s.head_dim);
         let k = (0..s.head_dim)
-            .map(|d| block.k[keys.start + t / tile * tile * s.head_dim + d * tile + t % tile])
+            .map(|d| block.k[at + d * cardinal_kernels::KEY_TILE])
             .collect();
         let row = keys.start + t * s.head_dim;
         let v = block.v[row..row + s.head_dim].to_vec();

@@ -202,16 +202,13 @@ fn c8_values(codes: &[(Vec<i8>, f32)]) -> Vec<f64> {
 fn c8(
     x: &[f64],
     r: Rounding,
-    engine: Option<(&SeqKv, usize, usize, bool)>,
+    (cache, layer, pos, value): (&SeqKv, usize, usize, bool),
     flips: &mut (usize, usize),
 ) -> Vec<f64> {
     if r == Rounding::Exact {
         return x.to_vec();
     }
     let mine = c8_codes(x);
-    let Some((cache, layer, pos, value)) = engine else {
-        return c8_values(&mine);
-    };
     let theirs: Vec<(Vec<i8>, f32)> = (0..mine.len())
         .map(|h| {
             let (k, ks, v, vs) = cache.read(layer, pos, h);
@@ -259,13 +256,14 @@ fn hadamard_f64(x: &mut [f64], scale: f64) {
 
 /// A forward pass in f64 over the file's weights: the logits at the last
 /// position of `tokens`.
-/// With `engine`, the C8 codes of the keys and values come from the
-/// engine's cache (see [`c8`]).
+///
+/// The C8 codes of the keys and values come from `engine`'s cache (see
+/// [`c8`]).
 fn reference_logits(
     w: &Weights,
     tokens: &[u32],
     r: Rounding,
-    engine: Option<&SeqKv>,
+    engine: &SeqKv,
     flips: &mut (usize, usize),
 ) -> Vec<f64> {
     let mut xs: Vec<Vec<f64>> = tokens
@@ -286,7 +284,7 @@ fn reference_logits(
             rope(&mut q, HEADS, pos, w.rope_theta);
             rope(&mut k, KV_HEADS, pos, w.rope_theta);
             qs.push(q);
-            let at = |value| engine.map(|c| (c, li, pos, value));
+            let at = |value| (engine, li, pos, value);
             ks.push(c8(&k, r, at(false), flips));
             vs.push(c8(&matvec(&l.v, &h), r, at(true), flips));
         }
@@ -482,7 +480,7 @@ fn check(spec: &Tiny) -> (f64, f64) {
     let mut flips = (0, 0);
     for (i, (next, logits)) in steps.iter().enumerate() {
         let mut err = |w: &Weights, r: Rounding| {
-            let want = reference_logits(w, &tokens, r, Some(&cache), &mut flips);
+            let want = reference_logits(w, &tokens, r, &cache, &mut flips);
             let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
             let e = logits
                 .iter()
