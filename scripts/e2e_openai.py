@@ -2,9 +2,10 @@
 
 Usage: python scripts/e2e_openai.py http://127.0.0.1:PORT/v1
 Exercises chat (string and text-part content, streaming and not),
-completions, include_usage, n=2, stop strings and a rejected request, and
-checks that the greedy API output equals `cardinal generate` for the same
-prompt. Exits non-zero on the first failure.
+completions, include_usage, n=2, stop strings, a rejected request and the
+prefix cache (a repeated long system prompt reports cached prompt tokens and
+the same reply), and checks that the greedy API output equals `cardinal
+generate` for the same prompt. Exits non-zero on the first failure.
 """
 import json
 import subprocess
@@ -64,6 +65,19 @@ try:
     raise SystemExit("temperature -1 was accepted")
 except openai.BadRequestError as e:
     print("bad request rejected:", e.status_code, e.body.get("param") if isinstance(e.body, dict) else e.body)
+
+# A long system prompt, twice: the second request reuses its cached KV blocks
+# (usage.prompt_tokens_details.cached_tokens, as OpenAI reports it) and
+# gives the same greedy reply.
+system = "You are Cardinal's test assistant. Answer briefly and exactly. " * 20
+long_msg = [{"role": "system", "content": system}, {"role": "user", "content": "Name a colour."}]
+cold = client.chat.completions.create(model=model, messages=long_msg, max_tokens=12, temperature=0)
+warm = client.chat.completions.create(model=model, messages=long_msg, max_tokens=12, temperature=0)
+cached = warm.usage.prompt_tokens_details.cached_tokens
+assert cold.usage.prompt_tokens_details.cached_tokens == 0, cold.usage
+assert cached >= 128 and cached % 64 == 0 and cached < warm.usage.prompt_tokens, warm.usage
+assert warm.choices[0].message.content == cold.choices[0].message.content, (warm, cold)
+print("prefix cache:", cached, "of", warm.usage.prompt_tokens, "prompt tokens cached, same reply")
 
 gen = subprocess.run(["./target/release/cardinal", "generate", "--prompt", "What is the capital of France?", "--chat", "--max-tokens", "24", "--json"], capture_output=True, text=True, check=True)
 cli = json.loads(gen.stdout.strip().splitlines()[-1])["text"]

@@ -1,8 +1,10 @@
 //! The C8 key/value cache: int8 values with one f32 scale per token per KV
 //! head, stored in fixed-size blocks of [`KV_BLOCK`] tokens. Every block is
-//! charged to a [`KvBudget`] (a card's memory) when allocated and returned to
-//! it when the sequence's cache is dropped, so finished and cancelled
-//! sequences can never leak cache memory.
+//! charged to a [`KvBudget`] (a card's memory) when allocated and returns its
+//! bytes when its last holder drops it, so finished and cancelled sequences
+//! can never leak cache memory. Blocks are reference-counted so that a full
+//! block of a shared prompt prefix can be held by several sequences and by
+//! the engine's prefix cache at once; such a block is never written again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -88,14 +90,33 @@ impl KvBudget {
 /// One block of one layer: per KV head, `KV_BLOCK` keys in the kernels'
 /// key-tile layout (`KV_BLOCK * head_dim` int8, dimension-major within tiles
 /// of 16 tokens, see `cardinal_kernels::KEY_TILE`) and `[KV_BLOCK][head_dim]`
-/// int8 values; `[kv_head][KV_BLOCK]` scales for each.
+/// int8 values; `[kv_head][KV_BLOCK]` scales for each. Its bytes go back to
+/// the budget it was charged to when it is dropped.
 #[derive(Debug)]
 pub struct KvBlock {
     pub k: Vec<i8>,
     pub v: Vec<i8>,
     pub k_scale: Vec<f32>,
     pub v_scale: Vec<f32>,
+    /// Held for its `Drop`, which returns the bytes.
+    _charge: Charge,
 }
+
+/// Bytes charged to a budget, released on drop.
+#[derive(Debug)]
+struct Charge {
+    budget: Arc<KvBudget>,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+/// A shared handle to a block.
+pub type SharedBlock = Arc<KvBlock>;
 
 /// The geometry of a cache, from the model config.
 #[derive(Clone, Copy, Debug)]
@@ -120,14 +141,14 @@ impl KvShape {
 }
 
 /// The cache of one sequence for a contiguous range of layers (the layers
-/// one card holds).
+/// one card holds). Its first blocks may be shared (adopted from a prefix
+/// cache); those are full and only read.
 #[derive(Debug)]
 pub struct SeqKv {
     shape: KvShape,
     /// `layers[l]` holds the blocks of local layer `l`.
-    layers: Vec<Vec<KvBlock>>,
+    layers: Vec<Vec<SharedBlock>>,
     budget: Arc<KvBudget>,
-    charged: usize,
 }
 
 impl SeqKv {
@@ -137,7 +158,6 @@ impl SeqKv {
             shape,
             layers: (0..n_layers).map(|_| Vec::new()).collect(),
             budget,
-            charged: 0,
         }
     }
 
@@ -148,9 +168,33 @@ impl SeqKv {
             .map_or(usize::MAX, |l| l.len() * KV_BLOCK)
     }
 
-    /// Bytes charged to the budget.
+    /// Bytes of the blocks this cache holds (shared ones included).
     pub fn bytes(&self) -> usize {
-        self.charged
+        self.layers.iter().map(Vec::len).sum::<usize>() * self.shape.block_bytes()
+    }
+
+    /// Blocks per layer (every layer has the same number).
+    pub fn n_blocks(&self) -> usize {
+        self.layers.first().map_or(0, Vec::len)
+    }
+
+    /// Appends `blocks` (one per local layer, all full, from another cache
+    /// of the same geometry on the same card) as this cache's next block.
+    /// Only called on a cache whose blocks so far are all full.
+    pub fn adopt(&mut self, blocks: &[SharedBlock]) {
+        assert_eq!(
+            blocks.len(),
+            self.layers.len(),
+            "adopt: one block per local layer"
+        );
+        for (layer, b) in self.layers.iter_mut().zip(blocks) {
+            layer.push(b.clone());
+        }
+    }
+
+    /// Block `i` of every local layer, shared (for a prefix cache).
+    pub fn share(&self, i: usize) -> Vec<SharedBlock> {
+        self.layers.iter().map(|l| l[i].clone()).collect()
     }
 
     /// Bytes needed to grow to hold `tokens` tokens.
@@ -166,18 +210,22 @@ impl SeqKv {
         if need == 0 {
             return Ok(());
         }
+        // One charge for all, then each block carries its own share back.
         self.budget.charge(need)?;
-        self.charged += need;
         let want = tokens.div_ceil(KV_BLOCK);
         let s = self.shape;
         for layer in &mut self.layers {
             while layer.len() < want {
-                layer.push(KvBlock {
+                layer.push(Arc::new(KvBlock {
                     k: vec![0; s.n_kv_heads * KV_BLOCK * s.head_dim],
                     v: vec![0; s.n_kv_heads * KV_BLOCK * s.head_dim],
                     k_scale: vec![0.0; s.n_kv_heads * KV_BLOCK],
                     v_scale: vec![0.0; s.n_kv_heads * KV_BLOCK],
-                });
+                    _charge: Charge {
+                        budget: self.budget.clone(),
+                        bytes: s.block_bytes(),
+                    },
+                }));
             }
         }
         Ok(())
@@ -187,7 +235,8 @@ impl SeqKv {
     /// token at `pos` in local layer `layer`. The capacity must have been reserved.
     pub fn write(&mut self, isa: Isa, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let s = self.shape;
-        let block = &mut self.layers[layer][pos / KV_BLOCK];
+        let block = Arc::get_mut(&mut self.layers[layer][pos / KV_BLOCK])
+            .expect("a shared KV block is full and never written");
         let t = pos % KV_BLOCK;
         for h in 0..s.n_kv_heads {
             let src = h * s.head_dim..(h + 1) * s.head_dim;
@@ -226,19 +275,13 @@ impl SeqKv {
     }
 
     /// The blocks of local layer `layer`.
-    pub fn blocks(&self, layer: usize) -> &[KvBlock] {
+    pub fn blocks(&self, layer: usize) -> &[SharedBlock] {
         &self.layers[layer]
     }
 
     /// The geometry.
     pub fn shape(&self) -> KvShape {
         self.shape
-    }
-}
-
-impl Drop for SeqKv {
-    fn drop(&mut self) {
-        self.budget.release(self.charged);
     }
 }
 

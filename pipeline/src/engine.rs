@@ -4,8 +4,13 @@
 //! frees its KV blocks on every card before the next step. Admission
 //! reserves each sequence's whole KV need (prompt + max tokens) on every
 //! card, so a running sequence can never hit `KvExhausted`. Long prompts are
-//! prefilled in chunks so decoding sequences keep making progress.
+//! prefilled in chunks so decoding sequences keep making progress. With the
+//! prefix cache on, a new sequence first adopts the cached blocks of its
+//! prompt's longest cached prefix (see [`crate::prefix`]) and prefills only
+//! the rest; its own full blocks are remembered when its prompt is done and
+//! when it ends.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -18,6 +23,7 @@ use cardinal_models::kv::SeqKv;
 use tokio::sync::mpsc;
 
 use crate::energy::HostEnergy;
+use crate::prefix::PrefixCache;
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::stages::{Cards, StepScratch};
 
@@ -59,6 +65,8 @@ impl FinishReason {
 pub struct Finished {
     pub reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache (not computed).
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub queue_seconds: f64,
     pub ttft_seconds: f64,
@@ -161,6 +169,9 @@ pub struct EngineConfig {
     /// server sets it above 0 so its HTTP threads, which answer health
     /// checks and shed load with fast 429s, win the cores when they need them.
     pub nice: i32,
+    /// Keep full KV blocks after use and reuse them for prompts that start
+    /// with the same tokens ([`crate::prefix`]).
+    pub prefix_cache: bool,
 }
 
 /// Live figures, shared with metrics readers.
@@ -169,7 +180,16 @@ pub struct EngineStats {
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
     pub steps: AtomicU64,
+    /// Prompt tokens computed (prefilled); cached ones are not counted.
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens of admitted sequences looked up in the prefix cache.
+    pub prefix_query_tokens: AtomicU64,
+    /// Of those, the tokens found (adopted instead of computed).
+    pub prefix_hit_tokens: AtomicU64,
+    /// Blocks held by the prefix cache (each spans every layer on every card).
+    pub prefix_blocks: AtomicUsize,
+    /// Of those, the blocks no running sequence uses (free to evict).
+    pub prefix_idle_blocks: AtomicUsize,
     pub generated_tokens: AtomicU64,
     /// Sequences dropped because their caller cancelled or went away.
     pub cancelled: AtomicU64,
@@ -335,9 +355,39 @@ impl Engine {
         }
     }
 
-    /// Bytes of KV in use on each card.
+    /// Bytes of KV allocated on each card: running sequences' blocks and
+    /// the prefix cache's.
     pub fn kv_used(&self) -> Vec<usize> {
         self.cards.cards.iter().map(|c| c.kv.used()).collect()
+    }
+
+    /// Bytes of KV the prefix cache holds on each card (some may also be in
+    /// use by running sequences). When nothing runs, [`Self::kv_used`]
+    /// equals this: every other block has gone back to its card.
+    pub fn kv_cached(&self) -> Vec<usize> {
+        self.prefix_bytes(self.stats.prefix_blocks.load(Ordering::Acquire))
+    }
+
+    /// Bytes of KV running sequences use on each card: [`Self::kv_used`]
+    /// without the prefix cache's idle blocks, which are free to evict.
+    /// This is what the cache-usage ratio reports, as vLLM's does.
+    pub fn kv_in_use(&self) -> Vec<usize> {
+        let idle = self.prefix_bytes(self.stats.prefix_idle_blocks.load(Ordering::Acquire));
+        self.kv_used()
+            .into_iter()
+            .zip(idle)
+            .map(|(u, i)| u.saturating_sub(i))
+            .collect()
+    }
+
+    /// Bytes of `blocks` prefix-cache blocks on each card.
+    fn prefix_bytes(&self, blocks: usize) -> Vec<usize> {
+        let block = cardinal_models::kv::KvShape::of(&self.cards.model().cfg).block_bytes();
+        self.cards
+            .cards
+            .iter()
+            .map(|c| blocks * c.layers.len() * block)
+            .collect()
     }
 }
 
@@ -352,6 +402,8 @@ struct Seq {
     tokens: Vec<u32>,
     /// Positions already in the cache.
     computed: usize,
+    /// Prompt positions adopted from the prefix cache.
+    cached: usize,
     generated: usize,
     sampler: Sampler,
     caches: Vec<SeqKv>,
@@ -368,6 +420,7 @@ impl Seq {
         Finished {
             reason,
             prompt_tokens: self.p.req.prompt.len(),
+            cached_tokens: self.cached,
             completion_tokens: self.generated,
             queue_seconds: (self.admitted - self.p.arrived).as_secs_f64(),
             ttft_seconds: first.map_or(0.0, |t| (t - self.p.arrived).as_secs_f64()),
@@ -385,6 +438,7 @@ struct Worker {
     stats: Arc<EngineStats>,
     host: HostEnergy,
     pool: Pool,
+    prefix: RefCell<PrefixCache>,
 }
 
 impl Worker {
@@ -401,6 +455,7 @@ impl Worker {
             stats,
             host,
             pool,
+            prefix: RefCell::new(PrefixCache::new()),
         }
     }
 
@@ -412,6 +467,7 @@ impl Worker {
         let mut running: Vec<Seq> = Vec::new();
         let mut scratch = StepScratch::default();
         loop {
+            self.publish_prefix();
             // Take new commands; block only when there is nothing to do.
             let idle = running.is_empty() && waiting.is_empty();
             self.stats.busy.store(!idle, Ordering::Release);
@@ -478,8 +534,15 @@ impl Worker {
         self.stats
             .waiting
             .fetch_sub(removed_waiting, Ordering::AcqRel);
-        // Dropping a Seq drops its caches, which returns their blocks to each card.
-        running.retain(|s| !s.p.cancel.load(Ordering::Acquire) && !s.p.tx.is_closed());
+        // Dropping a Seq drops its caches, which returns their blocks to each
+        // card (but for full ones the prefix cache keeps).
+        running.retain(|s| {
+            let keep = !s.p.cancel.load(Ordering::Acquire) && !s.p.tx.is_closed();
+            if !keep {
+                self.remember(s);
+            }
+            keep
+        });
         let removed = before - waiting.len() - running.len();
         self.stats
             .cancelled
@@ -508,15 +571,41 @@ impl Worker {
             let Some(p) = waiting.front() else { break };
             let mut caches = self.cards.new_seq_caches();
             let need = p.req.prompt.len() + p.req.max_tokens;
-            if self.cards.reserve(&mut caches, need).is_err() {
+            let mut prefix = self.prefix.borrow_mut();
+            let cached = if self.cfg.prefix_cache {
+                prefix.adopt(&p.req.prompt, &mut caches)
+            } else {
+                0
+            };
+            // Make room by evicting cached blocks nobody uses, oldest first.
+            let fits = loop {
+                if self.cards.reserve(&mut caches, need).is_ok() {
+                    break true;
+                }
+                if !prefix.evict_one() {
+                    break false;
+                }
+            };
+            drop(prefix);
+            self.publish_prefix();
+            if !fits {
                 break; // Wait for running sequences to free their blocks.
             }
             let p = waiting.pop_front().expect("front exists");
             self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
+            if self.cfg.prefix_cache {
+                self.stats
+                    .prefix_query_tokens
+                    .fetch_add(p.req.prompt.len() as u64, Ordering::Relaxed);
+                self.stats
+                    .prefix_hit_tokens
+                    .fetch_add(cached as u64, Ordering::Relaxed);
+            }
             let sampler = Sampler::new(p.req.params.clone(), &p.req.prompt);
             running.push(Seq {
                 tokens: p.req.prompt.clone(),
-                computed: 0,
+                computed: cached,
+                cached,
                 generated: 0,
                 sampler,
                 caches,
@@ -531,10 +620,34 @@ impl Worker {
     }
 
     /// Ends a sequence normally: sends its figures and counts it as
-    /// finished (its caches go back to the cards when `s` is dropped).
+    /// finished (its caches go back to the cards when `s` is dropped, but
+    /// for the full blocks the prefix cache keeps).
     fn end(&self, s: &Seq, reason: FinishReason, now: Instant) {
         let _ = s.p.tx.try_send(Event::Done(s.finished(reason, now)));
         self.stats.finished.fetch_add(1, Ordering::Relaxed);
+        self.remember(s);
+    }
+
+    /// Publishes the prefix cache's sizes (after sequences were dropped).
+    fn publish_prefix(&self) {
+        let prefix = self.prefix.borrow();
+        self.stats
+            .prefix_blocks
+            .store(prefix.len(), Ordering::Release);
+        self.stats
+            .prefix_idle_blocks
+            .store(prefix.idle_len(), Ordering::Release);
+    }
+
+    /// Gives the full blocks of `s` computed so far to the prefix cache.
+    fn remember(&self, s: &Seq) {
+        if !self.cfg.prefix_cache {
+            return;
+        }
+        self.prefix
+            .borrow_mut()
+            .insert(&s.tokens[..s.computed], &s.caches);
+        self.publish_prefix();
     }
 
     /// Samples the next token of every sequence in `owners` that needs
@@ -704,6 +817,10 @@ impl Worker {
             let sampled = samples
                 .next()
                 .expect("one sample per sequence that needs logits");
+            if s.generated == 0 {
+                // The prompt is done: its blocks can serve others already.
+                self.remember(s);
+            }
             let id = sampled.id;
             s.sampler.observe(id);
             s.tokens.push(id);

@@ -9,6 +9,7 @@ pub mod energy;
 pub mod engine;
 pub mod eval;
 pub mod plan;
+pub mod prefix;
 pub mod sampling;
 pub mod stages;
 

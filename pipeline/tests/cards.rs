@@ -1,8 +1,9 @@
 //! The cards engine against its promises: tokens do not depend on the
 //! partition (1, 2, 3, 4, 8 cards) or on the batch a sequence runs in, KV
-//! usage returns to zero after sequences finish or are cancelled, a plan
-//! whose cache cannot fit is refused, and perplexity of the real model is
-//! within 2% of llama.cpp's.
+//! usage returns to what the prefix cache holds after sequences finish or
+//! are cancelled, a prefix-cache hit gives the tokens a full prefill gives,
+//! a plan whose cache cannot fit is refused, and perplexity of the real
+//! model is within 2% of llama.cpp's.
 
 use std::sync::{Arc, OnceLock};
 
@@ -10,7 +11,7 @@ use cardinal_kernels::{Isa, Pool};
 use cardinal_models::{LoadOptions, LoadedModel, Model, ModelSource};
 use cardinal_pipeline::plan::{self, PartKind, PlanError};
 use cardinal_pipeline::stages::Cards;
-use cardinal_pipeline::{CardSpec, Engine, EngineConfig, Event, Request, SamplingParams};
+use cardinal_pipeline::{CardSpec, Engine, EngineConfig, Event, Finished, Request, SamplingParams};
 
 fn smollm2() -> &'static LoadedModel {
     static M: OnceLock<LoadedModel> = OnceLock::new();
@@ -40,7 +41,12 @@ fn tiny() -> Arc<Model> {
     .model
 }
 
+/// An engine as the server runs it (prefix cache on).
 fn engine(model: Arc<Model>, cards: usize, max_num_seqs: usize) -> Engine {
+    engine_with(model, cards, max_num_seqs, true)
+}
+
+fn engine_with(model: Arc<Model>, cards: usize, max_num_seqs: usize, prefix_cache: bool) -> Engine {
     let spec = CardSpec::default();
     let parts = plan::parts_of_model(&model);
     let p = plan::plan(&parts, &spec, 1, 256, Some(cards)).expect("plan");
@@ -57,6 +63,7 @@ fn engine(model: Arc<Model>, cards: usize, max_num_seqs: usize) -> Engine {
             isa: Isa::from_env().unwrap(),
             host_watts_per_core: 10.0,
             nice: 0,
+            prefix_cache,
         },
     )
 }
@@ -74,16 +81,34 @@ fn request(prompt: Vec<u32>, max_tokens: usize, params: SamplingParams) -> Reque
 }
 
 fn collect(e: &Engine, r: Request) -> Vec<u32> {
+    run(e, r).0
+}
+
+fn run(e: &Engine, r: Request) -> (Vec<u32>, Finished) {
     let mut s = e.submit(r).expect("submit");
     let mut out = Vec::new();
     while let Some(ev) = s.blocking_recv() {
         match ev {
             Event::Token(t) => out.push(t.id),
-            Event::Done(_) => return out,
+            Event::Done(f) => return (out, f),
             Event::Error(err) => panic!("{err}"),
         }
     }
     panic!("stream ended without Done")
+}
+
+/// Waits (up to 5 s) until every card holds only what the prefix cache
+/// holds, and asserts it.
+fn assert_only_cached_kv(e: &Engine) {
+    let t0 = std::time::Instant::now();
+    while e.kv_used() != e.kv_cached() && t0.elapsed().as_secs() < 5 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        e.kv_used(),
+        e.kv_cached(),
+        "KV still held outside the prefix cache after every sequence ended"
+    );
 }
 
 fn prompt(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
@@ -180,15 +205,7 @@ fn batch_invariance_and_kv_returns_to_zero() {
             }
         }
     }
-    let t0 = std::time::Instant::now();
-    while e.kv_used().iter().any(|&u| u != 0) && t0.elapsed().as_secs() < 5 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert_eq!(
-        e.kv_used(),
-        vec![0; 4],
-        "KV still held after every sequence ended"
-    );
+    assert_only_cached_kv(&e);
 }
 
 #[test]
@@ -213,6 +230,7 @@ fn admission_never_overcommits_and_impossible_requests_are_refused() {
             isa: Isa::from_env().unwrap(),
             host_watts_per_core: 10.0,
             nice: 0,
+            prefix_cache: true,
         },
     );
     // Many concurrent requests: usage is sampled while they run and must stay under each card's limit.
@@ -249,6 +267,7 @@ fn admission_never_overcommits_and_impossible_requests_are_refused() {
         assert!(p <= l, "KV peak {p} over the card limit {l}");
     }
     assert!(peak.iter().any(|&p| p > 0));
+    assert_only_cached_kv(&e);
     // A request whose cache can never fit is refused up front.
     let need_tokens =
         limits.iter().max().unwrap() / (model.cfg.kv_bytes_per_token_layer() * 2) + 64;
@@ -260,6 +279,69 @@ fn admission_never_overcommits_and_impossible_requests_are_refused() {
         ))
         .unwrap_err();
     assert!(err.to_string().contains("KV cache"), "{err}");
+}
+
+/// A prompt that starts with cached blocks gives the tokens a full prefill
+/// gives, adopts whole blocks only, and is counted; with the cache off
+/// nothing is kept.
+fn prefix_cache_matches_full_prefill(model: Arc<Model>) {
+    let vocab = model.cfg.vocab;
+    let cached = engine_with(model.clone(), 2, 4, true);
+    let fresh = engine_with(model.clone(), 2, 4, false);
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        seed: Some(5),
+        ..Default::default()
+    };
+    let a = prompt(21, 200, vocab);
+    // b shares a's first 150 tokens (two whole blocks), then differs.
+    let mut b = a[..150].to_vec();
+    b.extend(prompt(22, 60, vocab));
+    for (round, params) in [SamplingParams::greedy(), sampled].into_iter().enumerate() {
+        let want_a = collect(&fresh, request(a.clone(), 16, params.clone()));
+        let want_b = collect(&fresh, request(b.clone(), 16, params.clone()));
+        let (first, f) = run(&cached, request(a.clone(), 16, params.clone()));
+        assert_eq!(first, want_a);
+        let (again, f2) = run(&cached, request(a.clone(), 16, params.clone()));
+        assert_eq!(again, want_a, "a prefix-cache hit changed the tokens");
+        let (got_b, fb) = run(&cached, request(b.clone(), 16, params.clone()));
+        assert_eq!(got_b, want_b, "a partial prefix hit changed the tokens");
+        // The repeat finds a's three whole blocks (its 200th token is
+        // computed); b finds two of a's, and in the second round its own three.
+        assert_eq!(f.cached_tokens, [0, 192][round]);
+        assert_eq!(
+            (f2.cached_tokens, fb.cached_tokens),
+            (192, [128, 192][round])
+        );
+        assert_eq!(f2.prompt_tokens, 200);
+    }
+    let s = &cached.stats;
+    let hits = s
+        .prefix_hit_tokens
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let queried = s
+        .prefix_query_tokens
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(queried, 2 * (200 + 200 + 210));
+    assert_eq!(hits, (192 + 128) + (192 + 192 + 192), "{hits} of {queried}");
+    assert_only_cached_kv(&cached);
+    assert!(cached.kv_cached().iter().all(|&b| b > 0));
+    assert_only_cached_kv(&fresh);
+    assert!(
+        fresh.kv_used().iter().all(|&b| b == 0),
+        "no cache, no KV left"
+    );
+}
+
+#[test]
+fn prefix_cache_matches_full_prefill_synthetic() {
+    prefix_cache_matches_full_prefill(tiny());
+}
+
+#[test]
+fn prefix_cache_matches_full_prefill_smollm2() {
+    prefix_cache_matches_full_prefill(smollm2().model.clone());
 }
 
 #[test]

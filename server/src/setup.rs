@@ -106,6 +106,9 @@ pub struct Limits {
     /// Nice value of the compute threads (0 for the CLI; the server uses
     /// [`SERVE_COMPUTE_NICE`]).
     pub compute_nice: i32,
+    /// Reuse cached KV blocks of earlier prompts (the server; off for the
+    /// one-shot CLI commands, whose repeated runs must measure prefill).
+    pub prefix_cache: bool,
 }
 
 /// Nice value of the server's engine and kernel-pool threads. On 2 cores the
@@ -136,6 +139,7 @@ impl Default for Limits {
             max_model_len: None,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             compute_nice: 0,
+            prefix_cache: false,
         }
     }
 }
@@ -202,6 +206,7 @@ pub fn start(args: &ModelArgs, limits: &Limits, log: &mut dyn FnMut(&str)) -> Re
             isa,
             host_watts_per_core: 10.0,
             nice: limits.compute_nice,
+            prefix_cache: limits.prefix_cache,
         },
     );
     Ok(Runtime {

@@ -445,7 +445,7 @@ fn a_valid_request_still_works_and_nothing_leaks() {
             .load(std::sync::atomic::Ordering::Acquire)
     );
     let end = Instant::now() + Duration::from_secs(5);
-    while engine.kv_used().iter().any(|&b| b > 0) && Instant::now() < end {
+    while engine.kv_in_use().iter().any(|&b| b > 0) && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -436,3 +436,68 @@ async fn small_endpoints() {
     let r = call(&a.router, get("/v1/chat/completions")).await;
     r.assert_error(405, None);
 }
+
+/// A conversation that repeats a long system prompt reuses its cached KV
+/// blocks: the usage says how many prompt tokens were cached, the greedy
+/// reply is the one a server without the cache gives, and /metrics counts
+/// the hits. `--no-prefix-cache` turns it off.
+#[tokio::test]
+async fn prefix_cache_reuses_a_long_system_prompt() {
+    let system = "You are a careful assistant who answers in one short sentence. ".repeat(5);
+    let body = |q: &str| {
+        json!({"model": "tiny", "max_tokens": 8, "temperature": 0, "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": q},
+        ]})
+    };
+    let ask = |a: &App, q: &str| reply_and_usage(a.router.clone(), body(q));
+    let a = app();
+    let cold = app_with(cardinal_server::serve::ServeOptions {
+        served_model_name: Some("tiny".into()),
+        no_prefix_cache: true,
+        ..Default::default()
+    });
+    let (text, prompt, cached) = ask(&a, "What is a card?").await;
+    assert!(
+        prompt > 128,
+        "the system prompt should span whole blocks: {prompt}"
+    );
+    assert_eq!(cached, 0);
+    let (again, _, cached) = ask(&a, "What is a card?").await;
+    assert_eq!(again, text, "a cache hit changed the greedy reply");
+    assert!(
+        cached >= 128 && cached % 64 == 0 && cached < prompt,
+        "{cached} of {prompt} cached"
+    );
+    // Another question after the same system prompt shares its blocks.
+    let (other, _, shared) = ask(&a, "And what is a link?").await;
+    assert!(shared >= 64 && shared <= cached, "{shared}");
+    let (cold_other, _, none) = ask(&cold, "And what is a link?").await;
+    assert_eq!((cold_other, none), (other, 0), "the cache changed a reply");
+    let m = call(&a.router, get("/metrics")).await.text();
+    let hits = m
+        .lines()
+        .find(|l| l.starts_with("cardinal_prefix_cache_hits_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .expect("prefix_cache_hits_total in /metrics");
+    assert_eq!(hits, cached + shared);
+    assert!(m.contains("kind=\"kv_prefix_cache\""), "{m}");
+}
+
+/// A chat reply's text, prompt tokens and cached prompt tokens.
+async fn reply_and_usage(router: axum::Router, body: Value) -> (String, u64, u64) {
+    let r = post_json(&router, "/v1/chat/completions", body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let u = &v["usage"];
+    (
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap(),
+    )
+}

@@ -611,7 +611,7 @@ async fn abort_ends_requests_with_an_error() {
 
 async fn kv_is_free(a: &App) -> bool {
     for _ in 0..200 {
-        if a.engine.kv_used().iter().all(|&b| b == 0) {
+        if a.engine.kv_in_use().iter().all(|&b| b == 0) {
             return true;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

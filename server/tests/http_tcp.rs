@@ -76,7 +76,7 @@ async fn stream_to_end(client: &reqwest::Client, base: &str, max_tokens: usize) 
 async fn kv_drains(app: &App, within: Duration) -> bool {
     let end = Instant::now() + within;
     loop {
-        if app.engine.kv_used().iter().all(|&b| b == 0) {
+        if app.engine.kv_in_use().iter().all(|&b| b == 0) {
             return true;
         }
         if Instant::now() > end {
@@ -137,13 +137,13 @@ async fn over_tcp() {
         .unwrap();
     let first = resp.chunk().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).starts_with("data: "));
-    let kv_while = srv.app.engine.kv_used().iter().sum::<usize>();
+    let kv_while = srv.app.engine.kv_in_use().iter().sum::<usize>();
     drop(resp);
     let t = Instant::now();
     assert!(
         kv_drains(&srv.app, Duration::from_secs(2)).await,
         "KV still in use 2 s after the disconnect: {:?}",
-        srv.app.engine.kv_used()
+        srv.app.engine.kv_in_use()
     );
     let cancelled = srv.app.engine.stats.cancelled.load(Ordering::Relaxed) - cancelled_before;
     eprintln!(

@@ -161,7 +161,7 @@ async fn disconnect_storm_frees_everything() {
     // A stream the engine completed before its client closed it (its events
     // wait in the stream's buffer) ends as finished there, not cancelled.
     let engine_finished = srv.app.engine.stats.finished.load(Ordering::Relaxed) - finished_before;
-    let kv_used = srv.app.engine.kv_used();
+    let kv_used = srv.app.engine.kv_in_use();
     let mean_after = plan.iter().map(|p| p.0).sum::<u64>() as f64 / REQUESTS as f64;
 
     // The next request is served in full.

@@ -87,6 +87,8 @@ pub struct Metrics {
     pub cancelled: IntCounter,
     prompt_total: IntCounter,
     generation_total: IntCounter,
+    prefix_queries: IntCounter,
+    prefix_hits: IntCounter,
     energy: CounterVec,
     busy: CounterVec,
     link: IntCounterVec,
@@ -230,6 +232,22 @@ impl Metrics {
                 r,
                 IntCounter::with_opts(opts(model, "generation_tokens_total", "Tokens generated."))
             ),
+            prefix_queries: reg!(
+                r,
+                IntCounter::with_opts(opts(
+                    model,
+                    "prefix_cache_queries_total",
+                    "Prompt tokens looked up in the prefix cache."
+                ))
+            ),
+            prefix_hits: reg!(
+                r,
+                IntCounter::with_opts(opts(
+                    model,
+                    "prefix_cache_hits_total",
+                    "Prompt tokens found in the prefix cache (not prefilled)."
+                ))
+            ),
             energy: reg!(
                 r,
                 CounterVec::new(
@@ -308,7 +326,7 @@ impl Metrics {
                     opts(
                         model,
                         "card_memory_bytes",
-                        "Card memory in use, by kind (weights, kv)."
+                        "Card memory in use, by kind: weights, kv (running sequences' cache) and kv_prefix_cache (cached blocks no sequence uses, evicted when room is needed)."
                     ),
                     &["card", "kind"]
                 )
@@ -319,7 +337,7 @@ impl Metrics {
                     opts(
                         model,
                         "kv_cache_usage_ratio",
-                        "Fraction of each card's KV cache budget in use (0 to 1)."
+                        "Fraction of each card's KV cache budget used by running sequences (0 to 1); idle prefix-cache blocks count as free."
                     ),
                     &["card"]
                 )
@@ -422,6 +440,15 @@ impl Metrics {
             &self.generation_total,
             s.generated_tokens.load(Ordering::Relaxed),
         );
+        set_counter(
+            &self.prefix_queries,
+            s.prefix_query_tokens.load(Ordering::Relaxed),
+        );
+        set_counter(
+            &self.prefix_hits,
+            s.prefix_hit_tokens.load(Ordering::Relaxed),
+        );
+        let in_use = engine.kv_in_use();
         set_fcounter(
             &self.energy.with_label_values(&["cards_modeled"]),
             s.card_energy_uj.load(Ordering::Relaxed) as f64 / 1e6,
@@ -432,7 +459,7 @@ impl Metrics {
         );
         self.running.set(s.running.load(Ordering::Relaxed) as i64);
         self.waiting.set(s.waiting.load(Ordering::Relaxed) as i64);
-        for c in &engine.cards.cards {
+        for (c, &in_use) in engine.cards.cards.iter().zip(&in_use) {
             let id = c.id.to_string();
             set_fcounter(
                 &self.busy.with_label_values(&[&id]),
@@ -447,12 +474,15 @@ impl Metrics {
                 .set(c.weight_bytes as i64);
             self.memory
                 .with_label_values(&[&id, "kv"])
-                .set(c.kv.used() as i64);
+                .set(in_use as i64);
+            self.memory
+                .with_label_values(&[&id, "kv_prefix_cache"])
+                .set(c.kv.used().saturating_sub(in_use) as i64);
             let limit = c.kv.limit();
             self.kv_ratio.with_label_values(&[&id]).set(if limit == 0 {
                 0.0
             } else {
-                c.kv.used() as f64 / limit as f64
+                in_use as f64 / limit as f64
             });
         }
         let w = self.window.lock().unwrap_or_else(|p| p.into_inner());

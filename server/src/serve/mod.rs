@@ -108,6 +108,11 @@ pub struct ServeOptions {
     /// faster prefill.
     #[arg(long, env = "CARDINAL_PREFILL_CHUNK", default_value_t = crate::setup::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
+    /// Turn off the prefix cache (on by default: full 64-token KV blocks are
+    /// kept after use, while memory allows, and reused by prompts that start
+    /// with the same tokens).
+    #[arg(long, env = "CARDINAL_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
     /// Require `Authorization: Bearer KEY` on every endpoint but the probes /health and /ready (and /metrics).
     #[arg(long, env = "CARDINAL_API_KEY", hide_env_values = true)]
     pub api_key: Option<ApiKey>,
@@ -153,6 +158,7 @@ impl Default for ServeOptions {
             max_queue: DEFAULT_MAX_QUEUE,
             max_model_len: None,
             prefill_chunk: crate::setup::DEFAULT_PREFILL_CHUNK,
+            no_prefix_cache: false,
             api_key: None,
             request_timeout: 600.0,
             log_format: LogFormat::Text,
@@ -177,6 +183,7 @@ impl ServeOptions {
             max_model_len: self.max_model_len,
             prefill_chunk: self.prefill_chunk,
             compute_nice: crate::setup::SERVE_COMPUTE_NICE,
+            prefix_cache: !self.no_prefix_cache,
         }
     }
 

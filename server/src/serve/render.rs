@@ -113,6 +113,7 @@ pub fn usage(u: &Usage, energy_source: &str) -> Value {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
         "cardinal": {
             "card_joules": u.card_joules,
             "host_joules": u.host_joules,

@@ -197,6 +197,8 @@ pub struct DriverConfig {
 #[derive(Clone, Debug, Default)]
 pub struct Usage {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub card_joules: Option<f64>,
     pub host_joules: Option<f64>,
@@ -469,6 +471,7 @@ impl Driver {
             if !seen.contains(&c.prompt_index) {
                 seen.push(c.prompt_index);
                 u.prompt_tokens += c.prompt_tokens;
+                u.cached_tokens += c.stats.as_ref().map_or(0, |s| s.cached_tokens);
             }
             u.completion_tokens += c.tokens;
             decode_tokens += c.tokens.saturating_sub(1);
