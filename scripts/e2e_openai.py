@@ -10,6 +10,7 @@ generate` for the same prompt. Exits non-zero on the first failure.
 import json
 import subprocess
 import sys
+import uuid
 
 import openai
 
@@ -69,7 +70,8 @@ except openai.BadRequestError as e:
 # A long system prompt, twice: the second request reuses its cached KV blocks
 # (usage.prompt_tokens_details.cached_tokens, as OpenAI reports it) and
 # gives the same greedy reply.
-system = "You are Cardinal's test assistant. Answer briefly and exactly. " * 20
+# A fresh start per run, so a rerun against a warm server still starts cold.
+system = f"Session {uuid.uuid4()}. " + "You are Cardinal's test assistant. Answer briefly and exactly. " * 20
 long_msg = [{"role": "system", "content": system}, {"role": "user", "content": "Name a colour."}]
 cold = client.chat.completions.create(model=model, messages=long_msg, max_tokens=12, temperature=0)
 warm = client.chat.completions.create(model=model, messages=long_msg, max_tokens=12, temperature=0)

@@ -178,17 +178,24 @@ impl SeqKv {
         self.layers.first().map_or(0, Vec::len)
     }
 
-    /// Appends `blocks` (one per local layer, all full, from another cache
-    /// of the same geometry on the same card) as this cache's next block.
-    /// Only called on a cache whose blocks so far are all full.
-    pub fn adopt(&mut self, blocks: &[SharedBlock]) {
+    /// Makes `blocks` (one per local layer, full, from another cache of the
+    /// same geometry on the same card) this cache's block `i`: appended when
+    /// `i` is the number of blocks, else replacing block `i`, which must not
+    /// have been written (its bytes go back to the budget when dropped).
+    pub fn put(&mut self, i: usize, blocks: &[SharedBlock]) {
         assert_eq!(
             blocks.len(),
             self.layers.len(),
-            "adopt: one block per local layer"
+            "put: one block per local layer"
         );
         for (layer, b) in self.layers.iter_mut().zip(blocks) {
-            layer.push(b.clone());
+            match i.cmp(&layer.len()) {
+                std::cmp::Ordering::Less => layer[i] = b.clone(),
+                std::cmp::Ordering::Equal => layer.push(b.clone()),
+                std::cmp::Ordering::Greater => {
+                    panic!("put: block {i} of a cache of {} blocks", layer.len())
+                }
+            }
         }
     }
 

@@ -7,8 +7,10 @@
 //! prefilled in chunks so decoding sequences keep making progress. With the
 //! prefix cache on, a new sequence first adopts the cached blocks of its
 //! prompt's longest cached prefix (see [`crate::prefix`]) and prefills only
-//! the rest; its own full blocks are remembered when its prompt is done and
-//! when it ends.
+//! the rest; a prefilling sequence looks again at every block boundary, so
+//! requests that arrive together with the same start share what the first
+//! one computes. Full blocks are remembered as prefill computes them and
+//! when a sequence ends or is cancelled.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -19,138 +21,14 @@ use std::time::{Duration, Instant};
 
 use cardinal_kernels::{Isa, Pool};
 use cardinal_models::forward::BatchRow;
-use cardinal_models::kv::SeqKv;
+use cardinal_models::kv::{KV_BLOCK, KvShape, SeqKv};
 use tokio::sync::mpsc;
 
+pub use crate::api::{Event, FinishReason, Finished, Request, Stream, SubmitError};
 use crate::energy::HostEnergy;
 use crate::prefix::PrefixCache;
-use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::sampling::{Sampled, Sampler};
 use crate::stages::{Cards, StepScratch};
-
-/// A generation request, in token ids.
-#[derive(Clone, Debug)]
-pub struct Request {
-    pub prompt: Vec<u32>,
-    pub max_tokens: usize,
-    /// EOS is ignored until this many tokens were generated.
-    pub min_tokens: usize,
-    pub ignore_eos: bool,
-    /// Token ids that end generation (the model's EOS ids).
-    pub stop_ids: Vec<u32>,
-    pub params: SamplingParams,
-    /// Number of alternatives to report per token (0 = none).
-    pub top_logprobs: usize,
-}
-
-/// Why a sequence ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FinishReason {
-    Stop,
-    Length,
-}
-
-impl FinishReason {
-    /// "stop" or "length".
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
-}
-
-/// Figures of a finished sequence.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct Finished {
-    pub reason: FinishReason,
-    pub prompt_tokens: usize,
-    /// Prompt tokens whose KV came from the prefix cache (not computed).
-    pub cached_tokens: usize,
-    pub completion_tokens: usize,
-    pub queue_seconds: f64,
-    pub ttft_seconds: f64,
-    pub prefill_seconds: f64,
-    pub decode_seconds: f64,
-    /// Modeled card energy attributed to this sequence (its share of each step).
-    pub card_joules: f64,
-    /// Host energy attributed to this sequence.
-    pub host_joules: f64,
-}
-
-/// One event on a sequence's stream.
-#[derive(Clone, Debug)]
-pub enum Event {
-    Token(Sampled),
-    Done(Finished),
-    Error(String),
-}
-
-/// Why a submission was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    #[error("the queue is full ({0} requests waiting)")]
-    QueueFull(usize),
-    #[error("{0}")]
-    Invalid(String),
-    #[error(
-        "the prompt has {prompt} tokens and max_tokens is {max_tokens}: together they exceed the context limit of {limit} tokens"
-    )]
-    TooLong {
-        prompt: usize,
-        max_tokens: usize,
-        limit: usize,
-    },
-    #[error(
-        "the request needs {need} bytes of KV cache on {card}, more than it has in total ({limit}); lower max_tokens or use more cards"
-    )]
-    NeverFits {
-        need: usize,
-        card: String,
-        limit: usize,
-    },
-    #[error("the engine is not running: {0}")]
-    Stopped(String),
-}
-
-/// A sequence's event stream. Dropping it cancels the sequence.
-#[derive(Debug)]
-pub struct Stream {
-    rx: mpsc::Receiver<Event>,
-    cancel: Arc<AtomicBool>,
-    finish: Arc<AtomicBool>,
-}
-
-impl Stream {
-    /// The next event (async).
-    pub async fn recv(&mut self) -> Option<Event> {
-        self.rx.recv().await
-    }
-
-    /// The next event, blocking the thread (not for async contexts).
-    pub fn blocking_recv(&mut self) -> Option<Event> {
-        self.rx.blocking_recv()
-    }
-
-    /// Cancels the sequence without dropping the stream.
-    pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::Release);
-    }
-
-    /// Ends the sequence before its next step with reason `stop`, as when the
-    /// caller matched a stop string: unlike a cancel, the stream still gets
-    /// [`Event::Done`] with the sequence's figures (tokens, energy). Tokens
-    /// already in flight may arrive before it.
-    pub fn finish(&self) {
-        self.finish.store(true, Ordering::Release);
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        self.cancel.store(true, Ordering::Release);
-    }
-}
 
 /// Engine settings.
 #[derive(Clone, Debug)]
@@ -180,11 +58,13 @@ pub struct EngineStats {
     pub running: AtomicUsize,
     pub waiting: AtomicUsize,
     pub steps: AtomicU64,
-    /// Prompt tokens computed (prefilled); cached ones are not counted.
+    /// Prompt tokens of admitted sequences, cached ones included (as vLLM
+    /// counts them).
     pub prompt_tokens: AtomicU64,
     /// Prompt tokens of admitted sequences looked up in the prefix cache.
     pub prefix_query_tokens: AtomicU64,
-    /// Of those, the tokens found (adopted instead of computed).
+    /// Of those, the tokens found (adopted instead of computed), at
+    /// admission or later in their prefill.
     pub prefix_hit_tokens: AtomicU64,
     /// Blocks held by the prefix cache (each spans every layer on every card).
     pub prefix_blocks: AtomicUsize,
@@ -372,7 +252,7 @@ impl Engine {
     /// without the prefix cache's idle blocks, which are free to evict.
     /// This is what the cache-usage ratio reports, as vLLM's does.
     pub fn kv_in_use(&self) -> Vec<usize> {
-        let idle = self.prefix_bytes(self.stats.prefix_idle_blocks.load(Ordering::Acquire));
+        let idle = self.kv_idle_cached();
         self.kv_used()
             .into_iter()
             .zip(idle)
@@ -380,9 +260,15 @@ impl Engine {
             .collect()
     }
 
+    /// Bytes of KV on each card that only the prefix cache holds (free to
+    /// evict), as last published by the engine thread.
+    pub fn kv_idle_cached(&self) -> Vec<usize> {
+        self.prefix_bytes(self.stats.prefix_idle_blocks.load(Ordering::Acquire))
+    }
+
     /// Bytes of `blocks` prefix-cache blocks on each card.
     fn prefix_bytes(&self, blocks: usize) -> Vec<usize> {
-        let block = cardinal_models::kv::KvShape::of(&self.cards.model().cfg).block_bytes();
+        let block = KvShape::of(&self.cards.model().cfg).block_bytes();
         self.cards
             .cards
             .iter()
@@ -543,6 +429,7 @@ impl Worker {
             }
             keep
         });
+        self.publish_prefix();
         let removed = before - waiting.len() - running.len();
         self.stats
             .cancelled
@@ -571,28 +458,22 @@ impl Worker {
             let Some(p) = waiting.front() else { break };
             let mut caches = self.cards.new_seq_caches();
             let need = p.req.prompt.len() + p.req.max_tokens;
-            let mut prefix = self.prefix.borrow_mut();
             let cached = if self.cfg.prefix_cache {
-                prefix.adopt(&p.req.prompt, &mut caches)
+                self.prefix
+                    .borrow_mut()
+                    .adopt(&p.req.prompt, &mut caches, 0)
+                    * KV_BLOCK
             } else {
                 0
             };
-            // Make room by evicting cached blocks nobody uses, oldest first.
-            let fits = loop {
-                if self.cards.reserve(&mut caches, need).is_ok() {
-                    break true;
-                }
-                if !prefix.evict_one() {
-                    break false;
-                }
-            };
-            drop(prefix);
-            self.publish_prefix();
-            if !fits {
+            if !self.reserve_evicting(&mut caches, need) {
                 break; // Wait for running sequences to free their blocks.
             }
             let p = waiting.pop_front().expect("front exists");
             self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
+            self.stats
+                .prompt_tokens
+                .fetch_add(p.req.prompt.len() as u64, Ordering::Relaxed);
             if self.cfg.prefix_cache {
                 self.stats
                     .prefix_query_tokens
@@ -619,6 +500,61 @@ impl Worker {
         self.stats.running.store(running.len(), Ordering::Release);
     }
 
+    /// Reserves `tokens` positions in `caches`, evicting idle prefix-cache
+    /// blocks (least recently used first) if that makes room. When even
+    /// evicting every idle block would not, nothing is evicted: the request
+    /// waits for running sequences, and the cache keeps its blocks.
+    fn reserve_evicting(&self, caches: &mut [SeqKv], tokens: usize) -> bool {
+        if self.cards.reserve(caches, tokens).is_ok() {
+            return true;
+        }
+        let mut prefix = self.prefix.borrow_mut();
+        // Blocks `caches` adopted are held, so they do not count as idle.
+        let idle = prefix.idle_len() * KvShape::of(&self.cards.model().cfg).block_bytes();
+        let room = self.cards.cards.iter().zip(caches.iter()).all(|(c, kv)| {
+            let free = c.kv.limit() - c.kv.used() + idle * c.layers.len();
+            kv.bytes_to_reserve(tokens) <= free
+        });
+        let fits = room
+            && loop {
+                if !prefix.evict_one() {
+                    break false;
+                }
+                if self.cards.reserve(caches, tokens).is_ok() {
+                    break true;
+                }
+            };
+        drop(prefix);
+        self.publish_prefix();
+        fits
+    }
+
+    /// Lets every sequence still prefilling at a block boundary adopt the
+    /// cached blocks that continue its prompt (computed meanwhile by a
+    /// sequence with the same start); its own blocks there are unwritten.
+    fn adopt_while_prefilling(&self, running: &mut [Seq]) {
+        let mut prefix = self.prefix.borrow_mut();
+        for s in running.iter_mut() {
+            let len = s.p.req.prompt.len();
+            if s.generated > 0
+                || !s.computed.is_multiple_of(KV_BLOCK)
+                || s.computed / KV_BLOCK >= (len - 1) / KV_BLOCK
+            {
+                continue;
+            }
+            let from = s.computed / KV_BLOCK;
+            let found = prefix.adopt(&s.tokens[..len], &mut s.caches, from);
+            if found > from {
+                let gained = (found - from) * KV_BLOCK;
+                s.computed += gained;
+                s.cached += gained;
+                self.stats
+                    .prefix_hit_tokens
+                    .fetch_add(gained as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Ends a sequence normally: sends its figures and counts it as
     /// finished (its caches go back to the cards when `s` is dropped, but
     /// for the full blocks the prefix cache keeps).
@@ -628,7 +564,8 @@ impl Worker {
         self.remember(s);
     }
 
-    /// Publishes the prefix cache's sizes (after sequences were dropped).
+    /// Publishes the prefix cache's sizes; called where sequences were
+    /// dropped, since the idle count depends on who still holds blocks.
     fn publish_prefix(&self) {
         let prefix = self.prefix.borrow();
         self.stats
@@ -644,10 +581,11 @@ impl Worker {
         if !self.cfg.prefix_cache {
             return;
         }
-        self.prefix
-            .borrow_mut()
-            .insert(&s.tokens[..s.computed], &s.caches);
-        self.publish_prefix();
+        let mut prefix = self.prefix.borrow_mut();
+        prefix.insert(&s.tokens[..s.computed], &s.caches);
+        self.stats
+            .prefix_blocks
+            .store(prefix.len(), Ordering::Release);
     }
 
     /// Samples the next token of every sequence in `owners` that needs
@@ -709,6 +647,9 @@ impl Worker {
     fn step(&self, running: &mut Vec<Seq>, scratch: &mut StepScratch) {
         if INJECT_STEP_PANIC.load(Ordering::Acquire) {
             panic!("injected step panic (test hook)");
+        }
+        if self.cfg.prefix_cache {
+            self.adopt_while_prefilling(running);
         }
         let host0 = self.host.joules();
         // Rows: every decoding sequence gives one; prefilling ones share the chunk budget.
@@ -795,9 +736,6 @@ impl Worker {
         self.stats
             .modeled_ns
             .fetch_add((modeled * 1e9) as u64, Ordering::Relaxed);
-        self.stats
-            .prompt_tokens
-            .fetch_add(prefill_rows as u64, Ordering::Relaxed);
         let total_rows = rows.len().max(1) as f64;
 
         let vocab = self.cards.model().cfg.vocab;
@@ -811,16 +749,17 @@ impl Worker {
             s.computed += take;
             s.card_joules += card_j * take as f64 / total_rows;
             s.host_joules += host_j * take as f64 / total_rows;
+            if s.generated == 0 && s.computed / KV_BLOCK > (s.computed - take) / KV_BLOCK {
+                // Prefill completed blocks: others with the same start can
+                // adopt them already.
+                self.remember(s);
+            }
             if !needs_logits {
                 continue;
             }
             let sampled = samples
                 .next()
                 .expect("one sample per sequence that needs logits");
-            if s.generated == 0 {
-                // The prompt is done: its blocks can serve others already.
-                self.remember(s);
-            }
             let id = sampled.id;
             s.sampler.observe(id);
             s.tokens.push(id);
@@ -848,6 +787,9 @@ impl Worker {
         for &(si, reason) in finished.iter().rev() {
             let s = running.swap_remove(si);
             self.end(&s, reason, now);
+        }
+        if !finished.is_empty() {
+            self.publish_prefix();
         }
         self.stats.running.store(running.len(), Ordering::Release);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);

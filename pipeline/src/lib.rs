@@ -4,6 +4,7 @@
 //! the engine runs continuous batching through the cards and models the
 //! time and energy real cards would spend. The engine sees token ids only.
 
+pub mod api;
 pub mod card;
 pub mod energy;
 pub mod engine;

@@ -4,24 +4,28 @@
 //! turns of a conversation) skips prefilling them.
 //!
 //! A cached block is one [`KV_BLOCK`]-token block of every layer on every
-//! card, keyed by a hash chained over the ids of all blocks up to it and
-//! checked against the stored ids, so two prompts share a block only when
-//! every token before its end is equal. Cached blocks stay charged to their
-//! cards' budgets; when admission needs room, the least recently used blocks
-//! that no running sequence holds are evicted (deepest first among equals, so
-//! a chain is shortened from its end). Blocks are shared read-only: a
-//! sequence writes only positions past its adopted prefix, and at least the
-//! last prompt token is always computed, since its logits start generation.
+//! card. It is found by its ids and its parent entry: the key hashes the
+//! parent's serial number (unique for the life of the cache, never reused)
+//! with the ids, and a lookup compares both, so two prompts share a block
+//! only when every token before its end is equal, and a hash collision can
+//! only cause a miss. Cached blocks stay charged to their cards' budgets;
+//! the engine evicts the least recently used blocks that no running
+//! sequence holds (deepest first among equals, so a chain is shortened from
+//! its end) when admission needs room. Blocks are shared read-only: a
+//! sequence adopts only blocks it has not written yet, and at least the last
+//! prompt token is always computed, since its logits start generation.
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::Arc;
 
 use cardinal_models::kv::{KV_BLOCK, SeqKv, SharedBlock};
 
 /// One cached block position of a prefix.
 struct Entry {
-    /// Key of the block before this one (0 for the first block).
+    /// This entry's serial number.
+    serial: u64,
+    /// Serial of the entry before this one (0 for the first block).
     parent: u64,
     /// The ids the block holds.
     tokens: Box<[u32]>,
@@ -49,19 +53,30 @@ impl Entry {
 #[derive(Default)]
 pub struct PrefixCache {
     entries: HashMap<u64, Entry>,
+    /// Seeded per process, so colliding prompts cannot be prepared offline.
+    hasher: RandomState,
     tick: u64,
-}
-
-/// The key of the block holding `tokens` after the block keyed `parent`.
-fn key(parent: u64, tokens: &[u32]) -> u64 {
-    let mut h = DefaultHasher::new();
-    parent.hash(&mut h);
-    tokens.hash(&mut h);
-    // 0 marks "no parent"; keep it out of the key space.
-    h.finish().max(1)
+    /// Last serial number given out.
+    serial: u64,
 }
 
 impl PrefixCache {
+    /// The key of the block holding `tokens` after the entry `parent`.
+    fn key(&self, parent: u64, tokens: &[u32]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        parent.hash(&mut h);
+        tokens.hash(&mut h);
+        h.finish()
+    }
+
+    /// The entry holding `tokens` after the entry `parent`, if cached.
+    fn find(&mut self, parent: u64, tokens: &[u32]) -> Option<&mut Entry> {
+        let k = self.key(parent, tokens);
+        self.entries
+            .get_mut(&k)
+            .filter(|e| e.parent == parent && *e.tokens == *tokens)
+    }
+
     /// An empty cache.
     pub fn new() -> Self {
         Self::default()
@@ -77,32 +92,33 @@ impl PrefixCache {
         self.entries.is_empty()
     }
 
-    /// Appends to the empty `caches` (one per card) the cached blocks of the
-    /// longest prefix of `prompt` that is cached in whole blocks, leaving at
-    /// least the last token to compute; returns the tokens adopted.
-    pub fn adopt(&mut self, prompt: &[u32], caches: &mut [SeqKv]) -> usize {
-        debug_assert!(caches.iter().all(|c| c.n_blocks() == 0));
+    /// Puts into `caches` (one per card) the cached blocks of the longest
+    /// prefix of `prompt` cached in whole blocks, leaving at least the last
+    /// token to compute. Blocks before `from` are the caches' own and are
+    /// left alone; those from `from` on must be unwritten (reserved, or not
+    /// allocated yet) and are replaced. Returns how many leading whole blocks
+    /// of `prompt` are cached (the caches gained those past `from`).
+    pub fn adopt(&mut self, prompt: &[u32], caches: &mut [SeqKv], from: usize) -> usize {
         self.tick += 1;
+        let tick = self.tick;
         let most = prompt.len().saturating_sub(1) / KV_BLOCK;
         let mut parent = 0;
         let mut n = 0;
         while n < most {
             let toks = &prompt[n * KV_BLOCK..(n + 1) * KV_BLOCK];
-            let k = key(parent, toks);
-            let Some(e) = self.entries.get_mut(&k) else {
+            let Some(e) = self.find(parent, toks) else {
                 break;
             };
-            if e.parent != parent || *e.tokens != *toks {
-                break; // A hash collision: not our block.
+            e.used = tick;
+            if n >= from {
+                for (cache, blocks) in caches.iter_mut().zip(&e.blocks) {
+                    cache.put(n, blocks);
+                }
             }
-            e.used = self.tick;
-            for (cache, blocks) in caches.iter_mut().zip(&e.blocks) {
-                cache.adopt(blocks);
-            }
-            parent = k;
+            parent = e.serial;
             n += 1;
         }
-        n * KV_BLOCK
+        n
     }
 
     /// Remembers the full blocks of a sequence whose first `tokens.len()`
@@ -110,28 +126,34 @@ impl PrefixCache {
     /// touched.
     pub fn insert(&mut self, tokens: &[u32], caches: &[SeqKv]) {
         self.tick += 1;
+        let tick = self.tick;
         let mut parent = 0;
         for (i, toks) in tokens.chunks_exact(KV_BLOCK).enumerate() {
-            let k = key(parent, toks);
-            match self.entries.get_mut(&k) {
-                Some(e) if e.parent == parent && *e.tokens == *toks => e.used = self.tick,
+            if let Some(e) = self.find(parent, toks) {
+                e.used = tick;
+                parent = e.serial;
+                continue;
+            }
+            let k = self.key(parent, toks);
+            if self.entries.contains_key(&k) {
                 // A collision with another prefix: keep the cached one and
                 // stop, since no later block of ours could be found past it.
-                Some(_) => return,
-                None => {
-                    self.entries.insert(
-                        k,
-                        Entry {
-                            parent,
-                            tokens: toks.into(),
-                            depth: i,
-                            blocks: caches.iter().map(|c| c.share(i)).collect(),
-                            used: self.tick,
-                        },
-                    );
-                }
+                return;
             }
-            parent = k;
+            self.serial += 1;
+            let serial = self.serial;
+            self.entries.insert(
+                k,
+                Entry {
+                    serial,
+                    parent,
+                    tokens: toks.into(),
+                    depth: i,
+                    blocks: caches.iter().map(|c| c.share(i)).collect(),
+                    used: tick,
+                },
+            );
+            parent = serial;
         }
     }
 
@@ -156,11 +178,6 @@ impl PrefixCache {
             }
             None => false,
         }
-    }
-
-    /// Drops every cached block.
-    pub fn clear(&mut self) {
-        self.entries.clear();
     }
 }
 
@@ -194,24 +211,24 @@ mod tests {
         assert_eq!(pc.len(), 3);
         // The same prompt: two blocks, since its last token must be computed.
         let mut c = vec![SeqKv::new(SHAPE, 2, budget.clone())];
-        assert_eq!(pc.adopt(&a, &mut c), 2 * KV_BLOCK);
+        assert_eq!(pc.adopt(&a, &mut c, 0), 2);
         assert!(Arc::ptr_eq(&c[0].blocks(1)[1], &seq[0].blocks(1)[1]));
         // One more token: all three.
         let mut longer = a.clone();
         longer.push(5);
         let mut c = vec![SeqKv::new(SHAPE, 2, budget.clone())];
-        assert_eq!(pc.adopt(&longer, &mut c), 3 * KV_BLOCK);
+        assert_eq!(pc.adopt(&longer, &mut c, 0), 3);
         // A change in the first block shares nothing, even with equal later blocks.
         let mut other = longer.clone();
         other[3] += 1;
         let mut c = vec![SeqKv::new(SHAPE, 2, budget.clone())];
-        assert_eq!(pc.adopt(&other, &mut c), 0);
+        assert_eq!(pc.adopt(&other, &mut c, 0), 0);
         assert_eq!(c[0].n_blocks(), 0);
         // A change in the second block shares the first.
         let mut other = longer;
         other[KV_BLOCK + 3] += 1;
         let mut c = vec![SeqKv::new(SHAPE, 2, budget.clone())];
-        assert_eq!(pc.adopt(&other, &mut c), KV_BLOCK);
+        assert_eq!(pc.adopt(&other, &mut c, 0), 1);
     }
 
     #[test]
@@ -228,7 +245,7 @@ mod tests {
         let mut held = vec![SeqKv::new(SHAPE, 2, budget.clone())];
         let mut a1 = a.clone();
         a1.push(0);
-        assert_eq!(pc.adopt(&a1, &mut held), 2 * KV_BLOCK);
+        assert_eq!(pc.adopt(&a1, &mut held, 0), 2);
         assert!(pc.evict_one());
         assert_eq!(budget.used(), 2 * block);
         assert!(!pc.evict_one(), "a's blocks are held");
@@ -236,10 +253,50 @@ mod tests {
         // Now a goes, its second block first.
         assert!(pc.evict_one());
         let mut c = vec![SeqKv::new(SHAPE, 2, budget.clone())];
-        assert_eq!(pc.adopt(&a1, &mut c), KV_BLOCK);
+        assert_eq!(pc.adopt(&a1, &mut c, 0), 1);
         drop(c);
         assert!(pc.evict_one());
         assert!(pc.is_empty());
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn adopting_later_blocks_replaces_reserved_ones_and_returns_their_bytes() {
+        let block = 2 * SHAPE.block_bytes();
+        let budget = KvBudget::new("card 0", usize::MAX);
+        let mut pc = PrefixCache::new();
+        let a = ids(3 * KV_BLOCK + 1, 1);
+        pc.insert(&a[..3 * KV_BLOCK], &caches(&budget, a.len()));
+        assert_eq!(budget.used(), 3 * block);
+        // A sequence that computed its first block itself and reserved four.
+        let mut seq = caches(&budget, a.len());
+        assert_eq!(budget.used(), 7 * block);
+        let own = seq[0].share(0);
+        assert_eq!(pc.adopt(&a, &mut seq, 1), 3);
+        assert!(
+            Arc::ptr_eq(&seq[0].share(0)[1], &own[1]),
+            "block 0 is left alone"
+        );
+        assert_eq!(seq[0].n_blocks(), 4);
+        assert_eq!(budget.used(), 5 * block, "two reserved blocks went back");
+    }
+
+    #[test]
+    fn a_block_is_found_only_under_the_entry_it_was_cached_after() {
+        let budget = KvBudget::new("card 0", usize::MAX);
+        let mut pc = PrefixCache::new();
+        let a = ids(2 * KV_BLOCK + 1, 1);
+        pc.insert(&a[..2 * KV_BLOCK], &caches(&budget, a.len()));
+        // Evict the first block only (the second is held meanwhile), then
+        // cache the first again: it is a new entry, and the old second block,
+        // cached after the evicted entry, is not reachable from it.
+        let mut hold = vec![SeqKv::new(SHAPE, 2, budget.clone())];
+        assert_eq!(pc.adopt(&a, &mut hold, 0), 2);
+        let first = pc.entries.values().find(|e| e.depth == 0).unwrap().serial;
+        pc.entries.retain(|_, e| e.serial != first);
+        drop(hold);
+        pc.insert(&a[..KV_BLOCK], &caches(&budget, KV_BLOCK));
+        let mut c = vec![SeqKv::new(SHAPE, 2, budget.clone())];
+        assert_eq!(pc.adopt(&a, &mut c, 0), 1);
     }
 }

@@ -316,6 +316,42 @@ fn prefix_cache_matches_full_prefill(model: Arc<Model>) {
         );
         assert_eq!(f2.prompt_tokens, 200);
     }
+    // Requests that arrive together with the same 300-token start share it
+    // as the first one prefills (64 prompt tokens per step, in order).
+    let shared: Vec<Vec<u32>> = (0..3)
+        .map(|i| {
+            let mut p = prompt(30, 300, vocab);
+            p.extend(prompt(31 + i, 20, vocab));
+            p
+        })
+        .collect();
+    let together = engine_with(model.clone(), 2, 4, true);
+    let streams: Vec<_> = shared
+        .iter()
+        .map(|p| {
+            together
+                .submit(request(p.clone(), 8, SamplingParams::greedy()))
+                .unwrap()
+        })
+        .collect();
+    let mut cached_together = Vec::new();
+    for (mut st, p) in streams.into_iter().zip(&shared) {
+        let mut out = Vec::new();
+        while let Some(ev) = st.blocking_recv() {
+            match ev {
+                Event::Token(t) => out.push(t.id),
+                Event::Done(f) => {
+                    cached_together.push(f.cached_tokens);
+                    break;
+                }
+                Event::Error(err) => panic!("{err}"),
+            }
+        }
+        let want = collect(&fresh, request(p.clone(), 8, SamplingParams::greedy()));
+        assert_eq!(out, want, "a shared prefill changed the tokens");
+    }
+    assert_eq!(cached_together, vec![0, 256, 256]);
+    drop(together);
     let s = &cached.stats;
     let hits = s
         .prefix_hit_tokens

@@ -262,6 +262,21 @@ fn serve_refuses_bad_model_flags_before_binding() {
     let out = serve(&["--threads", "1", "--card-spec", "/nonexistent.toml"]);
     let stderr = assert_fails(&out, 1, &["/nonexistent.toml"]);
     assert!(!stderr.contains("listening"), "bound a port: {stderr}");
+    // Boolean flags take the usual spellings from the environment (1, yes,
+    // true; 0, no, false): the run gets past the flags to the card spec.
+    for (var, value) in [
+        ("CARDINAL_NO_PREFIX_CACHE", "1"),
+        ("CARDINAL_NO_PREFIX_CACHE", "no"),
+        ("CARDINAL_METRICS_REQUIRE_AUTH", "yes"),
+        ("CARDINAL_METRICS_REQUIRE_AUTH", "0"),
+    ] {
+        let out = command(&["serve", "--model", &model, "--port", "0"])
+            .args(["--card-spec", "/nonexistent.toml"])
+            .env(var, value)
+            .output()
+            .unwrap();
+        assert_fails(&out, 1, &["/nonexistent.toml"]);
+    }
 }
 
 /// Runs `args` with stdout's reader gone before the command writes.

@@ -225,7 +225,7 @@ impl Metrics {
                 IntCounter::with_opts(opts(
                     model,
                     "prompt_tokens_total",
-                    "Prompt tokens prefilled."
+                    "Prompt tokens of admitted requests, prefix-cache hits included (as vLLM counts them)."
                 ))
             ),
             generation_total: reg!(
@@ -448,7 +448,7 @@ impl Metrics {
             &self.prefix_hits,
             s.prefix_hit_tokens.load(Ordering::Relaxed),
         );
-        let in_use = engine.kv_in_use();
+        let idle = engine.kv_idle_cached();
         set_fcounter(
             &self.energy.with_label_values(&["cards_modeled"]),
             s.card_energy_uj.load(Ordering::Relaxed) as f64 / 1e6,
@@ -459,8 +459,9 @@ impl Metrics {
         );
         self.running.set(s.running.load(Ordering::Relaxed) as i64);
         self.waiting.set(s.waiting.load(Ordering::Relaxed) as i64);
-        for (c, &in_use) in engine.cards.cards.iter().zip(&in_use) {
+        for (c, &idle) in engine.cards.cards.iter().zip(&idle) {
             let id = c.id.to_string();
+            let in_use = c.kv.used().saturating_sub(idle);
             set_fcounter(
                 &self.busy.with_label_values(&[&id]),
                 c.counters.busy_ns.load(Ordering::Relaxed) as f64 / 1e9,
@@ -477,7 +478,7 @@ impl Metrics {
                 .set(in_use as i64);
             self.memory
                 .with_label_values(&[&id, "kv_prefix_cache"])
-                .set(c.kv.used().saturating_sub(in_use) as i64);
+                .set(idle as i64);
             let limit = c.kv.limit();
             self.kv_ratio.with_label_values(&[&id]).set(if limit == 0 {
                 0.0
