@@ -222,6 +222,12 @@ pub struct Args {
     /// Synthetic prompt length in tokens: MEAN or MEAN/STDDEV.
     #[arg(long, default_value = "128")]
     pub input_tokens: InputTokens,
+    /// A system prompt of about this many tokens, the same for every
+    /// request of a level, before each synthetic prompt (as vLLM's
+    /// benchmark's --random-prefix-len): measures a server's prefix cache.
+    /// Each level has its own, so levels do not share it.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=MAX_SHARED_PREFIX))]
+    pub shared_prefix_tokens: u64,
     /// Output tokens per request: sent as max_tokens, with min_tokens and
     /// ignore_eos to force the length; 0 leaves the length to the server.
     #[arg(long, default_value_t = 128)]
@@ -305,6 +311,9 @@ impl Args {
         Ok(())
     }
 }
+
+/// Largest `--shared-prefix-tokens`.
+pub const MAX_SHARED_PREFIX: u64 = 1 << 20;
 
 /// An error fraction in [0, 1].
 fn parse_error_rate(s: &str) -> Result<f64, String> {

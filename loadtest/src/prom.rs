@@ -40,6 +40,17 @@ pub const TTFT_HISTOGRAMS: &[&str] = &[
     "cardinal_time_to_first_token_seconds",
     "vllm:time_to_first_token_seconds",
 ];
+/// Prefix-cache counters (hits, queries; in prompt tokens) tried in order.
+pub const PREFIX_CACHE_COUNTERS: &[(&str, &str)] = &[
+    (
+        "cardinal_prefix_cache_hits_total",
+        "cardinal_prefix_cache_queries_total",
+    ),
+    (
+        "vllm:prefix_cache_hits_total",
+        "vllm:prefix_cache_queries_total",
+    ),
+];
 /// Cardinal's energy counter, labelled by `source`.
 pub const ENERGY_COUNTER: &str = "cardinal_energy_joules_total";
 
@@ -221,6 +232,9 @@ pub struct ServerSide {
     pub ttft_mean_ms: Option<f64>,
     /// Which histogram the TTFT came from.
     pub ttft_metric: Option<String>,
+    /// Δ prefix-cache hits / Δ queries: the fraction of prompt tokens the
+    /// server's prefix cache supplied.
+    pub prefix_cache_hit_rate: Option<f64>,
     /// Seconds between the two scrapes.
     pub scrape_interval_s: Option<f64>,
     /// Why figures are missing, when they are.
@@ -278,6 +292,12 @@ pub fn server_side(before: Option<&Scrape>, after: Option<&Scrape>, interval_s: 
                 out.ttft_mean_ms = Some(s / c * 1000.0);
             }
             out.ttft_metric = Some((*base).to_string());
+            break;
+        }
+    }
+    for (hits, queries) in PREFIX_CACHE_COUNTERS {
+        if let (Some(h), Some(q)) = (delta(b, a, hits, &[]), delta(b, a, queries, &[])) {
+            out.prefix_cache_hit_rate = (q > 0.0).then_some(h / q);
             break;
         }
     }
@@ -358,5 +378,16 @@ cardinal_time_to_first_token_seconds_count{model_name="a"} 14
         let s = server_side(Some(&plain), Some(&plain2), 2.0);
         assert_eq!(s.generation_tok_s, Some(10.0));
         assert!(s.joules_per_token_cards.is_none());
+        assert!(s.prefix_cache_hit_rate.is_none());
+    }
+
+    #[test]
+    fn prefix_cache_hit_rate_from_either_server() {
+        for (hits, queries) in PREFIX_CACHE_COUNTERS {
+            let before = parse(&format!("{hits} 100\n{queries} 400\n"));
+            let after = parse(&format!("{hits} 400\n{queries} 1000\n"));
+            let s = server_side(Some(&before), Some(&after), 1.0);
+            assert_eq!(s.prefix_cache_hit_rate, Some(0.5), "{hits}");
+        }
     }
 }

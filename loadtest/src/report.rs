@@ -277,6 +277,12 @@ impl Report {
                     .collect();
                 parts.push(format!("usage.cardinal per request: {}", fields.join(" ")));
             }
+            if let Some(r) = l.server.prefix_cache_hit_rate {
+                parts.push(format!(
+                    "server prefix cache supplied {:.1}% of prompt tokens",
+                    r * 100.0
+                ));
+            }
             if l.cancelled > 0 {
                 parts.push(format!("{} cancelled", l.cancelled));
             }

@@ -64,7 +64,11 @@ async fn prompts_for(
     let count = count.clamp(1, MAX_PROMPTS_PER_LEVEL);
     match source {
         Source::Synthetic(lm) => {
-            workload::synthetic(target, *lm, args.input_tokens, count, args.seed, stream).await
+            let shape = workload::Synthetic {
+                lengths: args.input_tokens,
+                shared_prefix_tokens: args.shared_prefix_tokens,
+            };
+            workload::synthetic(target, *lm, shape, count, args.seed, stream).await
         }
         Source::Dataset(rows) => workload::from_dataset(rows, count, args.seed, stream),
     }

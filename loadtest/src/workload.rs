@@ -1,6 +1,7 @@
 //! The prompts sent: synthetic word sequences fitted to a requested token
 //! length (measured with the server's `POST /tokenize` when it exists,
-//! estimated at one token per word otherwise), or lines of a JSONL dataset.
+//! estimated at one token per word otherwise), optionally after a system
+//! prompt the whole level shares, or lines of a JSONL dataset.
 //! Everything random is drawn from `--seed`, with one derived stream per
 //! level, so a run is reproducible.
 
@@ -16,6 +17,8 @@ pub const MAX_PROMPTS_PER_LEVEL: usize = 4096;
 /// Prompts per level whose length is checked with `/tokenize`; later ones
 /// use the measured tokens-per-word ratio.
 pub const MAX_TOKENIZED_PER_LEVEL: usize = 64;
+/// Mixed into `--seed` for the shared system prompt's own random stream.
+const PREFIX_SEED: u64 = 0x5052_4546_4958; // "PREFIX"
 
 /// Short, common English words: almost every tokenizer maps " word" to one
 /// token, which makes the one-token-per-word estimate close when the server
@@ -193,26 +196,53 @@ async fn fit(
     }
 }
 
+/// The shape of a level's synthetic prompts.
+#[derive(Debug, Clone, Copy)]
+pub struct Synthetic {
+    /// Length of each prompt's own part.
+    pub lengths: InputTokens,
+    /// About this many tokens of system prompt shared by every prompt of
+    /// the level (0: none, and prompts are plain text).
+    pub shared_prefix_tokens: u64,
+}
+
 /// Synthetic prompts for one level: `count` prompts whose lengths are drawn
-/// from N(mean, stddev), rounded and clamped to ≥ 1 token.
+/// from N(mean, stddev), rounded and clamped to ≥ 1 token, each after the
+/// level's shared system prompt when there is one (then the prompt is a
+/// system message and a user message).
 pub async fn synthetic(
     target: &Target,
     lm: LengthModel,
-    dist: InputTokens,
+    shape: Synthetic,
     count: usize,
     seed: u64,
     stream: u64,
 ) -> Vec<Prompt> {
+    let dist = shape.lengths;
     let mut rng = Rng::derived(seed, stream);
+    let prefix = (shape.shared_prefix_tokens > 0).then(|| {
+        let mut prng = Rng::derived(seed ^ PREFIX_SEED, stream);
+        let n = lm.words(shape.shared_prefix_tokens);
+        (words(&mut prng, n).join(" "), lm.tokens(n))
+    });
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         let want = rng.normal(dist.mean, dist.stddev).round().max(1.0) as u64;
         let pool_len = lm.words(want) * 3 / 2 + 16;
         let pool = words(&mut rng, pool_len);
         let (text, tokens) = fit(target, &pool, want, lm, i < MAX_TOKENIZED_PER_LEVEL).await;
-        out.push(Prompt {
-            body: PromptBody::Text(text),
-            tokens: Some(tokens),
+        out.push(match &prefix {
+            None => Prompt {
+                body: PromptBody::Text(text),
+                tokens: Some(tokens),
+            },
+            Some((system, system_tokens)) => Prompt {
+                body: PromptBody::Messages(vec![
+                    json!({"role": "system", "content": system}),
+                    json!({"role": "user", "content": text}),
+                ]),
+                tokens: Some(tokens + system_tokens),
+            },
         });
     }
     out
@@ -303,5 +333,50 @@ mod tests {
         assert_ne!(a, c);
         assert_eq!(a.len(), 25);
         assert_eq!(a[0], a[10]);
+    }
+
+    /// With a shared prefix every prompt of a level starts with the same
+    /// system message of about the requested length; levels differ.
+    #[tokio::test]
+    async fn shared_prefix_is_one_system_message_per_level() {
+        let t = Target::new(
+            "http://127.0.0.1:9".into(),
+            None,
+            None,
+            std::time::Duration::from_secs(1),
+            true,
+        )
+        .unwrap();
+        let shape = Synthetic {
+            lengths: InputTokens {
+                mean: 20.0,
+                stddev: 0.0,
+            },
+            shared_prefix_tokens: 300,
+        };
+        let lm = LengthModel::ESTIMATE;
+        let level = synthetic(&t, lm, shape, 5, 7, 1).await;
+        let system = |p: &Prompt| match &p.body {
+            PromptBody::Messages(m) => {
+                assert_eq!(
+                    (m[0]["role"].as_str(), m[1]["role"].as_str()),
+                    (Some("system"), Some("user"))
+                );
+                m[0]["content"].as_str().unwrap().to_owned()
+            }
+            other => panic!("expected messages, got {other:?}"),
+        };
+        let first = system(&level[0]);
+        assert_eq!(first.split(' ').count(), 300);
+        assert!(level.iter().all(|p| system(p) == first));
+        assert!(level.iter().all(|p| p.tokens == Some(320)));
+        let other = synthetic(&t, lm, shape, 1, 7, 2).await;
+        assert_ne!(system(&other[0]), first, "levels share a prefix");
+        let plain = Synthetic {
+            shared_prefix_tokens: 0,
+            ..shape
+        };
+        let p = synthetic(&t, lm, plain, 1, 7, 1).await;
+        assert!(matches!(p[0].body, PromptBody::Text(_)));
     }
 }
