@@ -512,7 +512,10 @@ impl Worker {
         // Blocks `caches` adopted are held, so they do not count as idle.
         let idle = prefix.idle_len() * KvShape::of(&self.cards.model().cfg).block_bytes();
         let room = self.cards.cards.iter().zip(caches.iter()).all(|(c, kv)| {
-            let free = c.kv.limit() - c.kv.used() + idle * c.layers.len();
+            let free =
+                c.kv.limit()
+                    .saturating_sub(c.kv.used())
+                    .saturating_add(idle * c.layers.len());
             kv.bytes_to_reserve(tokens) <= free
         });
         let fits = room

@@ -208,18 +208,17 @@ fn batch_invariance_and_kv_returns_to_zero() {
     assert_only_cached_kv(&e);
 }
 
-#[test]
-fn admission_never_overcommits_and_impossible_requests_are_refused() {
-    let model = tiny();
+/// The tiny model on 2 cards of 2 MiB, so the KV budget is a few thousand
+/// tokens, with the prefix cache on.
+fn small_cards_engine(model: &Arc<Model>) -> Engine {
     let spec = CardSpec {
         memory_bytes: 2 << 20,
         ..Default::default()
     };
-    let parts = plan::parts_of_model(&model);
+    let parts = plan::parts_of_model(model);
     let p = plan::plan(&parts, &spec, 1, 64, Some(2)).unwrap();
     let cards = Cards::new(model.clone(), &p, &spec).unwrap();
-    let limits: Vec<usize> = cards.cards.iter().map(|c| c.kv.limit()).collect();
-    let e = Engine::start(
+    Engine::start(
         cards,
         EngineConfig {
             max_num_seqs: 64,
@@ -232,7 +231,89 @@ fn admission_never_overcommits_and_impossible_requests_are_refused() {
             nice: 0,
             prefix_cache: true,
         },
+    )
+}
+
+/// A request that must wait for a running one does not empty the prefix
+/// cache while it waits (evicting every idle block would not make room),
+/// and runs once the other is done.
+#[test]
+fn a_waiting_request_leaves_the_prefix_cache_alone() {
+    let model = tiny();
+    let e = small_cards_engine(&model);
+    let vocab = model.cfg.vocab;
+    // Tokens each card can hold, in whole blocks.
+    let block = cardinal_models::kv::KvShape::of(&model.cfg).block_bytes();
+    let cap = e
+        .cards
+        .cards
+        .iter()
+        .map(|c| c.kv.limit() / (block * c.layers.len()) * 64)
+        .min()
+        .unwrap();
+    let _ = collect(
+        &e,
+        request(prompt(40, 130, vocab), 4, SamplingParams::greedy()),
     );
+    let cached = e
+        .stats
+        .prefix_blocks
+        .load(std::sync::atomic::Ordering::Acquire);
+    assert_eq!(cached, 2, "the first request's two whole blocks are cached");
+    let long = e
+        .submit(request(
+            prompt(41, 10, vocab),
+            cap * 7 / 10,
+            SamplingParams::greedy(),
+        ))
+        .unwrap();
+    let waiting = e
+        .submit(request(
+            prompt(42, 10, vocab),
+            cap / 2,
+            SamplingParams::greedy(),
+        ))
+        .unwrap();
+    let reader = |mut s: cardinal_pipeline::Stream| {
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while let Some(ev) = s.blocking_recv() {
+                match ev {
+                    Event::Token(_) => n += 1,
+                    Event::Done(_) => return n,
+                    Event::Error(err) => panic!("{err}"),
+                }
+            }
+            panic!("stream ended without Done")
+        })
+    };
+    let (long, waiting) = (reader(long), reader(waiting));
+    let mut seen_waiting = 0;
+    while !long.is_finished() {
+        if e.stats.waiting.load(std::sync::atomic::Ordering::Acquire) == 1 {
+            seen_waiting += 1;
+            let now = e
+                .stats
+                .prefix_blocks
+                .load(std::sync::atomic::Ordering::Acquire);
+            assert!(
+                now >= cached,
+                "the cache was emptied while a request waited: {now}"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(seen_waiting > 0, "the second request never had to wait");
+    assert_eq!(long.join().unwrap(), cap * 7 / 10);
+    assert_eq!(waiting.join().unwrap(), cap / 2);
+    assert_only_cached_kv(&e);
+}
+
+#[test]
+fn admission_never_overcommits_and_impossible_requests_are_refused() {
+    let model = tiny();
+    let e = small_cards_engine(&model);
+    let limits: Vec<usize> = e.cards.cards.iter().map(|c| c.kv.limit()).collect();
     // Many concurrent requests: usage is sampled while they run and must stay under each card's limit.
     let streams: Vec<_> = (0..40)
         .map(|i| {
