@@ -235,6 +235,8 @@ pub struct ServerSide {
     /// Δ prefix-cache hits / Δ queries: the fraction of prompt tokens the
     /// server's prefix cache supplied.
     pub prefix_cache_hit_rate: Option<f64>,
+    /// Which hits counter the rate came from.
+    pub prefix_cache_metric: Option<String>,
     /// Seconds between the two scrapes.
     pub scrape_interval_s: Option<f64>,
     /// Why figures are missing, when they are.
@@ -298,8 +300,13 @@ pub fn server_side(before: Option<&Scrape>, after: Option<&Scrape>, interval_s: 
     for (hits, queries) in PREFIX_CACHE_COUNTERS {
         if let (Some(h), Some(q)) = (delta(b, a, hits, &[]), delta(b, a, queries, &[])) {
             out.prefix_cache_hit_rate = (q > 0.0).then_some(h / q);
+            out.prefix_cache_metric = Some((*hits).to_string());
             break;
         }
+    }
+    if out.prefix_cache_metric.is_none() {
+        out.notes
+            .push("no prefix-cache counters found (the server may have no prefix cache)".into());
     }
     out
 }

@@ -223,7 +223,9 @@ pub async fn synthetic(
     let prefix = (shape.shared_prefix_tokens > 0).then(|| {
         let mut prng = Rng::derived(seed ^ PREFIX_SEED, stream);
         let n = lm.words(shape.shared_prefix_tokens);
-        (words(&mut prng, n).join(" "), lm.tokens(n))
+        // The words' tokens only: the prompt's own count has the intercept.
+        let tokens = (lm.tokens_per_word * n as f64).round() as u64;
+        (words(&mut prng, n).join(" "), tokens)
     });
     let mut out = Vec::with_capacity(count);
     for i in 0..count {

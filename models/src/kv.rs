@@ -141,8 +141,9 @@ impl KvShape {
 }
 
 /// The cache of one sequence for a contiguous range of layers (the layers
-/// one card holds). Its first blocks may be shared (adopted from a prefix
-/// cache); those are full and only read.
+/// one card holds). Its full blocks may be shared, with a prefix cache and
+/// through it with other sequences (adopted from it, or its own given to
+/// it); a shared block is only read.
 #[derive(Debug)]
 pub struct SeqKv {
     shape: KvShape,
@@ -166,11 +167,6 @@ impl SeqKv {
         self.layers
             .first()
             .map_or(usize::MAX, |l| l.len() * KV_BLOCK)
-    }
-
-    /// Bytes of the blocks this cache holds (shared ones included).
-    pub fn bytes(&self) -> usize {
-        self.layers.iter().map(Vec::len).sum::<usize>() * self.shape.block_bytes()
     }
 
     /// Blocks per layer (every layer has the same number).
@@ -206,7 +202,7 @@ impl SeqKv {
 
     /// Bytes needed to grow to hold `tokens` tokens.
     pub fn bytes_to_reserve(&self, tokens: usize) -> usize {
-        let have = self.layers.first().map_or(0, Vec::len);
+        let have = self.n_blocks();
         let want = tokens.div_ceil(KV_BLOCK);
         want.saturating_sub(have) * self.layers.len() * self.shape.block_bytes()
     }

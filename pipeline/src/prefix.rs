@@ -10,8 +10,9 @@
 //! only when every token before its end is equal, and a hash collision can
 //! only cause a miss. Cached blocks stay charged to their cards' budgets;
 //! the engine evicts the least recently used blocks that no running
-//! sequence holds (deepest first among equals, so a chain is shortened from
-//! its end) when admission needs room. Blocks are shared read-only: a
+//! sequence holds and that have no cached block after them (so a chain is
+//! shortened from its end and no entry is left unreachable) when admission
+//! needs room. Blocks are shared read-only: a
 //! sequence adopts only blocks it has not written yet, and at least the last
 //! prompt token is always computed, since its logits start generation.
 
@@ -27,6 +28,10 @@ struct Entry {
     serial: u64,
     /// Serial of the entry before this one (0 for the first block).
     parent: u64,
+    /// Key of the entry before this one (`None` for the first block).
+    parent_key: Option<u64>,
+    /// Cached entries that follow this one.
+    children: usize,
     /// The ids the block holds.
     tokens: Box<[u32]>,
     /// Index of the block in its prefix.
@@ -128,17 +133,23 @@ impl PrefixCache {
         self.tick += 1;
         let tick = self.tick;
         let mut parent = 0;
+        let mut parent_key = None;
         for (i, toks) in tokens.chunks_exact(KV_BLOCK).enumerate() {
-            if let Some(e) = self.find(parent, toks) {
-                e.used = tick;
-                parent = e.serial;
-                continue;
-            }
             let k = self.key(parent, toks);
-            if self.entries.contains_key(&k) {
+            match self.entries.get_mut(&k) {
+                Some(e) if e.parent == parent && *e.tokens == *toks => {
+                    e.used = tick;
+                    parent = e.serial;
+                    parent_key = Some(k);
+                    continue;
+                }
                 // A collision with another prefix: keep the cached one and
                 // stop, since no later block of ours could be found past it.
-                return;
+                Some(_) => return,
+                None => {}
+            }
+            if let Some(p) = parent_key.and_then(|pk| self.entries.get_mut(&pk)) {
+                p.children += 1;
             }
             self.serial += 1;
             let serial = self.serial;
@@ -147,6 +158,8 @@ impl PrefixCache {
                 Entry {
                     serial,
                     parent,
+                    parent_key,
+                    children: 0,
                     tokens: toks.into(),
                     depth: i,
                     blocks: caches.iter().map(|c| c.share(i)).collect(),
@@ -154,6 +167,7 @@ impl PrefixCache {
                 },
             );
             parent = serial;
+            parent_key = Some(k);
         }
     }
 
@@ -162,22 +176,44 @@ impl PrefixCache {
         self.entries.values().filter(|e| e.idle()).count()
     }
 
-    /// Evicts the least recently used block that no sequence holds (so that
-    /// evicting it frees its memory); returns whether there was one.
+    /// Evicts the least recently used block that no sequence holds and no
+    /// cached block follows (so that evicting it frees its memory and leaves
+    /// nothing unreachable); returns whether there was one.
     pub fn evict_one(&mut self) -> bool {
         let victim = self
             .entries
             .iter()
-            .filter(|(_, e)| e.idle())
+            .filter(|(_, e)| e.children == 0 && e.idle())
             .min_by_key(|(_, e)| (e.used, std::cmp::Reverse(e.depth)))
             .map(|(&k, _)| k);
-        match victim {
-            Some(k) => {
-                self.entries.remove(&k);
-                true
-            }
-            None => false,
+        let Some(k) = victim else {
+            return false;
+        };
+        let gone = self.entries.remove(&k).expect("the victim is cached");
+        if let Some(p) = gone.parent_key.and_then(|pk| self.entries.get_mut(&pk)) {
+            p.children -= 1;
         }
+        true
+    }
+
+    /// Blocks that evicting as much as possible would free: idle entries
+    /// none of whose followers a sequence holds (a held entry keeps every
+    /// entry before it).
+    pub fn evictable_len(&self) -> usize {
+        let mut kept = std::collections::HashSet::new();
+        for (k, e) in &self.entries {
+            if e.idle() {
+                continue;
+            }
+            let mut at = Some(*k);
+            while let Some(key) = at {
+                if !kept.insert(key) {
+                    break; // Its ancestors are already marked.
+                }
+                at = self.entries.get(&key).and_then(|e| e.parent_key);
+            }
+        }
+        self.entries.len() - kept.len()
     }
 }
 
@@ -298,5 +334,30 @@ mod tests {
         pc.insert(&a[..KV_BLOCK], &caches(&budget, KV_BLOCK));
         let mut c = vec![SeqKv::new(SHAPE, 2, budget.clone())];
         assert_eq!(pc.adopt(&a, &mut c, 0), 1);
+    }
+
+    /// Two sequences computed the same first block: the cache keeps the
+    /// first one's, and the second's next block is cached after it. While
+    /// the second runs, the idle first block is not evicted, since that
+    /// would leave the held second block unreachable.
+    #[test]
+    fn a_block_with_a_cached_follower_is_not_evicted() {
+        let budget = KvBudget::new("card 0", usize::MAX);
+        let mut pc = PrefixCache::new();
+        let a = ids(2 * KV_BLOCK + 1, 1);
+        pc.insert(&a[..KV_BLOCK], &caches(&budget, KV_BLOCK));
+        let b = caches(&budget, a.len());
+        pc.insert(&a[..2 * KV_BLOCK], &b);
+        assert_eq!((pc.len(), pc.idle_len(), pc.evictable_len()), (2, 1, 0));
+        assert!(!pc.evict_one(), "the first block has a follower in use");
+        drop(b);
+        assert_eq!(pc.evictable_len(), 2);
+        assert!(pc.evict_one());
+        let mut c = vec![SeqKv::new(SHAPE, 2, budget.clone())];
+        assert_eq!(pc.adopt(&a, &mut c, 0), 1, "the follower went first");
+        drop(c);
+        assert!(pc.evict_one());
+        assert!(pc.is_empty());
+        assert_eq!(budget.used(), 0);
     }
 }

@@ -262,20 +262,79 @@ fn serve_refuses_bad_model_flags_before_binding() {
     let out = serve(&["--threads", "1", "--card-spec", "/nonexistent.toml"]);
     let stderr = assert_fails(&out, 1, &["/nonexistent.toml"]);
     assert!(!stderr.contains("listening"), "bound a port: {stderr}");
-    // Boolean flags take the usual spellings from the environment (1, yes,
-    // true; 0, no, false): the run gets past the flags to the card spec.
-    for (var, value) in [
-        ("CARDINAL_NO_PREFIX_CACHE", "1"),
-        ("CARDINAL_NO_PREFIX_CACHE", "no"),
-        ("CARDINAL_METRICS_REQUIRE_AUTH", "yes"),
-        ("CARDINAL_METRICS_REQUIRE_AUTH", "0"),
-    ] {
-        let out = command(&["serve", "--model", &model, "--port", "0"])
-            .args(["--card-spec", "/nonexistent.toml"])
-            .env(var, value)
+}
+
+/// The first JSON log line of `cardinal serve` (tiny-granite, port 0) with
+/// the environment `env` that has field `field`, or `None` after 30 s.
+fn serve_log_field(env: &[(&str, &str)], field: &str) -> Option<serde_json::Value> {
+    let mut cmd = command(&[
+        "serve",
+        "--model",
+        &tiny_granite(),
+        "--threads",
+        "1",
+        "--port",
+        "0",
+        "--log-format",
+        "json",
+    ]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the cardinal binary runs");
+    let (tx, rx) = mpsc::sync_channel::<String>(4096);
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut found = None;
+    while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && !v["fields"][field].is_null()
+        {
+            found = Some(v["fields"][field].clone());
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    found
+}
+
+/// Boolean flags take the usual spellings from the environment, with their
+/// meaning (the server logs its prefix-cache setting when it starts), and a
+/// misspelt value is refused instead of read as true.
+#[test]
+fn boolean_flags_from_the_environment() {
+    for (value, cache_on) in [("1", false), ("yes", false), ("0", true), ("no", true)] {
+        let got = serve_log_field(&[("CARDINAL_NO_PREFIX_CACHE", value)], "prefix_cache")
+            .unwrap_or_else(|| panic!("no prefix_cache field in the log with {value}"));
+        let on = got
+            .as_bool()
+            .or_else(|| got.as_str().and_then(|s| s.parse().ok()));
+        assert_eq!(
+            on,
+            Some(cache_on),
+            "CARDINAL_NO_PREFIX_CACHE={value}: {got}"
+        );
+    }
+    for var in ["CARDINAL_NO_PREFIX_CACHE", "CARDINAL_METRICS_REQUIRE_AUTH"] {
+        let out = command(&["serve", "--model", &tiny_granite(), "--port", "0"])
+            .env(var, "disabled")
             .output()
             .unwrap();
-        assert_fails(&out, 1, &["/nonexistent.toml"]);
+        assert_fails(&out, 2, &["invalid value 'disabled'"]);
     }
 }
 

@@ -111,7 +111,7 @@ pub struct ServeOptions {
     /// Turn off the prefix cache (on by default: full 64-token KV blocks are
     /// kept after use, while memory allows, and reused by prompts that start
     /// with the same tokens).
-    #[arg(long, env = "CARDINAL_NO_PREFIX_CACHE", value_parser = clap::builder::FalseyValueParser::new())]
+    #[arg(long, env = "CARDINAL_NO_PREFIX_CACHE", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_prefix_cache: bool,
     /// Require `Authorization: Bearer KEY` on every endpoint but the probes /health and /ready (and /metrics).
     #[arg(long, env = "CARDINAL_API_KEY", hide_env_values = true)]
@@ -129,7 +129,7 @@ pub struct ServeOptions {
     #[arg(long, env = "CARDINAL_DRAIN_TIMEOUT", default_value_t = 30.0)]
     pub drain_timeout: f64,
     /// With --api-key, require it on /metrics too.
-    #[arg(long, env = "CARDINAL_METRICS_REQUIRE_AUTH", value_parser = clap::builder::FalseyValueParser::new())]
+    #[arg(long, env = "CARDINAL_METRICS_REQUIRE_AUTH", value_parser = clap::builder::BoolishValueParser::new())]
     pub metrics_require_auth: bool,
     /// Largest request body in bytes; larger ones get 413.
     #[arg(long, env = "CARDINAL_MAX_BODY_BYTES", default_value_t = DEFAULT_BODY_BYTES)]
@@ -508,6 +508,7 @@ fn log_runtime(rt: &Runtime) {
         isa = rt.isa.name(),
         threads = rt.threads,
         cards = rt.plan.cards,
+        prefix_cache = rt.engine.config.prefix_cache,
         "model {} on {} card(s)",
         rt.loaded.name,
         rt.plan.cards

@@ -1,7 +1,8 @@
 //! The engine: a thread that owns the cards and runs continuous batching.
 //! Callers submit token ids and sampling parameters and get back a bounded
 //! stream of token events; dropping the stream cancels the sequence, which
-//! frees its KV blocks on every card before the next step. Admission
+//! frees its KV blocks on every card before the next step (but for the full
+//! ones the prefix cache keeps). Admission
 //! reserves each sequence's whole KV need (prompt + max tokens) on every
 //! card, so a running sequence can never hit `KvExhausted`. Long prompts are
 //! prefilled in chunks so decoding sequences keep making progress. With the
@@ -23,6 +24,8 @@ use cardinal_kernels::{Isa, Pool};
 use cardinal_models::forward::BatchRow;
 use cardinal_models::kv::{KV_BLOCK, KvShape, SeqKv};
 use tokio::sync::mpsc;
+
+mod admission;
 
 pub use crate::api::{Event, FinishReason, Finished, Request, Stream, SubmitError};
 use crate::energy::HostEnergy;
@@ -438,7 +441,8 @@ impl Worker {
     }
 
     /// Ends, with reason stop, the running sequences whose caller asked for
-    /// it ([`Stream::finish`]); their caches go back to the cards.
+    /// it ([`Stream::finish`]); their caches go back to the cards (but for
+    /// the full blocks the prefix cache keeps).
     fn finish_requested(&self, running: &mut Vec<Seq>) {
         let now = Instant::now();
         let mut i = 0;
@@ -450,145 +454,8 @@ impl Worker {
                 i += 1;
             }
         }
-        self.stats.running.store(running.len(), Ordering::Release);
-    }
-
-    fn admit(&self, waiting: &mut VecDeque<Pending>, running: &mut Vec<Seq>) {
-        while running.len() < self.cfg.max_num_seqs {
-            let Some(p) = waiting.front() else { break };
-            let mut caches = self.cards.new_seq_caches();
-            let need = p.req.prompt.len() + p.req.max_tokens;
-            let cached = if self.cfg.prefix_cache {
-                self.prefix
-                    .borrow_mut()
-                    .adopt(&p.req.prompt, &mut caches, 0)
-                    * KV_BLOCK
-            } else {
-                0
-            };
-            if !self.reserve_evicting(&mut caches, need) {
-                break; // Wait for running sequences to free their blocks.
-            }
-            let p = waiting.pop_front().expect("front exists");
-            self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
-            self.stats
-                .prompt_tokens
-                .fetch_add(p.req.prompt.len() as u64, Ordering::Relaxed);
-            if self.cfg.prefix_cache {
-                self.stats
-                    .prefix_query_tokens
-                    .fetch_add(p.req.prompt.len() as u64, Ordering::Relaxed);
-                self.stats
-                    .prefix_hit_tokens
-                    .fetch_add(cached as u64, Ordering::Relaxed);
-            }
-            let sampler = Sampler::new(p.req.params.clone(), &p.req.prompt);
-            running.push(Seq {
-                tokens: p.req.prompt.clone(),
-                computed: cached,
-                cached,
-                generated: 0,
-                sampler,
-                caches,
-                admitted: Instant::now(),
-                first_token: None,
-                card_joules: 0.0,
-                host_joules: 0.0,
-                p,
-            });
-        }
-        self.stats.running.store(running.len(), Ordering::Release);
-    }
-
-    /// Reserves `tokens` positions in `caches`, evicting idle prefix-cache
-    /// blocks (least recently used first) if that makes room. When even
-    /// evicting every idle block would not, nothing is evicted: the request
-    /// waits for running sequences, and the cache keeps its blocks.
-    fn reserve_evicting(&self, caches: &mut [SeqKv], tokens: usize) -> bool {
-        if self.cards.reserve(caches, tokens).is_ok() {
-            return true;
-        }
-        let mut prefix = self.prefix.borrow_mut();
-        // Blocks `caches` adopted are held, so they do not count as idle.
-        let idle = prefix.idle_len() * KvShape::of(&self.cards.model().cfg).block_bytes();
-        let room = self.cards.cards.iter().zip(caches.iter()).all(|(c, kv)| {
-            let free =
-                c.kv.limit()
-                    .saturating_sub(c.kv.used())
-                    .saturating_add(idle * c.layers.len());
-            kv.bytes_to_reserve(tokens) <= free
-        });
-        let fits = room
-            && loop {
-                if !prefix.evict_one() {
-                    break false;
-                }
-                if self.cards.reserve(caches, tokens).is_ok() {
-                    break true;
-                }
-            };
-        drop(prefix);
         self.publish_prefix();
-        fits
-    }
-
-    /// Lets every sequence still prefilling at a block boundary adopt the
-    /// cached blocks that continue its prompt (computed meanwhile by a
-    /// sequence with the same start); its own blocks there are unwritten.
-    fn adopt_while_prefilling(&self, running: &mut [Seq]) {
-        let mut prefix = self.prefix.borrow_mut();
-        for s in running.iter_mut() {
-            let len = s.p.req.prompt.len();
-            if s.generated > 0
-                || !s.computed.is_multiple_of(KV_BLOCK)
-                || s.computed / KV_BLOCK >= (len - 1) / KV_BLOCK
-            {
-                continue;
-            }
-            let from = s.computed / KV_BLOCK;
-            let found = prefix.adopt(&s.tokens[..len], &mut s.caches, from);
-            if found > from {
-                let gained = (found - from) * KV_BLOCK;
-                s.computed += gained;
-                s.cached += gained;
-                self.stats
-                    .prefix_hit_tokens
-                    .fetch_add(gained as u64, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// Ends a sequence normally: sends its figures and counts it as
-    /// finished (its caches go back to the cards when `s` is dropped, but
-    /// for the full blocks the prefix cache keeps).
-    fn end(&self, s: &Seq, reason: FinishReason, now: Instant) {
-        let _ = s.p.tx.try_send(Event::Done(s.finished(reason, now)));
-        self.stats.finished.fetch_add(1, Ordering::Relaxed);
-        self.remember(s);
-    }
-
-    /// Publishes the prefix cache's sizes; called where sequences were
-    /// dropped, since the idle count depends on who still holds blocks.
-    fn publish_prefix(&self) {
-        let prefix = self.prefix.borrow();
-        self.stats
-            .prefix_blocks
-            .store(prefix.len(), Ordering::Release);
-        self.stats
-            .prefix_idle_blocks
-            .store(prefix.idle_len(), Ordering::Release);
-    }
-
-    /// Gives the full blocks of `s` computed so far to the prefix cache.
-    fn remember(&self, s: &Seq) {
-        if !self.cfg.prefix_cache {
-            return;
-        }
-        let mut prefix = self.prefix.borrow_mut();
-        prefix.insert(&s.tokens[..s.computed], &s.caches);
-        self.stats
-            .prefix_blocks
-            .store(prefix.len(), Ordering::Release);
+        self.stats.running.store(running.len(), Ordering::Release);
     }
 
     /// Samples the next token of every sequence in `owners` that needs
