@@ -171,6 +171,11 @@ impl PrefixCache {
         }
     }
 
+    /// Forgets every entry; blocks that sequences hold stay theirs.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
     /// Blocks no running sequence holds (evicting one frees its memory).
     pub fn idle_len(&self) -> usize {
         self.entries.values().filter(|e| e.idle()).count()

@@ -482,6 +482,13 @@ async fn prefix_cache_reuses_a_long_system_prompt() {
         .expect("prefix_cache_hits_total in /metrics");
     assert_eq!(hits, cached + shared);
     assert!(m.contains("kind=\"kv_prefix_cache\""), "{m}");
+    // vLLM's /reset_prefix_cache: the next request starts cold again (the
+    // reset is queued to the engine ahead of it), with the same reply.
+    let r = post_json(&a.router, "/reset_prefix_cache", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status"], "ok");
+    let (after, _, none) = ask(&a, "What is a card?").await;
+    assert_eq!((after, none), (text, 0), "the reset left cached blocks");
 }
 
 /// A chat reply's text, prompt tokens and cached prompt tokens.

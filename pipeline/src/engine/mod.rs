@@ -101,6 +101,8 @@ fn now_ms() -> u64 {
 
 enum Cmd {
     Submit(Box<Pending>),
+    /// Forget every cached prefix block (running sequences keep theirs).
+    ResetPrefixCache,
     Shutdown,
 }
 
@@ -228,6 +230,21 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// Asks the engine thread to forget every cached prefix block before its
+    /// next step, as vLLM's `/reset_prefix_cache` does (for benchmarks that
+    /// must start cold). Blocks running sequences hold stay theirs; the rest
+    /// go back to their cards.
+    pub fn reset_prefix_cache(&self) -> Result<(), SubmitError> {
+        self.tx
+            .try_send(Cmd::ResetPrefixCache)
+            .map_err(|e| match e {
+                TrySendError::Full(_) => SubmitError::QueueFull(self.config.max_queue),
+                TrySendError::Disconnected(_) => {
+                    SubmitError::Stopped("the engine thread has exited".into())
+                }
+            })
     }
 
     /// Stops the engine thread after the current step; in-flight sequences end.
@@ -380,6 +397,10 @@ impl Worker {
             {
                 match cmd {
                     Cmd::Submit(p) => waiting.push_back(*p),
+                    Cmd::ResetPrefixCache => {
+                        self.prefix.borrow_mut().clear();
+                        self.publish_prefix();
+                    }
                     Cmd::Shutdown => {
                         for s in running.drain(..) {
                             let _ =

@@ -2,7 +2,7 @@
 //! request log and error counting; API-key auth; CORS when
 //! `--allowed-origins` is given; the body size limit), the small endpoints
 //! (`/health`, `/ready`, `/metrics`, `/v1/models`, `/tokenize`,
-//! `/detokenize`), the OpenAI-shaped 404/405, and reading JSON bodies with
+//! `/detokenize`, `/reset_prefix_cache`), the OpenAI-shaped 404/405, and reading JSON bodies with
 //! their content type, size, time and UTF-8 checks.
 
 use std::sync::atomic::Ordering;
@@ -40,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(opts.max_body_bytes))
@@ -333,6 +334,28 @@ fn json_object(body: &Value) -> Result<&serde_json::Map<String, Value>, ApiError
             describe(body)
         ))
     })
+}
+
+/// `POST /reset_prefix_cache`: forgets every cached prefix block, as vLLM's
+/// endpoint of that name does, so a benchmark can start cold. 200 with
+/// `{"status": "ok"}`; 503 while the model loads or when the engine's
+/// command queue is full.
+async fn reset_prefix_cache(State(s): State<AppState>) -> Response {
+    let reset = served(&s).and_then(|sv| {
+        sv.engine.reset_prefix_cache().map_err(|e| {
+            ApiError::unavailable(
+                "engine_busy",
+                format!("could not reset the prefix cache: {e}"),
+            )
+        })
+    });
+    match reset {
+        Ok(()) => {
+            info!("prefix cache reset");
+            (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 /// `POST /tokenize`: `{"prompt": text}` (or llama.cpp's `content`), or
