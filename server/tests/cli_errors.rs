@@ -264,9 +264,9 @@ fn serve_refuses_bad_model_flags_before_binding() {
     assert!(!stderr.contains("listening"), "bound a port: {stderr}");
 }
 
-/// The first JSON log line of `cardinal serve` (tiny-granite, port 0) with
-/// the environment `env` that has field `field`, or `None` after 30 s.
-fn serve_log_field(env: &[(&str, &str)], field: &str) -> Option<serde_json::Value> {
+/// `cardinal serve` (tiny-granite, 1 thread, port 0, JSON logs) with the
+/// environment `env`, and its stderr lines as they come.
+fn serve_json(env: &[(&str, &str)]) -> (std::process::Child, mpsc::Receiver<String>) {
     let mut cmd = command(&[
         "serve",
         "--model",
@@ -297,6 +297,13 @@ fn serve_log_field(env: &[(&str, &str)], field: &str) -> Option<serde_json::Valu
             }
         }
     });
+    (child, rx)
+}
+
+/// The first JSON log line of `cardinal serve` with the environment `env`
+/// that has field `field`, or `None` after 30 s.
+fn serve_log_field(env: &[(&str, &str)], field: &str) -> Option<serde_json::Value> {
+    let (mut child, rx) = serve_json(env);
     let end = Instant::now() + Duration::from_secs(30);
     let mut found = None;
     while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
@@ -455,32 +462,7 @@ fn logs_to_a_pipe_have_no_colour() {
 
 #[test]
 fn json_request_logs_have_plain_fields() {
-    let mut child = command(&[
-        "serve",
-        "--model",
-        &tiny_granite(),
-        "--threads",
-        "1",
-        "--port",
-        "0",
-        "--log-format",
-        "json",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("the cardinal binary runs");
-    let (tx, rx) = mpsc::sync_channel::<String>(4096);
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx) = serve_json(&[]);
     let mut lines = Vec::new();
     let mut wait_for = |f: &dyn Fn(&serde_json::Value) -> bool| -> Option<serde_json::Value> {
         let end = Instant::now() + Duration::from_secs(30);
