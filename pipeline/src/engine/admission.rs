@@ -14,6 +14,8 @@ use super::{Event, FinishReason, Pending, Seq, Worker};
 use crate::sampling::Sampler;
 
 impl Worker {
+    /// Admits waiting sequences in order while a slot is free and their
+    /// whole KV need fits (after adopting their cached prefix).
     pub(super) fn admit(&self, waiting: &mut VecDeque<Pending>, running: &mut Vec<Seq>) {
         while running.len() < self.cfg.max_num_seqs {
             let Some(p) = waiting.front() else { break };
@@ -130,8 +132,8 @@ impl Worker {
     }
 
     /// Publishes the prefix cache's sizes: at the top of every loop of the
-    /// engine thread, after sequences were dropped (the idle count depends
-    /// on who still holds blocks) and after evictions. Each call counts the
+    /// engine thread, and within a loop only where sequences were dropped
+    /// (the idle count depends on who still holds blocks) or blocks evicted. Each call counts the
     /// idle entries, a pass over the cache (a few hundred entries for
     /// SmolLM2 at the default card budgets).
     pub(super) fn publish_prefix(&self) {

@@ -222,12 +222,17 @@ impl Engine {
             Ok(()) => Ok(Stream { rx, cancel, finish }),
             Err(e) => {
                 self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
-                Err(match e {
-                    TrySendError::Full(_) => SubmitError::QueueFull(self.config.max_queue),
-                    TrySendError::Disconnected(_) => {
-                        SubmitError::Stopped("the engine thread has exited".into())
-                    }
-                })
+                Err(self.send_error(e))
+            }
+        }
+    }
+
+    /// Why a command could not be queued to the engine thread.
+    fn send_error(&self, e: TrySendError<Cmd>) -> SubmitError {
+        match e {
+            TrySendError::Full(_) => SubmitError::QueueFull(self.config.max_queue),
+            TrySendError::Disconnected(_) => {
+                SubmitError::Stopped("the engine thread has exited".into())
             }
         }
     }
@@ -239,12 +244,7 @@ impl Engine {
     pub fn reset_prefix_cache(&self) -> Result<(), SubmitError> {
         self.tx
             .try_send(Cmd::ResetPrefixCache)
-            .map_err(|e| match e {
-                TrySendError::Full(_) => SubmitError::QueueFull(self.config.max_queue),
-                TrySendError::Disconnected(_) => {
-                    SubmitError::Stopped("the engine thread has exited".into())
-                }
-            })
+            .map_err(|e| self.send_error(e))
     }
 
     /// Stops the engine thread after the current step; in-flight sequences end.
@@ -453,8 +453,10 @@ impl Worker {
             }
             keep
         });
-        self.publish_prefix();
         let removed = before - waiting.len() - running.len();
+        if removed > removed_waiting {
+            self.publish_prefix();
+        }
         self.stats
             .cancelled
             .fetch_add(removed as u64, Ordering::Relaxed);
@@ -466,6 +468,7 @@ impl Worker {
     /// the full blocks the prefix cache keeps).
     fn finish_requested(&self, running: &mut Vec<Seq>) {
         let now = Instant::now();
+        let before = running.len();
         let mut i = 0;
         while i < running.len() {
             if running[i].p.finish.load(Ordering::Acquire) {
@@ -475,7 +478,9 @@ impl Worker {
                 i += 1;
             }
         }
-        self.publish_prefix();
+        if running.len() < before {
+            self.publish_prefix();
+        }
         self.stats.running.store(running.len(), Ordering::Release);
     }
 
