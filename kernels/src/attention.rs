@@ -214,7 +214,7 @@ pub(crate) fn online_update(
     scores: &mut [f32],
     v_scales: &[f32],
 ) -> Option<f32> {
-    let bmax = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let bmax = crate::attention_simd::max(isa, scores);
     let new_max = st.max.max(bmax);
     if new_max == f32::NEG_INFINITY {
         return None;

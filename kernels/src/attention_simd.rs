@@ -75,6 +75,23 @@ pub(crate) fn weights(isa: Isa, scores: &mut [f32], max: f32, v_scales: &[f32]) 
     }
 }
 
+/// The largest of `scores`, NaNs ignored (`f32::NEG_INFINITY` when empty or
+/// all NaN), the same value on every ISA: a maximum does not depend on the
+/// order it is taken in.
+pub(crate) fn max(isa: Isa, scores: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512 checked by the caller.
+        Isa::Avx512 => unsafe { x86::max_avx512(scores) },
+        _ => max_scalar(scores),
+    }
+}
+
+/// Scalar [`max`].
+pub(crate) fn max_scalar(scores: &[f32]) -> f32 {
+    scores.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// Scalar [`weights`].
 pub(crate) fn weights_scalar(scores: &mut [f32], max: f32, v_scales: &[f32]) -> f32 {
     let mut sum = 0.0f32;
@@ -323,6 +340,32 @@ mod x86 {
         }
     }
 
+    /// [`super::max`] on AVX-512: `vmaxps` with the running maximum as the
+    /// second operand, which it returns when the score is NaN.
+    ///
+    /// # Safety
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn max_avx512(scores: &[f32]) -> f32 {
+        let n = scores.len();
+        let body = n / 16 * 16;
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        // SAFETY: full vectors at offsets < body; the tail is masked to n -
+        // body lanes, the others keep -inf.
+        unsafe {
+            let p = scores.as_ptr();
+            let mut i = 0;
+            while i < body {
+                m = _mm512_max_ps(_mm512_loadu_ps(p.add(i)), m);
+                i += 16;
+            }
+            let k = ((1u32 << (n - body)) - 1) as __mmask16;
+            let x = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), k, p.add(body));
+            m = _mm512_max_ps(x, m);
+        }
+        _mm512_reduce_max_ps(m)
+    }
+
     /// # Safety
     /// AVX-512F; `v_scales.len() >= scores.len()`.
     #[target_feature(enable = "avx512f")]
@@ -493,6 +536,41 @@ mod tests {
                         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                         assert_eq!(bits(&got), bits(&want), "{isa} hd {hd} g {g} n {n}");
                     }
+                }
+            }
+        }
+    }
+
+    /// Every ISA's block maximum is the scalar fold's, for lengths on, before
+    /// and after the vector width, with -inf (masked positions) and NaN
+    /// scores among them, and for an empty block.
+    #[test]
+    fn max_equals_scalar_on_every_isa() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for n in [0, 1, 5, 15, 16, 17, 31, 32, 33, 63, 64, 100] {
+            for case in 0..4 {
+                let v: Vec<f32> = (0..n)
+                    .map(|i| match (case, next() % 5) {
+                        (1, 0) => f32::NEG_INFINITY,
+                        (2, 0) if i % 2 == 0 => f32::NAN,
+                        (3, _) => f32::NEG_INFINITY,
+                        _ => (next() % 20001) as f32 / 100.0 - 100.0,
+                    })
+                    .collect();
+                let want = max_scalar(&v);
+                for isa in Isa::all_available() {
+                    let got = max(isa, &v);
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{isa} n {n} case {case}: {v:?}"
+                    );
                 }
             }
         }
