@@ -4,16 +4,19 @@
 //! through every card in order; between cards the hidden state crosses a
 //! link as int8 (A8) and the link charges its modeled cost. The hidden state
 //! is rounded to A8 at every part boundary, card edge or not, so the tokens
-//! do not depend on how the model is partitioned.
+//! do not depend on how the model is partitioned. A step of decode rows
+//! only on a small model may instead be cut into one group of rows per
+//! pool thread, each group pushed through every card by its own thread
+//! ([`split_parts`]).
 
 use std::ops::Range;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cardinal_kernels::{Isa, Pool, QActs, QMatrix, hadamard32};
-use cardinal_models::Model;
 use cardinal_models::forward::{self, BatchRow, Workspace};
 use cardinal_models::kv::{KvBudget, KvShape, SeqKv};
+use cardinal_models::{Model, ModelConfig};
 
 use crate::card::CardSpec;
 use crate::plan::{PartKind, Plan};
@@ -76,6 +79,8 @@ pub struct StepScratch {
     x: Vec<f32>,
     ws: Workspace,
     pub logits: Vec<f32>,
+    /// One per pool thread, for steps split across the threads.
+    parts: Vec<StepScratch>,
 }
 
 impl Cards {
@@ -202,6 +207,7 @@ impl Cards {
     /// (`logit_rows.len() x vocab`). `passes` is the number of micro-batch
     /// passes this step stands for on real cards; returns the modeled
     /// seconds the step takes through the pipeline.
+    #[allow(clippy::too_many_arguments)]
     pub fn run_step(
         &self,
         pool: &Pool,
@@ -213,54 +219,114 @@ impl Cards {
         passes: usize,
         scratch: &mut StepScratch,
     ) -> f64 {
+        let parts = split_parts(pool, &self.model.cfg, rows, logit_rows);
+        if parts > 1 {
+            self.compute_split(pool, isa, tokens, rows, caches, parts, scratch);
+        } else {
+            self.compute(pool, isa, tokens, rows, caches, logit_rows, scratch);
+        }
+        self.account(rows.len(), logit_rows.len(), passes)
+    }
+
+    /// The step's rows cut into `parts` contiguous groups, one per pool
+    /// thread, each pushed through every card by its own thread with no
+    /// fork-join inside (see [`split_parts`]); the logits are gathered in
+    /// row order. Each row's logits are the same as in [`Self::compute`]:
+    /// every kernel computes a row with the same operations whatever batch
+    /// it is in.
+    #[allow(clippy::too_many_arguments)]
+    fn compute_split(
+        &self,
+        pool: &Pool,
+        isa: Isa,
+        tokens: &[u32],
+        rows: &[BatchRow],
+        caches: &mut [&mut [SeqKv]],
+        parts: usize,
+        scratch: &mut StepScratch,
+    ) {
+        let n = rows.len();
+        let vocab = self.model.cfg.vocab;
+        let bounds: Vec<usize> = (0..=parts).map(|p| p * n / parts).collect();
+        scratch.parts.resize_with(parts, StepScratch::default);
+        let mut groups = Vec::with_capacity(parts);
+        let mut rest = caches;
+        for (p, part) in scratch.parts.iter_mut().enumerate() {
+            let (group, tail) = rest.split_at_mut(bounds[p + 1] - bounds[p]);
+            rest = tail;
+            groups.push(Mutex::new((group, part)));
+        }
+        pool.run(&|t, _| {
+            let (r0, r1) = (bounds[t], bounds[t + 1]);
+            // Uncontended: thread t is the only one to take group t.
+            let mut g = groups[t].lock().unwrap_or_else(|e| e.into_inner());
+            let (cs, sc) = &mut *g;
+            let local: Vec<BatchRow> = rows[r0..r1]
+                .iter()
+                .map(|r| BatchRow {
+                    seq: r.seq - r0,
+                    pos: r.pos,
+                })
+                .collect();
+            let all: Vec<usize> = (0..r1 - r0).collect();
+            // Nested inside this job, every `pool.run` of the forward pass
+            // runs on this thread alone.
+            self.compute(pool, isa, &tokens[r0..r1], &local, cs, &all, sc);
+        });
+        drop(groups);
+        scratch.logits.resize(n * vocab, 0.0);
+        for (p, part) in scratch.parts.iter().enumerate() {
+            let (a, b) = (bounds[p] * vocab, bounds[p + 1] * vocab);
+            scratch.logits[a..b].copy_from_slice(&part.logits[..b - a]);
+        }
+    }
+
+    /// The arithmetic of a step (see [`Self::run_step`]), without the
+    /// modeled accounting.
+    #[allow(clippy::too_many_arguments)]
+    fn compute(
+        &self,
+        pool: &Pool,
+        isa: Isa,
+        tokens: &[u32],
+        rows: &[BatchRow],
+        caches: &mut [&mut [SeqKv]],
+        logit_rows: &[usize],
+        scratch: &mut StepScratch,
+    ) {
         let m = &self.model;
         let cfg = &m.cfg;
         let h = cfg.hidden;
         let n = rows.len();
         scratch.x.resize(n * h, 0.0);
         forward::embed(m, tokens, &mut scratch.x[..n * h]);
-        let mut link_seconds = 0.0;
-        let last = self.cards.len() - 1;
         // Whether the previous layer's last pass already normalized and
         // quantized the rows for the next layer (see `forward_layer`).
         let mut normed = false;
         for (ci, card) in self.cards.iter().enumerate() {
-            if !card.layers.is_empty() {
-                let mut seq_caches: Vec<&mut SeqKv> =
-                    caches.iter_mut().map(|c| &mut c[ci]).collect();
-                for (local, li) in card.layers.clone().enumerate() {
-                    // Every part boundary rounds the hidden state through the
-                    // link format, row by row in the layer's last pass.
-                    forward::forward_layer(
-                        pool,
-                        isa,
-                        cfg,
-                        &m.layers[li],
-                        local,
-                        &mut scratch.x[..n * h],
-                        rows,
-                        &mut seq_caches,
-                        &mut scratch.ws,
-                        Some(&move |row: &mut [f32]| a8_roundtrip(isa, row)),
-                        normed,
-                        m.layers.get(li + 1).map(|l| &l.attn_norm[..]),
-                    );
-                    normed = li + 1 < m.layers.len();
-                    let macs = (n * cfg.layer_params()) as u64;
-                    card.counters.ops_int4.fetch_add(macs, Ordering::Relaxed);
-                }
+            if card.layers.is_empty() {
+                continue;
             }
-            // The next card receives the hidden states as int8 plus one scale per group.
-            if ci < last {
-                let bytes = (n * (h + 4 * h / 32)) as u64;
-                card.counters.link_bytes.fetch_add(bytes, Ordering::Relaxed);
-                card.counters.link_messages.fetch_add(1, Ordering::Relaxed);
-                link_seconds += self.spec.link_seconds(ci, bytes);
+            let mut seq_caches: Vec<&mut SeqKv> = caches.iter_mut().map(|c| &mut c[ci]).collect();
+            for (local, li) in card.layers.clone().enumerate() {
+                // Every part boundary rounds the hidden state through the
+                // link format, row by row in the layer's last pass.
+                forward::forward_layer(
+                    pool,
+                    isa,
+                    cfg,
+                    &m.layers[li],
+                    local,
+                    &mut scratch.x[..n * h],
+                    rows,
+                    &mut seq_caches,
+                    &mut scratch.ws,
+                    Some(&move |row: &mut [f32]| a8_roundtrip(isa, row)),
+                    normed,
+                    m.layers.get(li + 1).map(|l| &l.attn_norm[..]),
+                );
+                normed = li + 1 < m.layers.len();
             }
-            let busy = card.stage_seconds * passes as f64;
-            card.counters
-                .busy_ns
-                .fetch_add((busy * 1e9) as u64, Ordering::Relaxed);
         }
         if !logit_rows.is_empty() {
             let heads: Vec<&QMatrix> = self
@@ -279,11 +345,35 @@ impl Cards {
                 &mut scratch.logits,
                 &mut scratch.ws,
             );
-            for c in self.cards.iter().filter(|c| c.head.is_some()) {
-                let rows = c.head.as_ref().map_or(0, |q| q.rows());
-                c.counters
+        }
+    }
+
+    /// Charges a step of `n` rows, `logit_rows` of them through the head,
+    /// standing for `passes` micro-batch passes, to the cards' counters;
+    /// returns the modeled seconds it takes through the pipeline.
+    fn account(&self, n: usize, logit_rows: usize, passes: usize) -> f64 {
+        let cfg = &self.model.cfg;
+        let h = cfg.hidden;
+        let mut link_seconds = 0.0;
+        let last = self.cards.len() - 1;
+        for (ci, card) in self.cards.iter().enumerate() {
+            let macs = (n * cfg.layer_params() * card.layers.len()) as u64;
+            card.counters.ops_int4.fetch_add(macs, Ordering::Relaxed);
+            // The next card receives the hidden states as int8 plus one scale per group.
+            if ci < last {
+                let bytes = (n * (h + 4 * h / 32)) as u64;
+                card.counters.link_bytes.fetch_add(bytes, Ordering::Relaxed);
+                card.counters.link_messages.fetch_add(1, Ordering::Relaxed);
+                link_seconds += self.spec.link_seconds(ci, bytes);
+            }
+            let busy = card.stage_seconds * passes as f64;
+            card.counters
+                .busy_ns
+                .fetch_add((busy * 1e9) as u64, Ordering::Relaxed);
+            if let Some(head) = &card.head {
+                card.counters
                     .ops_int8
-                    .fetch_add((logit_rows.len() * rows * h) as u64, Ordering::Relaxed);
+                    .fetch_add((logit_rows * head.rows() * h) as u64, Ordering::Relaxed);
             }
         }
         // Pipelined: the first pass crosses every stage, later passes follow
@@ -307,4 +397,43 @@ fn a8_roundtrip(isa: Isa, x: &mut [f32]) {
     hadamard32(isa, x, 1.0);
     QActs::round_trip(isa, x);
     hadamard32(isa, x, 1.0 / 32.0);
+}
+
+/// Rows per thread from which a step of decode rows only (one per
+/// sequence, each needing logits) may be split across the pool's threads,
+/// each thread running its rows through the whole model on its own: the
+/// batched matmul kernel then still fills its 8-row tiles.
+const SPLIT_ROWS_PER_THREAD: usize = 8;
+
+/// Largest layer (parameters) for which a step is split. Splitting reads
+/// every weight once per thread instead of once per step, and saves the
+/// fork-join after every matmul and per-row pass (8 per layer) and the
+/// waiting at each join. Small layers make many short phases, so the joins
+/// cost more than the second read: SmolLM2 (3.5 M parameters a layer), 16
+/// streams, 5 alternating pairs 1,166-1,193 -> 1,266-1,280 tok/s. Large
+/// ones make few long phases: granite-3b (218 M), 16 streams, 83 -> 62
+/// tok/s. The bound sits between the two on a log scale.
+const SPLIT_MAX_LAYER_PARAMS: usize = 32_000_000;
+
+/// Groups to split a step into ([`Cards::compute_split`]): the pool's
+/// threads, or 1 to run it whole with every pass split across the threads.
+pub fn split_parts(
+    pool: &Pool,
+    cfg: &ModelConfig,
+    rows: &[BatchRow],
+    logit_rows: &[usize],
+) -> usize {
+    let t = pool.threads();
+    let decode_only = rows.iter().enumerate().all(|(i, r)| r.seq == i)
+        && logit_rows.len() == rows.len()
+        && logit_rows.iter().enumerate().all(|(i, &r)| r == i);
+    if t > 1
+        && decode_only
+        && rows.len() >= SPLIT_ROWS_PER_THREAD * t
+        && cfg.layer_params() <= SPLIT_MAX_LAYER_PARAMS
+    {
+        t
+    } else {
+        1
+    }
 }

@@ -8,9 +8,11 @@
 use std::sync::{Arc, OnceLock};
 
 use cardinal_kernels::{Isa, Pool};
+use cardinal_models::forward::BatchRow;
+use cardinal_models::kv::SeqKv;
 use cardinal_models::{LoadOptions, LoadedModel, Model, ModelSource};
 use cardinal_pipeline::plan::{self, PartKind, PlanError};
-use cardinal_pipeline::stages::Cards;
+use cardinal_pipeline::stages::{self, Cards, StepScratch};
 use cardinal_pipeline::{CardSpec, Engine, EngineConfig, Event, Finished, Request, SamplingParams};
 
 fn smollm2() -> &'static LoadedModel {
@@ -584,4 +586,91 @@ fn perplexity_within_two_percent_of_llama_cpp() {
         r.perplexity,
         rel * 100.0
     );
+}
+
+/// A step of 16 decode rows on 2 threads is split: each thread runs 8 rows
+/// through every card on its own (`Cards::run_step`). Its logits must carry
+/// the bits of the same steps run whole on 1 thread, and so must the next
+/// step's, which reads the caches the split step wrote.
+fn split_step_equals_whole(model: Arc<Model>) {
+    let spec = CardSpec::default();
+    let p = plan::plan(&plan::parts_of_model(&model), &spec, 16, 128, Some(3)).unwrap();
+    let cards = Cards::new(model.clone(), &p, &spec).unwrap();
+    let (vocab, n) = (model.cfg.vocab, 16);
+    let isa = Isa::from_env().unwrap();
+    let decode_rows = |step: usize| -> Vec<BatchRow> {
+        (0..n)
+            .map(|i| BatchRow {
+                seq: i,
+                pos: 20 + i + step,
+            })
+            .collect()
+    };
+    let all: Vec<usize> = (0..n).collect();
+    assert_eq!(
+        stages::split_parts(&Pool::new(2), &model.cfg, &decode_rows(0), &all),
+        2,
+        "the test must exercise the split path"
+    );
+    let run = |pool: &Pool| -> Vec<u32> {
+        let mut caches: Vec<Vec<SeqKv>> = (0..n).map(|_| cards.new_seq_caches()).collect();
+        let mut scratch = StepScratch::default();
+        // Prompts of different lengths, one sequence per step (not split).
+        for (i, c) in caches.iter_mut().enumerate() {
+            cards.reserve(c, 64).unwrap();
+            let toks = prompt(i as u64, 20 + i, vocab);
+            let rows: Vec<BatchRow> = (0..toks.len())
+                .map(|pos| BatchRow { seq: 0, pos })
+                .collect();
+            cards.run_step(
+                pool,
+                isa,
+                &toks,
+                &rows,
+                &mut [&mut c[..]],
+                &[],
+                1,
+                &mut scratch,
+            );
+        }
+        let mut bits = Vec::new();
+        for step in 0..3 {
+            let toks: Vec<u32> = (0..n).map(|i| (100 + 7 * i + step) as u32).collect();
+            let mut cs: Vec<&mut [SeqKv]> = caches.iter_mut().map(|c| &mut c[..]).collect();
+            cards.run_step(
+                pool,
+                isa,
+                &toks,
+                &decode_rows(step),
+                &mut cs,
+                &all,
+                n,
+                &mut scratch,
+            );
+            bits.extend(scratch.logits[..n * vocab].iter().map(|x| x.to_bits()));
+        }
+        bits
+    };
+    let (whole, split) = (run(&Pool::new(1)), run(&Pool::new(2)));
+    assert_eq!(whole.len(), split.len());
+    if let Some(at) = (0..whole.len()).find(|&i| whole[i] != split[i]) {
+        panic!(
+            "step {}, row {}, token {}: split {} against whole {}",
+            at / (n * vocab),
+            at / vocab % n,
+            at % vocab,
+            f32::from_bits(split[at]),
+            f32::from_bits(whole[at])
+        );
+    }
+}
+
+#[test]
+fn split_step_equals_whole_synthetic() {
+    split_step_equals_whole(tiny());
+}
+
+#[test]
+fn split_step_equals_whole_smollm2() {
+    split_step_equals_whole(smollm2().model.clone());
 }
