@@ -4,8 +4,11 @@
 //! beforehand so the timing is the server's alone (the first burst warms
 //! the server up and is not timed). Every request must get
 //! either the full stream with the right usage or a 429 with `Retry-After`
-//! in the OpenAI error shape; the p99 of the time to a 429 must be under
-//! 50 ms; nothing may answer 5xx or hang; and `cardinal_requests_waiting`,
+//! in the OpenAI error shape; the p99 of the time from a request's arrival
+//! to its 429, as the server logs it for every 429, must be under 50 ms,
+//! and at the client under 250 ms (that time also holds the single-threaded
+//! test client scheduling 80 connections on the same cores as the server and
+//! the engine); nothing may answer 5xx or hang; and `cardinal_requests_waiting`,
 //! scraped from /metrics all along (and the engine's own counter, sampled
 //! far faster), must never exceed 4. Prints admitted, rejected and latency
 //! figures.
@@ -29,6 +32,12 @@ const TOKENS: usize = 64;
 const TIMED: usize = 3;
 /// Series run at most (the next only when one misses the latency target).
 const ATTEMPTS: usize = 2;
+/// Bound on the p99 time to a 429 seen by the client. It holds what the
+/// server takes (bounded at 50 ms from arrival, below) plus the test client's
+/// own work: one thread polling 80 connections on the cores that also run
+/// the server and the engine, which alone reached 50-100 ms at p99 on a
+/// 2-core machine while the server's p99 stayed far lower.
+const CLIENT_P99_MS: f64 = 250.0;
 /// No request may take longer than this (a hung connection fails the test).
 const PER_REQUEST: Duration = Duration::from_secs(60);
 
@@ -236,7 +245,7 @@ async fn overload_is_shed_fast_and_the_queue_stays_bounded() {
             percentile(&lat, 100.0),
             lat.len(),
         ));
-        if series[s].1 < 50.0 {
+        if series[s].1 < CLIENT_P99_MS {
             break;
         }
     }
@@ -252,7 +261,7 @@ async fn overload_is_shed_fast_and_the_queue_stays_bounded() {
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["fields"]["status"] == 429)
-        .filter_map(|v| v["fields"]["ms"].as_str()?.parse().ok())
+        .filter_map(|v| v["fields"]["ms"].as_f64())
         .collect();
     let server_p99 = percentile(&server_ms, 99.0);
     let (admitted, rejected) = (t.admitted, t.rejected);
@@ -288,9 +297,22 @@ async fn overload_is_shed_fast_and_the_queue_stays_bounded() {
         "every burst fills the engine's running slots at least"
     );
     assert!(rejected > 0, "the overload was shed");
+    // Every 429, the warm-up burst's too, is logged with its time since
+    // arrival: the measure. A log format change that hides them
+    // fails here instead of passing on no samples.
+    assert_eq!(
+        server_ms.len(),
+        rejected,
+        "logged 429s with a time (the rest of the log: {} bytes)",
+        logs.lock().unwrap().len()
+    );
     assert!(
-        p99 < 50.0,
-        "p99 rejection latency {p99:.1} ms in the best series (limit 50 ms)"
+        server_p99 < 50.0,
+        "p99 time from arrival to 429 inside the server {server_p99:.1} ms (limit 50 ms)"
+    );
+    assert!(
+        p99 < CLIENT_P99_MS,
+        "p99 rejection latency at the client {p99:.1} ms in the best series (limit {CLIENT_P99_MS} ms)"
     );
     assert!(
         max_waiting <= QUEUE as f64,
