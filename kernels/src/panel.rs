@@ -1,5 +1,6 @@
-//! Row panels: the arrangement of a [`QMatrix`] for the AVX-512 kernels,
-//! where one register holds 16 rows side by side.
+//! Row panels: the arrangement of a [`QMatrix`] for the AVX-512 and AVX2
+//! kernels, where one register holds 16 rows side by side (AVX2: 8 rows,
+//! half of each 64-byte word).
 //!
 //! Rows are taken 16 at a time (a *panel*; the last one padded with zero
 //! rows). For each group `g` of 32 columns a panel has one *record*: its
@@ -185,7 +186,8 @@ impl Panels {
         let words = (0..groups * G / 4)
             .map(|k| elem_pos(&shape, k / (G / 4), 4 * (k % (G / 4))))
             .collect();
-        // The 8-bit AVX-512 kernel takes the offset out in integers.
+        // The 8-bit kernels take the offset out in integers (AVX-512) or
+        // work on u - 128 (AVX2).
         assert!(
             bits != 8
                 || data.as_slice().chunks_exact(record_bytes(8)).all(|rec| {
@@ -248,7 +250,7 @@ impl Panels {
     }
 
     /// Groups of 32 columns.
-    #[cfg(test)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn groups(&self) -> usize {
         self.groups
     }

@@ -4,8 +4,9 @@
 //! dequantization and row slicing/stacking. Element order inside a row follows
 //! `crate::layout`; where rows, scales and mins are stored follows `crate::storage`.
 //! An 8-bit matrix always holds symmetric values as `u = q + 128` with a min of
-//! exactly `-128 * scale` (every constructor makes it so; the AVX-512 panel
-//! kernel takes the offset out in integers and checks this when it builds).
+//! exactly `-128 * scale` (every constructor makes it so; the panel kernels
+//! rely on it, AVX-512 taking the offset out in integers, AVX2 working on
+//! `u - 128`, and the panels check it when they are built).
 
 use std::fmt;
 use std::ops::Range;
@@ -63,7 +64,7 @@ pub struct QMatrix {
     data: AlignedBytes,
     /// The matrix in row panels (`crate::panel`): for an 8-bit matrix a
     /// copy built by [`QMatrix::prepare`] or on first use by the AVX-512
-    /// kernels; for a 4-bit one set by [`QMatrix::repack`], which gives up
+    /// and AVX2 kernels; for a 4-bit one set by [`QMatrix::repack`], which gives up
     /// `data`.
     panels: OnceLock<Panels>,
     /// `data` was given up: the matrix lives in `panels` only.
@@ -396,7 +397,7 @@ impl QMatrix {
     }
 
     /// Bytes of quantized data, scales and mins held (not counting the
-    /// row-panel copy an 8-bit matrix keeps for AVX-512).
+    /// row-panel copy an 8-bit matrix keeps for AVX-512 and AVX2).
     pub fn size_bytes(&self) -> usize {
         if self.panelled {
             self.panels().size_bytes()
@@ -538,23 +539,23 @@ impl QMatrix {
     }
 
     /// Builds now whatever the `isa` kernels would build on first use (the
-    /// row panels of an 8-bit matrix on AVX-512), so that the first request
+    /// row panels of an 8-bit matrix on AVX-512 and AVX2), so that the first request
     /// does not pay for it. Idempotent; other ISAs and 4-bit matrices need
     /// nothing (see [`QMatrix::repack`] for those).
     pub fn prepare(&self, isa: Isa) {
-        if isa == Isa::Avx512 && self.bits == 8 {
+        if matches!(isa, Isa::Avx512 | Isa::Avx2) && self.bits == 8 {
             self.panels();
         }
     }
 
-    /// Rearranges the matrix for the `isa` kernels, in place: on AVX-512 a
+    /// Rearranges the matrix for the `isa` kernels, in place: on AVX-512 and AVX2 a
     /// 4-bit matrix is converted to row panels inside its own buffer (the
     /// same 20 bytes per row and group, so no memory is added) and an 8-bit matrix
     /// gets its panel copy, as with [`QMatrix::prepare`]. Values, and every
     /// accessor's results, are unchanged. A panelled matrix runs on the
-    /// AVX-512 and scalar kernels only. Idempotent.
+    /// AVX-512, AVX2 and scalar kernels only. Idempotent.
     pub fn repack(&mut self, isa: Isa) {
-        if isa != Isa::Avx512 {
+        if !matches!(isa, Isa::Avx512 | Isa::Avx2) {
             return;
         }
         if self.bits == 4 && !self.panelled {

@@ -1,7 +1,7 @@
 //! Every available ISA's matmul against the scalar reference: on random data
 //! within a summation-order tolerance, and bit-exactly on data where every f32
 //! operation is exact (so the integer dot products are proven identical).
-//! AVX-512 runs twice: on the row storage and on matrices repacked into row
+//! AVX-512 and AVX2 run twice: on the row storage and on matrices repacked into row
 //! panels (`QMatrix::repack`), which the engine uses.
 
 mod common;

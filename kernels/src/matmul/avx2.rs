@@ -5,10 +5,10 @@
 //!
 //! Saturation: for 4-bit weights a pair sum is at most 2*15*127 = 3810, so the
 //! eight slices of a chunk are added in i16 (<= 30480) before one widening.
-//! 8-bit weights (u up to 255) would saturate `vpmaddubsw`, so they use the
-//! sign trick on v = u - 128: `maddubs(|v|, sign(q, v))` = v*q with pair sums
-//! <= 2*128*127 = 32512, widened per slice, and Σuq = Σvq + 128*Σq is restored
-//! exactly with the activations' integer Σq.
+//!
+//! The engine's matrices are in row panels (`QMatrix::repack`), and 8-bit
+//! ones always get a panel copy: both run in `avx2_panel`. The row-storage
+//! kernel here serves 4-bit matrices that were not repacked.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -20,6 +20,9 @@ use crate::layout::{CG, CHUNK, G, RowShape};
 use crate::storage::RB;
 use crate::{QActs, QMatrix};
 
+#[path = "avx2_panel.rs"]
+mod panel;
+
 /// Activation rows processed per pass over a weight row.
 const MAX_TILE: usize = 4;
 
@@ -29,6 +32,11 @@ const MAX_TILE: usize = 4;
 /// Same contract as `super::run`; the CPU supports AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
+    if w.bits() == 8 || w.is_panelled() {
+        // SAFETY: forwarded contract (8-bit matrices get their panels here).
+        unsafe { panel::matmul_rows(w, a, rows, out) };
+        return;
+    }
     let shape = *w.shape();
     let acts: Vec<ActRow> = (0..a.m()).map(|i| ActRow::new(a, i)).collect();
     if a.m() == 1 {
@@ -42,15 +50,11 @@ pub(crate) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
             // SAFETY: `wr[..n]` and `acts[0]` point at complete rows of shape
             // `shape`; CPU features per this fn's contract.
             unsafe {
-                match (w.bits(), n) {
-                    (4, 1) => row4::<1, 1>(&wr, &shape, &acts, &mut y),
-                    (4, 2) => row4::<2, 1>(&wr, &shape, &acts, &mut y),
-                    (4, 3) => row4::<3, 1>(&wr, &shape, &acts, &mut y),
-                    (4, _) => row4::<4, 1>(&wr, &shape, &acts, &mut y),
-                    (_, 1) => row8::<1, 1>(&wr, &shape, &acts, &mut y),
-                    (_, 2) => row8::<2, 1>(&wr, &shape, &acts, &mut y),
-                    (_, 3) => row8::<3, 1>(&wr, &shape, &acts, &mut y),
-                    (_, _) => row8::<4, 1>(&wr, &shape, &acts, &mut y),
+                match n {
+                    1 => row4::<1, 1>(&wr, &shape, &acts, &mut y),
+                    2 => row4::<2, 1>(&wr, &shape, &acts, &mut y),
+                    3 => row4::<3, 1>(&wr, &shape, &acts, &mut y),
+                    _ => row4::<4, 1>(&wr, &shape, &acts, &mut y),
                 }
             }
             for k in 0..n {
@@ -68,15 +72,11 @@ pub(crate) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
         // SAFETY: `wr[0]` and `at` point at full rows of `w` and `a` with shape
         // `shape` (checked by the caller); CPU features per this fn's contract.
         unsafe {
-            match (w.bits(), n) {
-                (4, 1) => row4::<1, 1>(&wr, &shape, at, &mut y),
-                (4, 2) => row4::<1, 2>(&wr, &shape, at, &mut y),
-                (4, 3) => row4::<1, 3>(&wr, &shape, at, &mut y),
-                (4, _) => row4::<1, 4>(&wr, &shape, at, &mut y),
-                (_, 1) => row8::<1, 1>(&wr, &shape, at, &mut y),
-                (_, 2) => row8::<1, 2>(&wr, &shape, at, &mut y),
-                (_, 3) => row8::<1, 3>(&wr, &shape, at, &mut y),
-                (_, _) => row8::<1, 4>(&wr, &shape, at, &mut y),
+            match n {
+                1 => row4::<1, 1>(&wr, &shape, at, &mut y),
+                2 => row4::<1, 2>(&wr, &shape, at, &mut y),
+                3 => row4::<1, 3>(&wr, &shape, at, &mut y),
+                _ => row4::<1, 4>(&wr, &shape, at, &mut y),
             }
         }
         for (k, &v) in y[0][..n].iter().enumerate() {
@@ -221,80 +221,6 @@ unsafe fn row4<const R: usize, const M: usize>(
                     let v = dot4(u, _mm256_loadu_si256(act[i].q.add(g * G).cast()));
                     let (ds, mt) = group_scales(w, t, act[i], g);
                     acc[i] = _mm256_add_ps(acc[i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), ds, mt));
-                }
-            }
-        }
-    }
-    for k in 0..R {
-        for i in 0..M {
-            y[k][i] = hsum_ps(accs[k][i]);
-        }
-    }
-}
-
-/// i32 lane sums of `v*q` for signed `v` (= u - 128) and q in -127..=127.
-#[target_feature(enable = "avx2")]
-#[inline]
-fn dot_signed(v: __m256i, absv: __m256i, q: __m256i) -> __m256i {
-    _mm256_madd_epi16(
-        _mm256_maddubs_epi16(absv, _mm256_sign_epi8(q, v)),
-        _mm256_set1_epi16(1),
-    )
-}
-
-/// `R` 8-bit weight rows against `M` activation rows (one of them is 1);
-/// `y[k][i]` = row k against activation i.
-///
-/// # Safety
-/// As for [`row4`].
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row8<const R: usize, const M: usize>(
-    ws: &[WRow; RB],
-    shape: &RowShape,
-    acts: &[ActRow],
-    y: &mut [[f32; MAX_TILE]; RB],
-) {
-    let act: [ActRow; M] = std::array::from_fn(|i| acts[i]);
-    let flip = _mm256_set1_epi8(-128);
-    let mut accs = [[_mm256_setzero_ps(); M]; R];
-    // SAFETY: chunk c reads bytes (= elements) c*256..c*256+256 of the weight
-    // and activation rows and groups c*8..c*8+8; tail groups stay within `shape`.
-    unsafe {
-        for c in 0..shape.chunks {
-            let g = c * CG;
-            for (w, acc) in ws.iter().zip(accs.iter_mut()) {
-                let (wp, wsc, wmn) = w.chunk(c);
-                let mut isum = [_mm256_setzero_si256(); M];
-                for s in 0..CHUNK / 32 {
-                    let v = _mm256_xor_si256(_mm256_loadu_si256(wp.add(32 * s).cast()), flip);
-                    let absv = _mm256_abs_epi8(v);
-                    for i in 0..M {
-                        let q = _mm256_loadu_si256(act[i].q.add(c * CHUNK + 32 * s).cast());
-                        isum[i] = _mm256_add_epi32(isum[i], dot_signed(v, absv, q));
-                    }
-                }
-                let s = _mm256_cvtph_ps(_mm_loadu_si128(wsc.cast()));
-                let mv = _mm256_cvtph_ps(_mm_loadu_si128(wmn.cast()));
-                for i in 0..M {
-                    let sq = _mm256_slli_epi32::<7>(_mm256_loadu_si256(act[i].sumq.add(g).cast()));
-                    let x = _mm256_cvtepi32_ps(_mm256_add_epi32(isum[i], sq));
-                    let ds = _mm256_mul_ps(s, _mm256_loadu_ps(act[i].d.add(g)));
-                    let t = _mm256_fmadd_ps(mv, _mm256_loadu_ps(act[i].sd.add(g)), acc[i]);
-                    acc[i] = _mm256_fmadd_ps(x, ds, t);
-                }
-            }
-        }
-        for (w, acc) in ws.iter().zip(accs.iter_mut()) {
-            for t in 0..shape.tail {
-                let g = shape.chunks * CG + t;
-                let v = _mm256_xor_si256(_mm256_loadu_si256(w.tail_data(t).cast()), flip);
-                let absv = _mm256_abs_epi8(v);
-                for i in 0..M {
-                    let q = _mm256_loadu_si256(act[i].q.add(g * G).cast());
-                    let corr = _mm256_zextsi128_si256(_mm_cvtsi32_si128(*act[i].sumq.add(g) << 7));
-                    let x = _mm256_add_epi32(dot_signed(v, absv, q), corr);
-                    let (ds, mt) = group_scales(*w, t, act[i], g);
-                    acc[i] = _mm256_add_ps(acc[i], _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), ds, mt));
                 }
             }
         }

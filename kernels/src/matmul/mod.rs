@@ -279,8 +279,8 @@ unsafe fn run(isa: Isa, w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
         return;
     }
     assert!(
-        !w.is_panelled() || matches!(isa, Isa::Avx512 | Isa::Scalar),
-        "a matrix repacked into AVX-512 row panels cannot run on {isa}"
+        !w.is_panelled() || matches!(isa, Isa::Avx512 | Isa::Avx2 | Isa::Scalar),
+        "a matrix repacked into row panels cannot run on {isa}"
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
