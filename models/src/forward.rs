@@ -562,8 +562,9 @@ fn attend_heads(
 }
 
 /// Final norm and output head for the given rows of `x`; writes
-/// `rows.len() x vocab` logits, already divided by `logits_scaling`. The head
-/// may be split row-wise into `heads` (shards in order, as on several cards).
+/// `rows.len() x vocab` logits into `logits` (exactly that long), already
+/// divided by `logits_scaling`. The head may be split row-wise into `heads`
+/// (shards in order, as on several cards).
 pub fn forward_head(
     pool: &Pool,
     isa: Isa,
@@ -572,7 +573,7 @@ pub fn forward_head(
     heads: &[&k::QMatrix],
     x: &[f32],
     rows: &[usize],
-    logits: &mut Vec<f32>,
+    logits: &mut [f32],
     ws: &mut Workspace,
 ) {
     let hd = cfg.hidden;
@@ -589,7 +590,12 @@ pub fn forward_head(
     }
     quantize(pool, isa, &mut ws.acts, &ws.xn[..n * hd], n, hd);
     let vocab: usize = heads.iter().map(|h| h.rows()).sum();
-    logits.resize(n * vocab, 0.0);
+    assert_eq!(
+        logits.len(),
+        n * vocab,
+        "forward_head: {n} rows of {vocab} logits need {} values",
+        n * vocab
+    );
     if let [only] = heads {
         k::matmul(pool, isa, only, &ws.acts, &mut logits[..n * vocab]);
     } else {

@@ -372,6 +372,7 @@ fn generate(loaded: &LoadedModel, prompt: &[u32], steps: usize) -> (Vec<(u32, Ve
                 None,
             );
         }
+        logits.resize(cfg.vocab, 0.0);
         forward::forward_head(
             &pool,
             isa,

@@ -220,18 +220,31 @@ impl Cards {
         scratch: &mut StepScratch,
     ) -> f64 {
         let parts = split_parts(pool, &self.model.cfg, rows, logit_rows);
+        // Taken out of the scratch while the step borrows it (put back below).
+        let mut logits = std::mem::take(&mut scratch.logits);
+        logits.resize(logit_rows.len() * self.model.cfg.vocab, 0.0);
         if parts > 1 {
-            self.compute_split(pool, isa, tokens, rows, caches, parts, scratch);
+            self.compute_split(pool, isa, tokens, rows, caches, parts, scratch, &mut logits);
         } else {
-            self.compute(pool, isa, tokens, rows, caches, logit_rows, scratch);
+            self.compute(
+                pool,
+                isa,
+                tokens,
+                rows,
+                caches,
+                logit_rows,
+                scratch,
+                &mut logits,
+            );
         }
+        scratch.logits = logits;
         self.account(rows.len(), logit_rows.len(), passes)
     }
 
     /// The step's rows cut into `parts` contiguous groups, one per pool
     /// thread, each pushed through every card by its own thread with no
-    /// fork-join inside (see [`split_parts`]); the logits are gathered in
-    /// row order. Each row's logits are the same as in [`Self::compute`]:
+    /// fork-join inside (see [`split_parts`]); each group writes its rows'
+    /// logits straight into its part of `logits` (every row has logits here). Each row's logits are the same as in [`Self::compute`]:
     /// every kernel computes a row with the same operations whatever batch
     /// it is in.
     #[allow(clippy::too_many_arguments)]
@@ -244,23 +257,27 @@ impl Cards {
         caches: &mut [&mut [SeqKv]],
         parts: usize,
         scratch: &mut StepScratch,
+        logits: &mut [f32],
     ) {
         let n = rows.len();
         let vocab = self.model.cfg.vocab;
+        debug_assert_eq!(logits.len(), n * vocab);
         let bounds: Vec<usize> = (0..=parts).map(|p| p * n / parts).collect();
         scratch.parts.resize_with(parts, StepScratch::default);
         let mut groups = Vec::with_capacity(parts);
-        let mut rest = caches;
+        let (mut rest, mut rest_logits) = (caches, logits);
         for (p, part) in scratch.parts.iter_mut().enumerate() {
-            let (group, tail) = rest.split_at_mut(bounds[p + 1] - bounds[p]);
-            rest = tail;
-            groups.push(Mutex::new((group, part)));
+            let rows_p = bounds[p + 1] - bounds[p];
+            let (group, tail) = rest.split_at_mut(rows_p);
+            let (out, tail_logits) = rest_logits.split_at_mut(rows_p * vocab);
+            (rest, rest_logits) = (tail, tail_logits);
+            groups.push(Mutex::new((group, part, out)));
         }
         pool.run(&|t, _| {
             let (r0, r1) = (bounds[t], bounds[t + 1]);
             // Uncontended: thread t is the only one to take group t.
             let mut g = groups[t].lock().unwrap_or_else(|e| e.into_inner());
-            let (cs, sc) = &mut *g;
+            let (cs, sc, out) = &mut *g;
             let local: Vec<BatchRow> = rows[r0..r1]
                 .iter()
                 .map(|r| BatchRow {
@@ -271,18 +288,12 @@ impl Cards {
             let all: Vec<usize> = (0..r1 - r0).collect();
             // Nested inside this job, every `pool.run` of the forward pass
             // runs on this thread alone.
-            self.compute(pool, isa, &tokens[r0..r1], &local, cs, &all, sc);
+            self.compute(pool, isa, &tokens[r0..r1], &local, cs, &all, sc, out);
         });
-        drop(groups);
-        scratch.logits.resize(n * vocab, 0.0);
-        for (p, part) in scratch.parts.iter().enumerate() {
-            let (a, b) = (bounds[p] * vocab, bounds[p + 1] * vocab);
-            scratch.logits[a..b].copy_from_slice(&part.logits[..b - a]);
-        }
     }
 
     /// The arithmetic of a step (see [`Self::run_step`]), without the
-    /// modeled accounting.
+    /// modeled accounting; writes `logit_rows.len() x vocab` logits.
     #[allow(clippy::too_many_arguments)]
     fn compute(
         &self,
@@ -293,6 +304,7 @@ impl Cards {
         caches: &mut [&mut [SeqKv]],
         logit_rows: &[usize],
         scratch: &mut StepScratch,
+        logits: &mut [f32],
     ) {
         let m = &self.model;
         let cfg = &m.cfg;
@@ -342,7 +354,7 @@ impl Cards {
                 &heads,
                 &scratch.x[..n * h],
                 logit_rows,
-                &mut scratch.logits,
+                logits,
                 &mut scratch.ws,
             );
         }
