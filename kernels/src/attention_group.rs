@@ -3,11 +3,11 @@
 //! value is widened from int8 to f32 once for the group instead of once per
 //! head, in registers: keys one dimension of a 16-token tile at a time for up
 //! to four heads' scores, values one token at a time for up to four heads'
-//! accumulators. The
-//! AVX-512 path performs, per head, exactly the f32 operations of
-//! [`crate::attend`] in the same order, so results are bit-identical to
-//! calling it head by head; other ISAs (and head sizes the fast path does not
-//! cover) simply do that.
+//! accumulators (on AVX2, 16 dimensions of them at a time). The AVX-512 and
+//! AVX2 paths perform, per head, exactly the f32 operations of
+//! [`crate::attend`] on that ISA in the same order, so results are
+//! bit-identical to calling it head by head; other ISAs (and head sizes the
+//! fast path does not cover) simply do that.
 
 #[cfg(target_arch = "x86_64")]
 use std::cell::RefCell;
@@ -53,7 +53,10 @@ pub fn attend_group(
     );
     let isa = isa.checked();
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && (2..=MAX_GROUP).contains(&g) && matches!(hd, 32 | 64 | 128 | 256) {
+    if matches!(isa, Isa::Avx512 | Isa::Avx2)
+        && (2..=MAX_GROUP).contains(&g)
+        && matches!(hd, 32 | 64 | 128 | 256)
+    {
         let n = check_block("attend_group", hd, k, k_scales, v, v_scales);
         if n == 0 {
             return;
@@ -71,9 +74,15 @@ pub fn attend_group(
                     live += 1;
                 }
             }
-            // SAFETY: AVX-512 was checked above; v holds n rows of hd, buf g
-            // rows of n; every head index is below g.
-            unsafe { x86::accumulate(hd, sts, &heads[..live], &buf, v) };
+            // SAFETY: the ISA was checked above (`checked`); v holds n rows
+            // of hd, buf g rows of n; every head index is below g.
+            unsafe {
+                if isa == Isa::Avx512 {
+                    x86::accumulate(hd, sts, &heads[..live], &buf, v);
+                } else {
+                    x86::accumulate_avx2(hd, sts, &heads[..live], &buf, v);
+                }
+            }
         });
         return;
     }
@@ -200,6 +209,87 @@ mod x86 {
                 for x in 0..NV {
                     _mm512_storeu_ps(p.add(16 * x), a[u][x]);
                 }
+            }
+        }
+    }
+
+    /// [`accumulate`] on AVX2, in the order of `attention_simd`'s AVX2
+    /// accumulate: each head's accumulator times its correction, then one
+    /// FMA per token; up to four heads and 16 dimensions at a time, so each
+    /// 16 bytes of a value row are widened once for the heads of a chunk.
+    ///
+    /// # Safety
+    /// AVX2+FMA; `hd` is a multiple of 16 and every state's head_dim; `v`
+    /// holds n rows of hd and `weights` g*n values (n = v.len() / hd); every
+    /// j < sts.len() = g.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn accumulate_avx2(
+        hd: usize,
+        sts: &mut [AttnState],
+        heads: &[(usize, f32)],
+        weights: &[f32],
+        v: &[i8],
+    ) {
+        for chunk in heads.chunks(4) {
+            // SAFETY: forwarded contract; chunk.len() <= 4.
+            unsafe {
+                match chunk.len() {
+                    1 => acc_heads_avx2::<1>(hd, sts, chunk, weights, v),
+                    2 => acc_heads_avx2::<2>(hd, sts, chunk, weights, v),
+                    3 => acc_heads_avx2::<3>(hd, sts, chunk, weights, v),
+                    _ => acc_heads_avx2::<4>(hd, sts, chunk, weights, v),
+                }
+            }
+        }
+    }
+
+    /// [`accumulate_avx2`] for exactly `H` heads.
+    ///
+    /// # Safety
+    /// As for [`accumulate_avx2`], with `heads.len() == H`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn acc_heads_avx2<const H: usize>(
+        hd: usize,
+        sts: &mut [AttnState],
+        heads: &[(usize, f32)],
+        weights: &[f32],
+        v: &[i8],
+    ) {
+        let n = v.len() / hd;
+        // SAFETY: each state's acc has hd values and base + 16 <= hd; row t
+        // of v is inside v for t < n; weights of head j are
+        // weights[j*n..(j+1)*n].
+        unsafe {
+            let w: [*const f32; H] = std::array::from_fn(|u| weights.as_ptr().add(heads[u].0 * n));
+            let mut base = 0;
+            while base < hd {
+                let mut a: [[__m256; 2]; H] = std::array::from_fn(|u| {
+                    let (j, corr) = heads[u];
+                    let c = _mm256_set1_ps(corr);
+                    let p = sts[j].acc.as_ptr().add(base);
+                    std::array::from_fn(|x| _mm256_mul_ps(_mm256_loadu_ps(p.add(8 * x)), c))
+                });
+                for t in 0..n {
+                    let vp = v.as_ptr().add(t * hd + base);
+                    let x: [__m256; 2] = std::array::from_fn(|h| {
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                            vp.add(8 * h).cast(),
+                        )))
+                    });
+                    for u in 0..H {
+                        let pv = _mm256_set1_ps(*w[u].add(t));
+                        for (acc, xv) in a[u].iter_mut().zip(x) {
+                            *acc = _mm256_fmadd_ps(xv, pv, *acc);
+                        }
+                    }
+                }
+                for u in 0..H {
+                    let p = sts[heads[u].0].acc.as_mut_ptr().add(base);
+                    for (x, acc) in a[u].iter().enumerate() {
+                        _mm256_storeu_ps(p.add(8 * x), *acc);
+                    }
+                }
+                base += 16;
             }
         }
     }

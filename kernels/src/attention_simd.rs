@@ -263,8 +263,10 @@ mod x86 {
         }
     }
 
-    /// [`super::scores`] on AVX2: head by head, two tiles (four FMA chains
-    /// of 8 lanes) at a time.
+    /// [`super::scores`] on AVX2: one head alone two tiles (four FMA chains
+    /// of 8 lanes) at a time; up to [`MAX_HEADS`] heads a tile at a time,
+    /// each dimension of the tile widened once for all of them. Either way a
+    /// score is the same chain of FMAs over the dimensions in order.
     ///
     /// # Safety
     /// AVX2+FMA; lengths as checked by [`super::scores`].
@@ -279,17 +281,92 @@ mod x86 {
     ) {
         let n = ks.len();
         let tiles = n.div_ceil(KEY_TILE);
-        for (q, o) in qs.chunks_exact(hd).zip(out.chunks_exact_mut(n)) {
-            let mut i = 0;
+        let g = qs.len() / hd;
+        let mut j = 0;
+        while j < g {
+            let h = (g - j).min(MAX_HEADS);
+            let (q, o) = (&qs[j * hd..(j + h) * hd], &mut out[j * n..(j + h) * n]);
             // SAFETY: tiles i..i+T exist; forwarded contract.
             unsafe {
-                while i + 2 <= tiles {
-                    tiles_avx2::<2>(q, k, ks, scale, o, i);
-                    i += 2;
+                match h {
+                    1 => {
+                        let mut i = 0;
+                        while i + 2 <= tiles {
+                            tiles_avx2::<2>(q, k, ks, scale, o, i);
+                            i += 2;
+                        }
+                        if i < tiles {
+                            tiles_avx2::<1>(q, k, ks, scale, o, i);
+                        }
+                    }
+                    2 => {
+                        for i in 0..tiles {
+                            heads_tile_avx2::<2>(q, k, ks, scale, o, i);
+                        }
+                    }
+                    3 => {
+                        for i in 0..tiles {
+                            heads_tile_avx2::<3>(q, k, ks, scale, o, i);
+                        }
+                    }
+                    _ => {
+                        for i in 0..tiles {
+                            heads_tile_avx2::<4>(q, k, ks, scale, o, i);
+                        }
+                    }
                 }
-                if i < tiles {
-                    tiles_avx2::<1>(q, k, ks, scale, o, i);
+            }
+            j += h;
+        }
+    }
+
+    /// Tile `i` for `H` heads on AVX2 (`q`: H rows of hd, `o`: H rows of
+    /// `ks.len()`): per dimension, the tile's 16 keys widened once and one
+    /// FMA per head and 8-lane half, in the order of [`tiles_avx2`].
+    ///
+    /// # Safety
+    /// AVX2+FMA; tile `i` lies inside `k`; `q` holds H rows and `o` H rows.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn heads_tile_avx2<const H: usize>(
+        q: &[f32],
+        k: &[i8],
+        ks: &[f32],
+        scale: f32,
+        o: &mut [f32],
+        i: usize,
+    ) {
+        let (hd, n) = (q.len() / H, ks.len());
+        let mut acc = [[_mm256_setzero_ps(); 2]; H];
+        // SAFETY: the 16 bytes at d*16 of tile i are inside k (whole tiles);
+        // u*hd + d < q.len().
+        unsafe {
+            let kt = k.as_ptr().add(i * KEY_TILE * hd);
+            for d in 0..hd {
+                let p = kt.add(d * KEY_TILE);
+                let kv: [__m256; 2] = std::array::from_fn(|half| {
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        p.add(8 * half).cast(),
+                    )))
+                });
+                for (u, acc_u) in acc.iter_mut().enumerate() {
+                    let qd = _mm256_set1_ps(*q.get_unchecked(u * hd + d));
+                    for (a, kh) in acc_u.iter_mut().zip(kv) {
+                        *a = _mm256_fmadd_ps(qd, kh, *a);
+                    }
                 }
+            }
+        }
+        let t0 = i * KEY_TILE;
+        for (u, acc_u) in acc.iter().enumerate() {
+            let mut dots = [0.0f32; 16];
+            // SAFETY: dots holds 16 values.
+            unsafe {
+                _mm256_storeu_ps(dots.as_mut_ptr(), acc_u[0]);
+                _mm256_storeu_ps(dots.as_mut_ptr().add(8), acc_u[1]);
+            }
+            for (x, &dot) in dots.iter().enumerate().take(n - t0) {
+                o[u * n + t0 + x] = dot * scale * ks[t0 + x];
             }
         }
     }
