@@ -299,75 +299,79 @@ mod x86 {
                             tiles_avx2::<1>(q, k, ks, scale, o, i);
                         }
                     }
-                    2 => {
-                        for i in 0..tiles {
-                            heads_tile_avx2::<2>(q, k, ks, scale, o, i);
-                        }
-                    }
-                    3 => {
-                        for i in 0..tiles {
-                            heads_tile_avx2::<3>(q, k, ks, scale, o, i);
-                        }
-                    }
-                    _ => {
-                        for i in 0..tiles {
-                            heads_tile_avx2::<4>(q, k, ks, scale, o, i);
-                        }
-                    }
+                    2 => heads_avx2::<2>(q, k, ks, scale, o),
+                    3 => heads_avx2::<3>(q, k, ks, scale, o),
+                    _ => heads_avx2::<4>(q, k, ks, scale, o),
                 }
             }
             j += h;
         }
     }
 
-    /// Tile `i` for `H` heads on AVX2 (`q`: H rows of hd, `o`: H rows of
-    /// `ks.len()`): per dimension, the tile's 16 keys widened once and one
-    /// FMA per head and 8-lane half, in the order of [`tiles_avx2`].
+    /// Every tile for `H` heads on AVX2 (`q`: H rows of hd, `o`: H rows of
+    /// `ks.len()`), a tile at a time: per dimension, the tile's 16 keys
+    /// widened once and one FMA per head and 8-lane half, in the order of
+    /// [`tiles_avx2`].
     ///
     /// # Safety
-    /// AVX2+FMA; tile `i` lies inside `k`; `q` holds H rows and `o` H rows.
+    /// AVX2+FMA; `k` holds the key tiles of `ks.len()` tokens; `q` holds H
+    /// rows and `o` H rows.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn heads_tile_avx2<const H: usize>(
+    unsafe fn heads_avx2<const H: usize>(
         q: &[f32],
         k: &[i8],
         ks: &[f32],
         scale: f32,
         o: &mut [f32],
-        i: usize,
     ) {
         let (hd, n) = (q.len() / H, ks.len());
-        let mut acc = [[_mm256_setzero_ps(); 2]; H];
-        // SAFETY: the 16 bytes at d*16 of tile i are inside k (whole tiles);
-        // u*hd + d < q.len().
-        unsafe {
-            let kt = k.as_ptr().add(i * KEY_TILE * hd);
-            for d in 0..hd {
-                let p = kt.add(d * KEY_TILE);
-                let kv: [__m256; 2] = std::array::from_fn(|half| {
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                        p.add(8 * half).cast(),
-                    )))
-                });
-                for (u, acc_u) in acc.iter_mut().enumerate() {
-                    let qd = _mm256_set1_ps(*q.get_unchecked(u * hd + d));
-                    for (a, kh) in acc_u.iter_mut().zip(kv) {
-                        *a = _mm256_fmadd_ps(qd, kh, *a);
+        for i in 0..n.div_ceil(KEY_TILE) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; H];
+            // SAFETY: the 16 bytes at d*16 of tile i are inside k (whole
+            // tiles); u*hd + d < q.len().
+            unsafe {
+                let kt = k.as_ptr().add(i * KEY_TILE * hd);
+                for d in 0..hd {
+                    let p = kt.add(d * KEY_TILE);
+                    let kv: [__m256; 2] = std::array::from_fn(|half| {
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                            p.add(8 * half).cast(),
+                        )))
+                    });
+                    for (u, acc_u) in acc.iter_mut().enumerate() {
+                        let qd = _mm256_set1_ps(*q.get_unchecked(u * hd + d));
+                        for (a, kh) in acc_u.iter_mut().zip(kv) {
+                            *a = _mm256_fmadd_ps(qd, kh, *a);
+                        }
                     }
                 }
             }
+            for (u, acc_u) in acc.iter().enumerate() {
+                // SAFETY: AVX2 (this fn's contract).
+                unsafe { store_tile(acc_u, ks, scale, &mut o[u * n..(u + 1) * n], i) };
+            }
         }
+    }
+
+    /// Writes tile `i`'s scores, `dot * scale * ks[t]`, from its two 8-lane
+    /// halves of dot products into `o` (`ks.len()` values); lanes past the
+    /// last token are dropped.
+    ///
+    /// # Safety
+    /// AVX (any AVX2 caller).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store_tile(acc: &[__m256; 2], ks: &[f32], scale: f32, o: &mut [f32], i: usize) {
         let t0 = i * KEY_TILE;
-        for (u, acc_u) in acc.iter().enumerate() {
-            let mut dots = [0.0f32; 16];
-            // SAFETY: dots holds 16 values.
-            unsafe {
-                _mm256_storeu_ps(dots.as_mut_ptr(), acc_u[0]);
-                _mm256_storeu_ps(dots.as_mut_ptr().add(8), acc_u[1]);
-            }
-            for (x, &dot) in dots.iter().enumerate().take(n - t0) {
-                o[u * n + t0 + x] = dot * scale * ks[t0 + x];
-            }
+        let mut dots = [0.0f32; 16];
+        // SAFETY: dots holds 16 values.
+        unsafe {
+            _mm256_storeu_ps(dots.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(dots.as_mut_ptr().add(8), acc[1]);
+        }
+        for (x, &dot) in dots.iter().enumerate().take(ks.len() - t0) {
+            o[t0 + x] = dot * scale * ks[t0 + x];
         }
     }
 
@@ -385,7 +389,7 @@ mod x86 {
         o: &mut [f32],
         i: usize,
     ) {
-        let (hd, n) = (q.len(), ks.len());
+        let hd = q.len();
         let mut acc = [[_mm256_setzero_ps(); 2]; T];
         // SAFETY: the 16 bytes at d*16 of tile i+u are inside k (whole tiles).
         unsafe {
@@ -404,16 +408,8 @@ mod x86 {
             }
         }
         for (u, acc_u) in acc.iter().enumerate() {
-            let t0 = (i + u) * KEY_TILE;
-            let mut dots = [0.0f32; 16];
-            // SAFETY: dots holds 16 values.
-            unsafe {
-                _mm256_storeu_ps(dots.as_mut_ptr(), acc_u[0]);
-                _mm256_storeu_ps(dots.as_mut_ptr().add(8), acc_u[1]);
-            }
-            for (x, &dot) in dots.iter().enumerate().take(n - t0) {
-                o[t0 + x] = dot * scale * ks[t0 + x];
-            }
+            // SAFETY: AVX2 (this fn's contract).
+            unsafe { store_tile(acc_u, ks, scale, o, i + u) };
         }
     }
 

@@ -597,7 +597,7 @@ pub fn forward_head(
         n * vocab
     );
     if let [only] = heads {
-        k::matmul(pool, isa, only, &ws.acts, &mut logits[..n * vocab]);
+        k::matmul(pool, isa, only, &ws.acts, logits);
     } else {
         let mut off = 0;
         for h in heads {

@@ -244,9 +244,10 @@ impl Cards {
     /// The step's rows cut into `parts` contiguous groups, one per pool
     /// thread, each pushed through every card by its own thread with no
     /// fork-join inside (see [`split_parts`]); each group writes its rows'
-    /// logits straight into its part of `logits` (every row has logits here). Each row's logits are the same as in [`Self::compute`]:
-    /// every kernel computes a row with the same operations whatever batch
-    /// it is in.
+    /// logits straight into its part of `logits` (every row has logits
+    /// here). Each row's logits are the same as in [`Self::compute`]: every
+    /// kernel computes a row with the same operations whatever batch it is
+    /// in.
     #[allow(clippy::too_many_arguments)]
     fn compute_split(
         &self,
