@@ -16,6 +16,12 @@
 //!   each word. `Σ v·q` is the same integer as the AVX-512 kernel's
 //!   `Σ u·q - 128·Σq`, as every 8-bit matrix has a min of `-128·scale`.
 //!
+//! The call's activation rows are first regrouped by tile (`TileActs`): for
+//! each group, the 8 words of the tile's rows side by side, and their scales
+//! likewise, so the kernel walks one activation pointer and one scale pointer
+//! per tile instead of two per row (which x86's 16 general registers could
+//! not hold next to the loop's own).
+//!
 //! Every output is the same sequence of f32 operations as in the AVX-512
 //! panel kernel, whatever the batch size or tile, so a row's logits do not
 //! depend on the batch it is in.
@@ -24,7 +30,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use crate::layout::{CG, CHUNK, G, RowShape};
-use crate::matmul::{ActRow, Out};
+use crate::matmul::Out;
 use crate::panel::{PANEL_ROWS, record_bytes, words_bytes};
 use crate::{QActs, QMatrix};
 
@@ -34,6 +40,53 @@ const HALF: usize = PANEL_ROWS / 2;
 /// Activation rows per pass over a half-panel.
 const MAX_TILE: usize = 4;
 
+/// The activation rows of one call, regrouped by tile of `MAX_TILE` rows (the
+/// last tile may have fewer, `n`). The tile starting at row `i0` begins at
+/// word `8 * groups * i0` and scale `groups * i0`; in it, word `k` of group
+/// `g` of its row `i` is `words[(8 * g + k) * n + i]`, and that group's scale
+/// and `d·Σq` are `d[g * n + i]` and `sd[g * n + i]`.
+struct TileActs {
+    words: Vec<i32>,
+    d: Vec<f32>,
+    sd: Vec<f32>,
+}
+
+impl TileActs {
+    fn new(a: &QActs, groups: usize) -> TileActs {
+        let m = a.m();
+        let shape = RowShape::new(groups * G);
+        let mut t = TileActs {
+            words: vec![0; 8 * groups * m],
+            d: vec![0.0; groups * m],
+            sd: vec![0.0; groups * m],
+        };
+        for i in 0..m {
+            let i0 = i / MAX_TILE * MAX_TILE;
+            let n = (m - i0).min(MAX_TILE);
+            let li = i - i0;
+            let q = a.row_q(i);
+            let (d, sd) = (a.row_scales(i), a.row_sd(i));
+            for g in 0..groups {
+                // A chunk group's words lie 32 bytes apart from its first
+                // element; a tail group's are consecutive (`crate::layout`).
+                let (first, stride) = if g < shape.chunks * CG {
+                    (g / CG * CHUNK + 4 * (g % CG), 32)
+                } else {
+                    (g * G, 4)
+                };
+                for k in 0..8 {
+                    let at = first + stride * k;
+                    let b = [q[at], q[at + 1], q[at + 2], q[at + 3]].map(|v| v as u8);
+                    t.words[8 * groups * i0 + (8 * g + k) * n + li] = i32::from_le_bytes(b);
+                }
+                t.d[groups * i0 + g * n + li] = d[g];
+                t.sd[groups * i0 + g * n + li] = sd[g];
+            }
+        }
+        t
+    }
+}
+
 /// Panel kernel for weight rows `rows` of `w` (4- or 8-bit).
 ///
 /// # Safety
@@ -42,7 +95,8 @@ const MAX_TILE: usize = 4;
 pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out: Out) {
     let p = w.panels();
     let groups = p.groups();
-    let acts: Vec<ActRow> = (0..a.m()).map(|i| ActRow::new(a, i)).collect();
+    let m = a.m();
+    let acts = TileActs::new(a, groups);
     let first = rows.start / PANEL_ROWS;
     let last = rows.end.div_ceil(PANEL_ROWS).min(p.panels());
     for panel in first..last {
@@ -61,14 +115,18 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
             // SAFETY: `lanes` is 8 i32s.
             let mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
             let mut i0 = 0;
-            while i0 < acts.len() {
-                let n = (acts.len() - i0).min(MAX_TILE);
-                let at = &acts[i0..i0 + n];
+            while i0 < m {
+                let n = (m - i0).min(MAX_TILE);
+                let at = TileRef {
+                    words: acts.words[8 * groups * i0..].as_ptr(),
+                    d: acts.d[groups * i0..].as_ptr(),
+                    sd: acts.sd[groups * i0..].as_ptr(),
+                };
                 let t = Target { out, i0, c0, mask };
                 // SAFETY: `rec` is the whole panel (groups × record bytes),
-                // every activation row has the matrix's columns (checked by
-                // the caller), and the masked lanes are rows of this call in
-                // `out` (caller contract).
+                // the tile at `i0` holds `n` rows of `groups` groups in
+                // `acts`, and the masked lanes are rows of this call in `out`
+                // (caller contract).
                 unsafe {
                     match (p.bits(), n) {
                         (8, 1) => tile::<1, 8>(rec, h, groups, at, t),
@@ -97,95 +155,107 @@ struct Target {
     mask: __m256i,
 }
 
-/// Activation word `t` of a group whose first word is at `q` and whose
-/// words are `STRIDE` bytes apart (32 inside a chunk of the element layout,
-/// 4 in its tail: see `crate::layout`), broadcast to every lane.
-///
-/// # Safety
-/// `q + STRIDE * t` is readable for 4 bytes.
+/// One tile of a `TileActs`: its words, scales and `d·Σq`.
+#[derive(Clone, Copy)]
+struct TileRef {
+    words: *const i32,
+    d: *const f32,
+    sd: *const f32,
+}
+
+/// An empty instruction that takes and gives back the tile's partial sums,
+/// in program order: LLVM then cannot gather every word's operands ahead of
+/// the products (which, with 16 registers, spills the accumulators).
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn word<const STRIDE: usize>(q: *const i8, t: usize) -> __m256i {
-    // SAFETY: per the contract.
-    _mm256_set1_epi32(unsafe { q.add(STRIDE * t).cast::<i32>().read_unaligned() })
+fn fence<const M: usize>(p: &mut [__m256i; M]) {
+    for v in p.iter_mut() {
+        // SAFETY: the block is empty: it reads and writes only `v`'s
+        // register, touching no memory and no stack.
+        unsafe {
+            std::arch::asm!(
+                "/* {0} */",
+                inout(ymm_reg) * v,
+                options(nomem, nostack, preserves_flags)
+            )
+        };
+    }
 }
 
-/// The f32 accumulators of a tile: scale terms and (4-bit) min terms.
-struct Acc<const M: usize> {
-    f: [__m256; M],
-    m: [__m256; M],
-}
-
-/// Half `h` of group `g`'s record at `r` against `M` activation rows, whose
-/// group words start at element `off` and lie `STRIDE` bytes apart.
+/// Half `h` of the record at `r` against the `M` activation rows of a tile
+/// whose words for this group start at `wq` and whose scales for it start at
+/// `d`: adds the scale term `s·d·Σ u·q` of each row to `acc`.
+///
+/// Word by word, so that only one operand register is live next to the
+/// tile's `M` integer partial sums and `M` accumulators: 16 registers are all
+/// AVX2 has, and holding the group's 8 operands spilled the accumulators.
+/// The integer sums are exact in any order.
 ///
 /// # Safety
-/// `r` is a whole record of `BITS`; group `g` exists in every activation row
-/// of `act`, with its words at `off + STRIDE * t` for `t < 8`.
+/// `r` is a whole record of `BITS`; `wq` holds `8 * M` words and `d` `M`
+/// scales.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn group<const M: usize, const BITS: u8, const STRIDE: usize>(
+unsafe fn group<const M: usize, const BITS: u8>(
     r: *const u8,
     h: usize,
-    act: &[ActRow; M],
-    g: usize,
-    off: usize,
-    acc: &mut Acc<M>,
+    wq: *const i32,
+    d: *const f32,
+    acc: &mut [__m256; M],
 ) {
     let wb = words_bytes(BITS);
     let ones = _mm256_set1_epi16(1);
-    // SAFETY: half h of the record's words, scales and mins lies inside the
-    // record; the activation reads are inside group g (contract).
+    // SAFETY: half h of the record's words and scales lies inside the
+    // record; word k of row i is `wq[k * M + i]` (contract).
     unsafe {
         let half = |w: usize| _mm256_loadu_si256(r.add(64 * w + 32 * h).cast());
-        let s = _mm256_cvtph_ps(_mm_loadu_si128(r.add(wb + 2 * HALF * h).cast()));
-        if BITS == 4 {
+        let word = |k: usize, i: usize| _mm256_set1_epi32(*wq.add(k * M + i));
+        let x: [__m256i; M] = if BITS == 4 {
             let low = _mm256_set1_epi8(0x0F);
-            let mn = _mm256_cvtph_ps(_mm_loadu_si128(r.add(wb + 32 + 2 * HALF * h).cast()));
-            let raw: [__m256i; 4] = std::array::from_fn(half);
-            let ops: [__m256i; 8] = std::array::from_fn(|k| {
-                if k < 4 {
-                    _mm256_and_si256(raw[k], low)
-                } else {
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(raw[k - 4]), low)
+            let mut p = [_mm256_setzero_si256(); M];
+            for w in 0..4 {
+                let raw = half(w);
+                let lo = _mm256_and_si256(raw, low);
+                for (i, p) in p.iter_mut().enumerate() {
+                    let t = _mm256_maddubs_epi16(lo, word(w, i));
+                    *p = if w == 0 { t } else { _mm256_add_epi16(*p, t) };
                 }
-            });
-            for i in 0..M {
-                let q = act[i].q.add(off);
-                let mut p = _mm256_maddubs_epi16(ops[0], word::<STRIDE>(q, 0));
-                for (k, op) in ops.iter().enumerate().skip(1) {
-                    p = _mm256_add_epi16(p, _mm256_maddubs_epi16(*op, word::<STRIDE>(q, k)));
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                for (i, p) in p.iter_mut().enumerate() {
+                    *p = _mm256_add_epi16(*p, _mm256_maddubs_epi16(hi, word(w + 4, i)));
                 }
-                let x = _mm256_madd_epi16(p, ones);
-                let d = _mm256_set1_ps(*act[i].d.add(g));
-                acc.f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), _mm256_mul_ps(s, d), acc.f[i]);
-                let sd = _mm256_set1_ps(*act[i].sd.add(g));
-                acc.m[i] = _mm256_fmadd_ps(mn, sd, acc.m[i]);
+                fence(&mut p);
             }
+            p.map(|p| _mm256_madd_epi16(p, ones))
         } else {
             let flip = _mm256_set1_epi8(-128);
-            let v: [__m256i; 8] = std::array::from_fn(|k| _mm256_xor_si256(half(k), flip));
-            let av: [__m256i; 8] = std::array::from_fn(|k| _mm256_abs_epi8(v[k]));
-            for i in 0..M {
-                let q = act[i].q.add(off);
-                let mut x = _mm256_setzero_si256();
-                for k in 0..8 {
-                    let sq = _mm256_sign_epi8(word::<STRIDE>(q, k), v[k]);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(av[k], sq), ones);
-                    x = _mm256_add_epi32(x, p);
+            let mut x = [_mm256_setzero_si256(); M];
+            for k in 0..8 {
+                let v = _mm256_xor_si256(half(k), flip);
+                let av = _mm256_abs_epi8(v);
+                for (i, x) in x.iter_mut().enumerate() {
+                    let sq = _mm256_sign_epi8(word(k, i), v);
+                    let t = _mm256_madd_epi16(_mm256_maddubs_epi16(av, sq), ones);
+                    *x = if k == 0 { t } else { _mm256_add_epi32(*x, t) };
                 }
-                let d = _mm256_set1_ps(*act[i].d.add(g));
-                acc.f[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x), _mm256_mul_ps(s, d), acc.f[i]);
+                fence(&mut x);
             }
+            x
+        };
+        let s = _mm256_cvtph_ps(_mm_loadu_si128(r.add(wb + 2 * HALF * h).cast()));
+        for i in 0..M {
+            let di = _mm256_set1_ps(*d.add(i));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x[i]), _mm256_mul_ps(s, di), acc[i]);
         }
     }
 }
 
-/// Half `h` of one `BITS`-bit panel against `M` activation rows.
+/// Half `h` of one `BITS`-bit panel against the `M` activation rows of tile
+/// `a`.
 ///
 /// # Safety
-/// `rec` holds `groups` records of `BITS`; each of `acts[..M]` has the
-/// matrix's columns (`groups * 32`); the masked elements of `t.out` (rows
+/// `rec` holds `groups` records of `BITS`; `a` is a tile of `M` rows of
+/// `groups` groups (`TileActs`); the masked elements of `t.out` (rows
 /// `t.i0..+M`, columns `t.c0..+8`) are in bounds and belong to the caller.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -193,35 +263,42 @@ unsafe fn tile<const M: usize, const BITS: u8>(
     rec: &[u8],
     h: usize,
     groups: usize,
-    acts: &[ActRow],
+    a: TileRef,
     t: Target,
 ) {
     let record = record_bytes(BITS);
-    let shape = RowShape::new(groups * G);
-    let act: [ActRow; M] = std::array::from_fn(|i| acts[i]);
     debug_assert!(rec.len() >= groups * record);
-    let mut acc = Acc {
-        f: [_mm256_setzero_ps(); M],
-        m: [_mm256_setzero_ps(); M],
-    };
+    let mut acc = [_mm256_setzero_ps(); M];
     let base = rec.as_ptr();
-    // SAFETY: record g spans bytes g*record..(g+1)*record of `rec`; a chunk
-    // group's words start at `elem_pos(g, 0)` and lie 32 bytes apart, a tail
-    // group's at `32 g` and 4 bytes apart (`crate::layout`), inside every
-    // activation row (contract).
+    // SAFETY: record g spans bytes g*record..(g+1)*record of `rec`; group g
+    // of the tile has its 8·M words from `8 M g` and its M scales from
+    // `M g` (contract).
     unsafe {
-        for g in 0..shape.chunks * CG {
-            let off = g / CG * CHUNK + 4 * (g % CG);
-            group::<M, BITS, 32>(base.add(g * record), h, &act, g, off, &mut acc);
+        for g in 0..groups {
+            let wq = a.words.add(8 * M * g);
+            group::<M, BITS>(base.add(g * record), h, wq, a.d.add(M * g), &mut acc);
         }
-        for g in shape.chunks * CG..groups {
-            group::<M, BITS, 4>(base.add(g * record), h, &act, g, g * G, &mut acc);
+        // 4-bit: the min term `Σ_g min·d·Σq` in its own pass over the
+        // groups, in group order, so it needs no registers during the
+        // products; adding it last keeps each output's f32 operations those
+        // of the AVX-512 panel kernel.
+        let mut mins = [_mm256_setzero_ps(); M];
+        if BITS == 4 {
+            let wb = words_bytes(BITS);
+            for g in 0..groups {
+                let at = base.add(g * record + wb + 32 + 2 * HALF * h);
+                let mn = _mm256_cvtph_ps(_mm_loadu_si128(at.cast()));
+                for (i, acc) in mins.iter_mut().enumerate() {
+                    let sd = _mm256_set1_ps(*a.sd.add(M * g + i));
+                    *acc = _mm256_fmadd_ps(mn, sd, *acc);
+                }
+            }
         }
         for i in 0..M {
             let y = if BITS == 4 {
-                _mm256_add_ps(acc.f[i], acc.m[i])
+                _mm256_add_ps(acc[i], mins[i])
             } else {
-                acc.f[i]
+                acc[i]
             };
             let at = (t.i0 + i) * t.out.stride + t.c0;
             _mm256_maskstore_ps(t.out.ptr.add(at), t.mask, y);
