@@ -65,20 +65,27 @@ impl TileActs {
             let n = (m - i0).min(MAX_TILE);
             let li = i - i0;
             let q = a.row_q(i);
+            let word = |at: usize| {
+                i32::from_le_bytes([q[at], q[at + 1], q[at + 2], q[at + 3]].map(|v| v as u8))
+            };
+            let words = &mut t.words[8 * groups * i0..8 * groups * (i0 + n)];
+            // A chunk's 32-byte slice `k` holds word `k` of each of its 8
+            // groups; a tail group's words are consecutive (`crate::layout`).
+            for c in 0..shape.chunks {
+                for k in 0..8 {
+                    for j in 0..CG {
+                        let g = c * CG + j;
+                        words[(8 * g + k) * n + li] = word(c * CHUNK + 32 * k + 4 * j);
+                    }
+                }
+            }
+            for g in shape.chunks * CG..groups {
+                for k in 0..8 {
+                    words[(8 * g + k) * n + li] = word(g * G + 4 * k);
+                }
+            }
             let (d, sd) = (a.row_scales(i), a.row_sd(i));
             for g in 0..groups {
-                // A chunk group's words lie 32 bytes apart from its first
-                // element; a tail group's are consecutive (`crate::layout`).
-                let (first, stride) = if g < shape.chunks * CG {
-                    (g / CG * CHUNK + 4 * (g % CG), 32)
-                } else {
-                    (g * G, 4)
-                };
-                for k in 0..8 {
-                    let at = first + stride * k;
-                    let b = [q[at], q[at + 1], q[at + 2], q[at + 3]].map(|v| v as u8);
-                    t.words[8 * groups * i0 + (8 * g + k) * n + li] = i32::from_le_bytes(b);
-                }
                 t.d[groups * i0 + g * n + li] = d[g];
                 t.sd[groups * i0 + g * n + li] = sd[g];
             }
@@ -96,7 +103,17 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
     let p = w.panels();
     let groups = p.groups();
     let m = a.m();
-    let acts = TileActs::new(a, groups);
+    // One row is read where it lies (`TileRef::direct`): regrouping it would
+    // cost more than it saves.
+    let acts = if m > 1 {
+        TileActs::new(a, groups)
+    } else {
+        TileActs {
+            words: Vec::new(),
+            d: Vec::new(),
+            sd: Vec::new(),
+        }
+    };
     let first = rows.start / PANEL_ROWS;
     let last = rows.end.div_ceil(PANEL_ROWS).min(p.panels());
     for panel in first..last {
@@ -117,10 +134,20 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
             let mut i0 = 0;
             while i0 < m {
                 let n = (m - i0).min(MAX_TILE);
-                let at = TileRef {
-                    words: acts.words[8 * groups * i0..].as_ptr(),
-                    d: acts.d[groups * i0..].as_ptr(),
-                    sd: acts.sd[groups * i0..].as_ptr(),
+                let at = if m == 1 {
+                    TileRef {
+                        words: a.row_q(0).as_ptr().cast(),
+                        d: a.row_scales(0).as_ptr(),
+                        sd: a.row_sd(0).as_ptr(),
+                        direct: true,
+                    }
+                } else {
+                    TileRef {
+                        words: acts.words[8 * groups * i0..].as_ptr(),
+                        d: acts.d[groups * i0..].as_ptr(),
+                        sd: acts.sd[groups * i0..].as_ptr(),
+                        direct: false,
+                    }
                 };
                 let t = Target { out, i0, c0, mask };
                 // SAFETY: `rec` is the whole panel (groups × record bytes),
@@ -155,12 +182,15 @@ struct Target {
     mask: __m256i,
 }
 
-/// One tile of a `TileActs`: its words, scales and `d·Σq`.
+/// One tile of a `TileActs`: its words, scales and `d·Σq`; or, `direct`, a
+/// single activation row in its element layout (`QActs`), scales in group
+/// order.
 #[derive(Clone, Copy)]
 struct TileRef {
     words: *const i32,
     d: *const f32,
     sd: *const f32,
+    direct: bool,
 }
 
 /// An empty instruction that takes and gives back the tile's partial sums,
@@ -184,7 +214,8 @@ fn fence<const M: usize>(p: &mut [__m256i; M]) {
 
 /// Half `h` of the record at `r` against the `M` activation rows of a tile
 /// whose words for this group start at `wq` and whose scales for it start at
-/// `d`: adds the scale term `s·d·Σ u·q` of each row to `acc`.
+/// `d`: adds the scale term `s·d·Σ u·q` of each row to `acc`, and for a
+/// single 4-bit row the min term `min·d·Σq` (from `sd`) to `mins`.
 ///
 /// Word by word, so that only one operand register is live next to the
 /// tile's `M` integer partial sums and `M` accumulators: 16 registers are all
@@ -192,16 +223,18 @@ fn fence<const M: usize>(p: &mut [__m256i; M]) {
 /// The integer sums are exact in any order.
 ///
 /// # Safety
-/// `r` is a whole record of `BITS`; `wq` holds `8 * M` words and `d` `M`
-/// scales.
+/// `r` is a whole record of `BITS`; word `k` of row `i` is at `wq + KS k +
+/// i` (`KS` is `M` in a `TileActs`); `d` and `sd` hold `M` values each.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn group<const M: usize, const BITS: u8>(
+unsafe fn group<const M: usize, const BITS: u8, const KS: usize>(
     r: *const u8,
     h: usize,
     wq: *const i32,
     d: *const f32,
+    sd: *const f32,
     acc: &mut [__m256; M],
+    mins: &mut [__m256; M],
 ) {
     let wb = words_bytes(BITS);
     let ones = _mm256_set1_epi16(1);
@@ -209,7 +242,7 @@ unsafe fn group<const M: usize, const BITS: u8>(
     // record; word k of row i is `wq[k * M + i]` (contract).
     unsafe {
         let half = |w: usize| _mm256_loadu_si256(r.add(64 * w + 32 * h).cast());
-        let word = |k: usize, i: usize| _mm256_set1_epi32(*wq.add(k * M + i));
+        let word = |k: usize, i: usize| _mm256_set1_epi32(wq.add(k * KS + i).read_unaligned());
         let x: [__m256i; M] = if BITS == 4 {
             let low = _mm256_set1_epi8(0x0F);
             let mut p = [_mm256_setzero_si256(); M];
@@ -247,6 +280,11 @@ unsafe fn group<const M: usize, const BITS: u8>(
             let di = _mm256_set1_ps(*d.add(i));
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(x[i]), _mm256_mul_ps(s, di), acc[i]);
         }
+        if BITS == 4 && M == 1 {
+            // One row has registers to spare: its min term goes here (`tile`).
+            let mn = _mm256_cvtph_ps(_mm_loadu_si128(r.add(wb + 32 + 2 * HALF * h).cast()));
+            mins[0] = _mm256_fmadd_ps(mn, _mm256_set1_ps(*sd), mins[0]);
+        }
     }
 }
 
@@ -255,7 +293,8 @@ unsafe fn group<const M: usize, const BITS: u8>(
 ///
 /// # Safety
 /// `rec` holds `groups` records of `BITS`; `a` is a tile of `M` rows of
-/// `groups` groups (`TileActs`); the masked elements of `t.out` (rows
+/// `groups` groups (`TileActs`), or `direct` with `M = 1` and a row of
+/// `groups` groups; the masked elements of `t.out` (rows
 /// `t.i0..+M`, columns `t.c0..+8`) are in bounds and belong to the caller.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -268,22 +307,42 @@ unsafe fn tile<const M: usize, const BITS: u8>(
 ) {
     let record = record_bytes(BITS);
     debug_assert!(rec.len() >= groups * record);
+    debug_assert!(!a.direct || M == 1);
     let mut acc = [_mm256_setzero_ps(); M];
+    let mut mins = [_mm256_setzero_ps(); M];
     let base = rec.as_ptr();
     // SAFETY: record g spans bytes g*record..(g+1)*record of `rec`; group g
-    // of the tile has its 8·M words from `8 M g` and its M scales from
-    // `M g` (contract).
+    // of a tile has its 8·M words from `8 M g` and its M scales from `M g`,
+    // of a direct row its words from the element positions below and its
+    // scales at `g` (contract).
     unsafe {
-        for g in 0..groups {
-            let wq = a.words.add(8 * M * g);
-            group::<M, BITS>(base.add(g * record), h, wq, a.d.add(M * g), &mut acc);
+        if a.direct {
+            // A chunk's 32-byte slice `k` holds word `k` of each of its 8
+            // groups; a tail group's words are consecutive (`crate::layout`).
+            let shape = RowShape::new(groups * G);
+            for g in 0..groups {
+                let r = base.add(g * record);
+                let (d, sd) = (a.d.add(g), a.sd.add(g));
+                if g < shape.chunks * CG {
+                    let wq = a.words.add(g / CG * CHUNK / 4 + g % CG);
+                    group::<M, BITS, 8>(r, h, wq, d, sd, &mut acc, &mut mins);
+                } else {
+                    let wq = a.words.add(g * G / 4);
+                    group::<M, BITS, 1>(r, h, wq, d, sd, &mut acc, &mut mins);
+                }
+            }
+        } else {
+            for g in 0..groups {
+                let wq = a.words.add(8 * M * g);
+                let (d, sd) = (a.d.add(M * g), a.sd.add(M * g));
+                group::<M, BITS, M>(base.add(g * record), h, wq, d, sd, &mut acc, &mut mins);
+            }
         }
-        // 4-bit: the min term `Σ_g min·d·Σq` in its own pass over the
-        // groups, in group order, so it needs no registers during the
-        // products; adding it last keeps each output's f32 operations those
-        // of the AVX-512 panel kernel.
-        let mut mins = [_mm256_setzero_ps(); M];
-        if BITS == 4 {
+        // 4-bit, several rows: the min term `Σ_g min·d·Σq` in its own pass
+        // over the groups, in group order, so it needs no registers during
+        // the products; adding it last keeps each output's f32 operations
+        // those of the AVX-512 panel kernel.
+        if BITS == 4 && M > 1 {
             let wb = words_bytes(BITS);
             for g in 0..groups {
                 let at = base.add(g * record + wb + 32 + 2 * HALF * h);
