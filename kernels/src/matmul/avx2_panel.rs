@@ -1,8 +1,9 @@
 //! AVX2 kernel for matrices in row panels (`crate::panel`), 4- or 8-bit, for
 //! every batch size. A 256-bit register holds half of a 64-byte panel word:
 //! 8 weight rows, 4 bytes each, one row per i32 lane. Each half-panel is
-//! walked on its own, so one group's 8 operands stay in registers while the
-//! tile's activation rows go past them: `vpmaddubsw` against an activation
+//! walked on its own, a group at a time and in the group a word at a time:
+//! each operand goes past the tile's activation rows while their partial
+//! sums stay in registers. `vpmaddubsw` against an activation
 //! word broadcast to every lane gives each row's pair sums in i16, and
 //! `vpmaddwd` by ones widens them to the row's 4-product sums in its lane, so
 //! there is no horizontal sum and no special case for a row's last groups.
