@@ -364,6 +364,21 @@ mod x86 {
     #[inline]
     unsafe fn store_tile(acc: &[__m256; 2], ks: &[f32], scale: f32, o: &mut [f32], i: usize) {
         let t0 = i * KEY_TILE;
+        if ks.len() - t0 >= KEY_TILE && o.len() >= t0 + KEY_TILE {
+            // A whole tile: the same `dot * scale * k_scale`, 8 lanes at once.
+            let sc = _mm256_set1_ps(scale);
+            for (half, a) in acc.iter().enumerate() {
+                let at = t0 + 8 * half;
+                // SAFETY: `at + 8 <= t0 + KEY_TILE` values of `ks` and `o`
+                // exist (checked above).
+                unsafe {
+                    let k = _mm256_loadu_ps(ks.as_ptr().add(at));
+                    let v = _mm256_mul_ps(_mm256_mul_ps(*a, sc), k);
+                    _mm256_storeu_ps(o.as_mut_ptr().add(at), v);
+                }
+            }
+            return;
+        }
         let mut dots = [0.0f32; 16];
         // SAFETY: dots holds 16 values.
         unsafe {
