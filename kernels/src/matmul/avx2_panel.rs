@@ -30,7 +30,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use crate::layout::{CG, CHUNK, G, RowShape};
+use crate::layout::{CG, G, RowShape, elem_pos};
 use crate::matmul::Out;
 use crate::panel::{PANEL_ROWS, record_bytes, words_bytes};
 use crate::{QActs, QMatrix};
@@ -70,19 +70,9 @@ impl TileActs {
                 i32::from_le_bytes([q[at], q[at + 1], q[at + 2], q[at + 3]].map(|v| v as u8))
             };
             let words = &mut t.words[8 * groups * i0..8 * groups * (i0 + n)];
-            // A chunk's 32-byte slice `k` holds word `k` of each of its 8
-            // groups; a tail group's words are consecutive (`crate::layout`).
-            for c in 0..shape.chunks {
+            for g in 0..groups {
                 for k in 0..8 {
-                    for j in 0..CG {
-                        let g = c * CG + j;
-                        words[(8 * g + k) * n + li] = word(c * CHUNK + 32 * k + 4 * j);
-                    }
-                }
-            }
-            for g in shape.chunks * CG..groups {
-                for k in 0..8 {
-                    words[(8 * g + k) * n + li] = word(g * G + 4 * k);
+                    words[(8 * g + k) * n + li] = word(elem_pos(&shape, g, 4 * k));
                 }
             }
             let (d, sd) = (a.row_scales(i), a.row_sd(i));
@@ -106,15 +96,7 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
     let m = a.m();
     // One row is read where it lies (`TileRef::direct`): regrouping it would
     // cost more than it saves.
-    let acts = if m > 1 {
-        TileActs::new(a, groups)
-    } else {
-        TileActs {
-            words: Vec::new(),
-            d: Vec::new(),
-            sd: Vec::new(),
-        }
-    };
+    let acts = (m > 1).then(|| TileActs::new(a, groups));
     let first = rows.start / PANEL_ROWS;
     let last = rows.end.div_ceil(PANEL_ROWS).min(p.panels());
     for panel in first..last {
@@ -135,20 +117,19 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
             let mut i0 = 0;
             while i0 < m {
                 let n = (m - i0).min(MAX_TILE);
-                let at = if m == 1 {
-                    TileRef {
-                        words: a.row_q(0).as_ptr().cast(),
-                        d: a.row_scales(0).as_ptr(),
-                        sd: a.row_sd(0).as_ptr(),
-                        direct: true,
-                    }
-                } else {
-                    TileRef {
+                let at = match &acts {
+                    Some(acts) => TileRef {
                         words: acts.words[8 * groups * i0..].as_ptr(),
                         d: acts.d[groups * i0..].as_ptr(),
                         sd: acts.sd[groups * i0..].as_ptr(),
                         direct: false,
-                    }
+                    },
+                    None => TileRef {
+                        words: a.row_q(0).as_ptr().cast(),
+                        d: a.row_scales(0).as_ptr(),
+                        sd: a.row_sd(0).as_ptr(),
+                        direct: true,
+                    },
                 };
                 let full = lo == 0 && hi == HALF;
                 let t = Target {
@@ -327,17 +308,16 @@ unsafe fn tile<const M: usize, const BITS: u8>(
     // scales at `g` (contract).
     unsafe {
         if a.direct {
-            // A chunk's 32-byte slice `k` holds word `k` of each of its 8
-            // groups; a tail group's words are consecutive (`crate::layout`).
+            // A chunk group's words lie 8 words (32 bytes) apart, a tail
+            // group's are consecutive (`crate::layout`).
             let shape = RowShape::new(groups * G);
             for g in 0..groups {
                 let r = base.add(g * record);
                 let (d, sd) = (a.d.add(g), a.sd.add(g));
+                let wq = a.words.add(elem_pos(&shape, g, 0) / 4);
                 if g < shape.chunks * CG {
-                    let wq = a.words.add(g / CG * CHUNK / 4 + g % CG);
                     group::<M, BITS, 8>(r, h, wq, d, sd, &mut acc, &mut mins);
                 } else {
-                    let wq = a.words.add(g * G / 4);
                     group::<M, BITS, 1>(r, h, wq, d, sd, &mut acc, &mut mins);
                 }
             }
