@@ -364,9 +364,10 @@ unsafe fn tile<const M: usize, const BITS: u8>(
 /// scale terms `tile` stored for the `M` activation rows of tile `a`.
 ///
 /// Its own pass over the groups, in group order, so it needs no registers
-/// during the products; and both halves at once, so 2·M independent chains
-/// of fused multiply-adds keep the FMA units busy where M alone waited on
-/// their latency (a tenth of the whole kernel's time at M = 4). `y = acc +
+/// during the products; and both halves at once: one broadcast of `d·Σq`
+/// serves both, and 2·M chains of fused multiply-adds run side by side
+/// instead of M (the pass per half was a tenth of the kernel's time at
+/// M = 4; both at once took 1–2% off the kernel, `rowgroup`). `y = acc +
 /// min`, added after the store, is the same f32 value as before it, so each
 /// output's f32 operations stay those of the AVX-512 panel kernel.
 ///
