@@ -187,6 +187,49 @@ struct Target {
     full: bool,
 }
 
+impl Target {
+    /// Where activation row `i0 + i`'s 8 outputs start.
+    fn at(&self, i: usize) -> *mut f32 {
+        self.out
+            .ptr
+            .wrapping_add((self.i0 + i) * self.out.stride + self.c0)
+    }
+
+    /// Stores `y` into the lanes of activation row `i0 + i`.
+    ///
+    /// # Safety
+    /// Those lanes are in bounds and belong to the caller; AVX2.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store(&self, i: usize, y: __m256) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if self.full {
+                _mm256_storeu_ps(self.at(i), y);
+            } else {
+                _mm256_maskstore_ps(self.at(i), self.mask, y);
+            }
+        }
+    }
+
+    /// The lanes of activation row `i0 + i` (zeros elsewhere).
+    ///
+    /// # Safety
+    /// As for [`Target::store`].
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn load(&self, i: usize) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if self.full {
+                _mm256_loadu_ps(self.at(i))
+            } else {
+                _mm256_maskload_ps(self.at(i), self.mask)
+            }
+        }
+    }
+}
+
 /// One tile of a `TileActs`: its words, scales and `d·Σq`; or, `direct`, a
 /// single activation row in its element layout (`QActs`), scales in group
 /// order.
@@ -349,12 +392,7 @@ unsafe fn tile<const M: usize, const BITS: u8>(
             } else {
                 acc[i]
             };
-            let at = (t.i0 + i) * t.out.stride + t.c0;
-            if t.full {
-                _mm256_storeu_ps(t.out.ptr.add(at), y);
-            } else {
-                _mm256_maskstore_ps(t.out.ptr.add(at), t.mask, y);
-            }
+            t.store(i, y);
         }
     }
 }
@@ -402,13 +440,7 @@ unsafe fn add_mins<const M: usize>(
         for (h, t) in targets.iter().enumerate() {
             let Some(t) = t else { continue };
             for (i, &mn) in mins[h].iter().enumerate() {
-                let at = t.out.ptr.add((t.i0 + i) * t.out.stride + t.c0);
-                if t.full {
-                    _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), mn));
-                } else {
-                    let y = _mm256_add_ps(_mm256_maskload_ps(at, t.mask), mn);
-                    _mm256_maskstore_ps(at, t.mask, y);
-                }
+                t.store(i, _mm256_add_ps(t.load(i), mn));
             }
         }
     }
