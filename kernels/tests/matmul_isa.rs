@@ -105,7 +105,8 @@ fn all_isas_match_scalar_on_random_data() {
     let mut seed = 1;
     for isa in targets() {
         for &cols in &COLS {
-            for rows in (1..=17).chain([49]) {
+            // From 64 rows a single row walks several panels at once.
+            for rows in (1..=17).chain([49, 64, 100, 161]) {
                 for kind in 0..3 {
                     let m = 1 + (rows + kind) % 5;
                     check_isa_vs_scalar(isa, rows, cols, m, kind, seed);
@@ -178,7 +179,15 @@ fn all_isas_exact_on_integer_data() {
     for isa in targets() {
         for &cols in &COLS {
             for bits in [4, 8] {
-                for (rows, m) in [(1, 1), (3, 2), (7, 5), (17, 16), (49, 3)] {
+                for (rows, m) in [
+                    (1, 1),
+                    (3, 2),
+                    (7, 5),
+                    (17, 16),
+                    (49, 3),
+                    (100, 1),
+                    (161, 1),
+                ] {
                     exact_case(isa, rows, cols, m, bits, seed);
                     seed += 1;
                 }
@@ -220,8 +229,19 @@ fn pooled_matmul_equals_matmul_rows() {
 #[test]
 fn matmul_rows_writes_only_its_rows() {
     let mut rng = Rng::new(5);
-    let (rows, cols) = (40, 96);
-    for (kind, m) in [(1, 3), (0, 1), (2, 1), (2, 2)] {
+    // Ranges starting and ending inside 4-row storage blocks and 16-row
+    // panels; from 4 whole panels a single row walks several at once.
+    let small: &[std::ops::Range<usize>] = &[10..25, 3..4, 0..1, 37..40, 5..5];
+    let large: &[std::ops::Range<usize>] = &[10..140, 16..96, 0..150, 33..97, 64..128];
+    for (rows, cols, kind, m) in [
+        (40, 96, 1, 3),
+        (40, 96, 0, 1),
+        (40, 96, 2, 1),
+        (40, 96, 2, 2),
+        (150, 64, 0, 1),
+        (150, 64, 2, 1),
+    ] {
+        let ranges = if rows == 40 { small } else { large };
         let w0 = random_matrix(&mut rng, rows, cols, kind);
         let x = rng.vec_normal(m * cols, 1.0);
         for (isa, repack) in targets() {
@@ -230,8 +250,7 @@ fn matmul_rows_writes_only_its_rows() {
             a.quantize(isa, &x, m, cols);
             let mut full = vec![0.0; m * rows];
             matmul_rows(isa, &w, &a, 0..rows, &mut full);
-            // Ranges starting and ending inside 4-row storage blocks.
-            for range in [10..25, 3..4, 0..1, 37..40, 5..5] {
+            for range in ranges {
                 let mut out = vec![-7.0; m * rows];
                 matmul_rows(isa, &w, &a, range.clone(), &mut out);
                 for i in 0..m {
