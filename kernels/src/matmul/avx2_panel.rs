@@ -102,36 +102,51 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
     let acts = (m > 1).then(|| TileActs::new(a, groups));
     let first = rows.start / PANEL_ROWS;
     let last = rows.end.div_ceil(PANEL_ROWS).min(p.panels());
-    // One row: the panels wholly inside `rows` go `STREAMS` at a time (see
-    // `streams`); the rest, and every panel of several rows, one at a time.
+    // One row: the panels wholly inside `rows` go up to `STREAMS` at a time,
+    // from that many runs of consecutive panels (see `streams`); the rest,
+    // and every panel of several rows, one at a time.
     let mut solo = first..last;
     if m == 1 {
         let lo = rows.start.div_ceil(PANEL_ROWS);
-        let hi = (rows.end / PANEL_ROWS).min(p.panels());
-        let per = hi.saturating_sub(lo) / STREAMS;
-        if per > 0 {
-            let at = TileRef {
-                words: a.row_q(0).as_ptr().cast(),
-                d: a.row_scales(0).as_ptr(),
-                sd: a.row_sd(0).as_ptr(),
-                direct: true,
-            };
-            for j in 0..per {
-                let panels: [usize; STREAMS] = std::array::from_fn(|s| lo + s * per + j);
-                // SAFETY: each panel is wholly inside `rows`, so its 16 outputs
-                // are this call's (caller contract); `at` is the single row.
-                unsafe {
-                    match p.bits() {
-                        8 => streams::<8>(p, panels, groups, at, out),
-                        _ => streams::<4>(p, panels, groups, at, out),
-                    }
+        let hi = (rows.end / PANEL_ROWS).min(p.panels()).max(lo);
+        let at = TileRef {
+            words: a.row_q(0).as_ptr().cast(),
+            d: a.row_scales(0).as_ptr(),
+            sd: a.row_sd(0).as_ptr(),
+            direct: true,
+        };
+        // Run k holds `per` panels, and one more for k < `extra`.
+        let (per, extra) = ((hi - lo) / STREAMS, (hi - lo) % STREAMS);
+        let start = |k: usize| lo + k * per + k.min(extra);
+        for j in 0..per {
+            let panels: [usize; STREAMS] = std::array::from_fn(|k| start(k) + j);
+            // SAFETY: each panel is wholly inside `rows`, so its 16 outputs
+            // are this call's (caller contract); `at` is the single row.
+            unsafe {
+                match p.bits() {
+                    8 => streams::<8, STREAMS>(p, panels, groups, at, out),
+                    _ => streams::<4, STREAMS>(p, panels, groups, at, out),
                 }
             }
-            solo = lo + STREAMS * per..last;
-            for panel in first..lo {
-                // SAFETY: the caller's contract, for this panel's rows.
-                unsafe { one_panel(p, panel, &rows, groups, a, &acts, out) };
+        }
+        // The last panels of the longer runs.
+        let last_of = |k: usize| start(k) + per;
+        // SAFETY: as above.
+        unsafe {
+            match (p.bits(), extra) {
+                (_, 0) => {}
+                (8, 1) => streams::<8, 1>(p, [0].map(last_of), groups, at, out),
+                (8, 2) => streams::<8, 2>(p, [0, 1].map(last_of), groups, at, out),
+                (8, _) => streams::<8, 3>(p, [0, 1, 2].map(last_of), groups, at, out),
+                (_, 1) => streams::<4, 1>(p, [0].map(last_of), groups, at, out),
+                (_, 2) => streams::<4, 2>(p, [0, 1].map(last_of), groups, at, out),
+                (_, _) => streams::<4, 3>(p, [0, 1, 2].map(last_of), groups, at, out),
             }
+        }
+        solo = hi..last;
+        for panel in first..lo {
+            // SAFETY: the caller's contract, for this panel's rows.
+            unsafe { one_panel(p, panel, &rows, groups, a, &acts, out) };
         }
     }
     for panel in solo {
@@ -232,21 +247,21 @@ unsafe fn one_panel(
     }
 }
 
-/// A single activation row against `STREAMS` whole panels of `p`, a group
-/// of each in turn: the weight stream of one row is read from `STREAMS`
-/// places at once, where the loop over one panel at a time read one. On a
-/// Zen 3 that draws ~30% more bandwidth from memory (the `bandwidth`
-/// example's interleaved mode), and one row is bound by it. Each output is
-/// still its own scale sum plus min sum over the groups in order, as in
-/// [`tile`], so the results are the same bits.
+/// A single activation row against `S` (up to `STREAMS`) whole panels of
+/// `p`, a group of each in turn: the row's weights are read from `S` places
+/// at once, where a loop over one panel at a time reads one stream. On the
+/// Zen 3 VM of PERFORMANCE.md that draws ~30% more bandwidth from memory
+/// (the `bandwidth` example's interleaved mode), and one row is bound by it.
+/// Each output is still its own scale sum plus min sum over the groups in
+/// order, as in [`tile`], so the results are the same bits.
 ///
 /// # Safety
 /// `panels` are panels of `p` whose 16 rows all belong to this call in
 /// `out`; `a` is a direct single row of `p.groups()` groups.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn streams<const BITS: u8>(
+unsafe fn streams<const BITS: u8, const S: usize>(
     p: &crate::panel::Panels,
-    panels: [usize; STREAMS],
+    panels: [usize; S],
     groups: usize,
     a: TileRef,
     out: Out,
@@ -256,8 +271,8 @@ unsafe fn streams<const BITS: u8>(
     let recs = panels.map(|k| p.panel(k).as_ptr());
     let shape = RowShape::new(groups * G);
     for h in 0..2 {
-        let mut acc = [[_mm256_setzero_ps(); 1]; STREAMS];
-        let mut mins = [[_mm256_setzero_ps(); 1]; STREAMS];
+        let mut acc = [[_mm256_setzero_ps(); 1]; S];
+        let mut mins = [[_mm256_setzero_ps(); 1]; S];
         // SAFETY: record g of each panel spans bytes g*record..(g+1)*record
         // of it; the row's words and scales of group g are where `tile`'s
         // direct path finds them (contract).
@@ -265,7 +280,7 @@ unsafe fn streams<const BITS: u8>(
             for g in 0..groups {
                 let (d, sd) = (a.d.add(g), a.sd.add(g));
                 let wq = a.words.add(elem_pos(&shape, g, 0) / 4);
-                for s in 0..STREAMS {
+                for s in 0..S {
                     let r = recs[s].add(g * record);
                     if g < shape.chunks * CG {
                         group::<1, BITS, 8>(r, h, wq, d, sd, &mut acc[s], &mut mins[s]);
@@ -275,7 +290,7 @@ unsafe fn streams<const BITS: u8>(
                 }
             }
         }
-        for s in 0..STREAMS {
+        for s in 0..S {
             let y = if BITS == 4 {
                 _mm256_add_ps(acc[s][0], mins[s][0])
             } else {
