@@ -21,7 +21,9 @@
 //! each group, the 8 words of the tile's rows side by side, and their scales
 //! likewise, so the kernel walks one activation pointer and one scale pointer
 //! per tile instead of two per row (which x86's 16 general registers could
-//! not hold next to the loop's own).
+//! not hold next to the loop's own). A single row is read where it lies, and
+//! walks 4 panels side by side (`streams`): it is bound by memory, and
+//! reading 4 places at once draws more bandwidth than one stream.
 //!
 //! Every output is the same sequence of f32 operations as in the AVX-512
 //! panel kernel, whatever the batch size or tile, so a row's logits do not
@@ -32,7 +34,7 @@ use std::ops::Range;
 
 use crate::layout::{CG, G, RowShape, elem_pos};
 use crate::matmul::Out;
-use crate::panel::{PANEL_ROWS, record_bytes, words_bytes};
+use crate::panel::{PANEL_ROWS, Panels, record_bytes, words_bytes};
 use crate::{QActs, QMatrix};
 
 /// Rows of a panel in one register (a half-panel).
@@ -162,7 +164,7 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
 /// As for [`matmul_rows`]; `p` is `w`'s panels and `acts` regroups `a`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn one_panel(
-    p: &crate::panel::Panels,
+    p: &Panels,
     panel: usize,
     rows: &Range<usize>,
     groups: usize,
@@ -171,79 +173,77 @@ unsafe fn one_panel(
     out: Out,
 ) {
     let m = a.m();
-    {
-        let r0 = panel * PANEL_ROWS;
-        let rec = p.panel(panel);
-        // Per half: its first output column, the mask of lanes that are
-        // rows of this call, and whether that is all 8; None if none is.
-        let halves: [Option<(usize, __m256i, bool)>; 2] = std::array::from_fn(|h| {
-            let c0 = r0 + h * HALF;
-            let lo = rows.start.max(c0).min(c0 + HALF) - c0;
-            let hi = rows.end.min(c0 + HALF).max(c0) - c0;
-            (lo < hi).then(|| {
-                let lanes: [i32; HALF] =
-                    std::array::from_fn(|k| if (lo..hi).contains(&k) { -1 } else { 0 });
-                // SAFETY: `lanes` is 8 i32s.
-                let mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
-                (c0, mask, lo == 0 && hi == HALF)
+    let r0 = panel * PANEL_ROWS;
+    let rec = p.panel(panel);
+    // Per half: its first output column, the mask of lanes that are
+    // rows of this call, and whether that is all 8; None if none is.
+    let halves: [Option<(usize, __m256i, bool)>; 2] = std::array::from_fn(|h| {
+        let c0 = r0 + h * HALF;
+        let lo = rows.start.max(c0).min(c0 + HALF) - c0;
+        let hi = rows.end.min(c0 + HALF).max(c0) - c0;
+        (lo < hi).then(|| {
+            let lanes: [i32; HALF] =
+                std::array::from_fn(|k| if (lo..hi).contains(&k) { -1 } else { 0 });
+            // SAFETY: `lanes` is 8 i32s.
+            let mask = unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) };
+            (c0, mask, lo == 0 && hi == HALF)
+        })
+    });
+    let mut i0 = 0;
+    while i0 < m {
+        let n = (m - i0).min(MAX_TILE);
+        let at = match acts {
+            Some(acts) => TileRef {
+                words: acts.words[8 * groups * i0..].as_ptr(),
+                d: acts.d[groups * i0..].as_ptr(),
+                sd: acts.sd[groups * i0..].as_ptr(),
+                direct: false,
+            },
+            None => TileRef {
+                words: a.row_q(0).as_ptr().cast(),
+                d: a.row_scales(0).as_ptr(),
+                sd: a.row_sd(0).as_ptr(),
+                direct: true,
+            },
+        };
+        let targets = halves.map(|half| {
+            half.map(|(c0, mask, full)| Target {
+                out,
+                i0,
+                c0,
+                mask,
+                full,
             })
         });
-        let mut i0 = 0;
-        while i0 < m {
-            let n = (m - i0).min(MAX_TILE);
-            let at = match &acts {
-                Some(acts) => TileRef {
-                    words: acts.words[8 * groups * i0..].as_ptr(),
-                    d: acts.d[groups * i0..].as_ptr(),
-                    sd: acts.sd[groups * i0..].as_ptr(),
-                    direct: false,
-                },
-                None => TileRef {
-                    words: a.row_q(0).as_ptr().cast(),
-                    d: a.row_scales(0).as_ptr(),
-                    sd: a.row_sd(0).as_ptr(),
-                    direct: true,
-                },
-            };
-            let targets = halves.map(|half| {
-                half.map(|(c0, mask, full)| Target {
-                    out,
-                    i0,
-                    c0,
-                    mask,
-                    full,
-                })
-            });
-            for (h, t) in targets.iter().enumerate() {
-                let Some(t) = *t else { continue };
-                // SAFETY: `rec` is the whole panel (groups × record bytes),
-                // the tile at `i0` holds `n` rows of `groups` groups in
-                // `acts`, and the masked lanes are rows of this call in `out`
-                // (caller contract).
-                unsafe {
-                    match (p.bits(), n) {
-                        (8, 1) => tile::<1, 8>(rec, h, groups, at, t),
-                        (8, 2) => tile::<2, 8>(rec, h, groups, at, t),
-                        (8, 3) => tile::<3, 8>(rec, h, groups, at, t),
-                        (8, _) => tile::<4, 8>(rec, h, groups, at, t),
-                        (_, 1) => tile::<1, 4>(rec, h, groups, at, t),
-                        (_, 2) => tile::<2, 4>(rec, h, groups, at, t),
-                        (_, 3) => tile::<3, 4>(rec, h, groups, at, t),
-                        (_, _) => tile::<4, 4>(rec, h, groups, at, t),
-                    }
-                }
-            }
-            // SAFETY: as above; `tile` has stored these outputs' scale terms.
+        for (h, t) in targets.iter().enumerate() {
+            let Some(t) = *t else { continue };
+            // SAFETY: `rec` is the whole panel (groups × record bytes),
+            // the tile at `i0` holds `n` rows of `groups` groups in
+            // `acts`, and the masked lanes are rows of this call in `out`
+            // (caller contract).
             unsafe {
                 match (p.bits(), n) {
-                    (8, _) | (_, 1) => {}
-                    (_, 2) => add_mins::<2>(rec, groups, at, targets),
-                    (_, 3) => add_mins::<3>(rec, groups, at, targets),
-                    (_, _) => add_mins::<4>(rec, groups, at, targets),
+                    (8, 1) => tile::<1, 8>(rec, h, groups, at, t),
+                    (8, 2) => tile::<2, 8>(rec, h, groups, at, t),
+                    (8, 3) => tile::<3, 8>(rec, h, groups, at, t),
+                    (8, _) => tile::<4, 8>(rec, h, groups, at, t),
+                    (_, 1) => tile::<1, 4>(rec, h, groups, at, t),
+                    (_, 2) => tile::<2, 4>(rec, h, groups, at, t),
+                    (_, 3) => tile::<3, 4>(rec, h, groups, at, t),
+                    (_, _) => tile::<4, 4>(rec, h, groups, at, t),
                 }
             }
-            i0 += n;
         }
+        // SAFETY: as above; `tile` has stored these outputs' scale terms.
+        unsafe {
+            match (p.bits(), n) {
+                (8, _) | (_, 1) => {}
+                (_, 2) => add_mins::<2>(rec, groups, at, targets),
+                (_, 3) => add_mins::<3>(rec, groups, at, targets),
+                (_, _) => add_mins::<4>(rec, groups, at, targets),
+            }
+        }
+        i0 += n;
     }
 }
 
@@ -260,7 +260,7 @@ unsafe fn one_panel(
 /// `out`; `a` is a direct single row of `p.groups()` groups.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn streams<const BITS: u8, const S: usize>(
-    p: &crate::panel::Panels,
+    p: &Panels,
     panels: [usize; S],
     groups: usize,
     a: TileRef,

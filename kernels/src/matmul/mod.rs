@@ -2,8 +2,9 @@
 //! argument checks, per-ISA dispatch, and the split of rows across a [`Pool`].
 //!
 //! Also the raw row views (`ActRow`, `WRow`) the SIMD kernels address data
-//! through, and the batched-loop order (`tiles`). For m = 1 the kernels read the
-//! 4 rows of a storage block together (one sequential stream); for m > 1 each
+//! through, and the batched-loop order (`tiles`). For m = 1 the row-storage
+//! kernels read the 4 rows of a storage block together (one sequential
+//! stream), and the AVX2 panel kernel 4 panels side by side; for m > 1 each
 //! block of weight rows (~256 KB) is read from memory once and reused from L2 by
 //! every tile of up to 4 activation rows.
 
