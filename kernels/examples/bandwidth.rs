@@ -34,7 +34,7 @@ const LINE: usize = 8;
 /// lines left over last).
 fn sum(slice: &[u64], ways: usize) -> u64 {
     let lines = slice.as_chunks::<LINE>().0;
-    let part = SPACING / 64;
+    let part = SPACING / (LINE * 8);
     // Eight independent sums keep several loads in flight.
     let mut acc = [0u64; LINE];
     let mut add = |line: &[u64; LINE]| {

@@ -99,61 +99,70 @@ pub(super) unsafe fn matmul_rows(w: &QMatrix, a: &QActs, rows: Range<usize>, out
     let p = w.panels();
     let groups = p.groups();
     let m = a.m();
-    // One row is read where it lies (`TileRef::direct`): regrouping it would
-    // cost more than it saves.
-    let acts = (m > 1).then(|| TileActs::new(a, groups));
     let first = rows.start / PANEL_ROWS;
     let last = rows.end.div_ceil(PANEL_ROWS).min(p.panels());
-    // One row: the panels wholly inside `rows` go up to `STREAMS` at a time,
-    // from that many runs of consecutive panels (see `streams`); the rest,
-    // and every panel of several rows, one at a time.
-    let mut solo = first..last;
     if m == 1 {
+        // One row is read where it lies (`TileRef::direct`): regrouping it
+        // would cost more than it saves. The panels wholly inside `rows` go
+        // side by side (`stream_row`), the partial ones at the ends alone.
         let lo = rows.start.div_ceil(PANEL_ROWS);
         let hi = (rows.end / PANEL_ROWS).min(p.panels()).max(lo);
-        let at = TileRef {
-            words: a.row_q(0).as_ptr().cast(),
-            d: a.row_scales(0).as_ptr(),
-            sd: a.row_sd(0).as_ptr(),
-            direct: true,
-        };
-        // Run k holds `per` panels, and one more for k < `extra`.
-        let (per, extra) = ((hi - lo) / STREAMS, (hi - lo) % STREAMS);
-        let start = |k: usize| lo + k * per + k.min(extra);
-        for j in 0..per {
-            let panels: [usize; STREAMS] = std::array::from_fn(|k| start(k) + j);
-            // SAFETY: each panel is wholly inside `rows`, so its 16 outputs
-            // are this call's (caller contract); `at` is the single row.
-            unsafe {
-                match p.bits() {
-                    8 => streams::<8, STREAMS>(p, panels, groups, at, out),
-                    _ => streams::<4, STREAMS>(p, panels, groups, at, out),
-                }
-            }
-        }
-        // The last panels of the longer runs.
-        let last_of = |k: usize| start(k) + per;
-        // SAFETY: as above.
+        // SAFETY: the caller's contract; panels lo..hi are wholly inside
+        // `rows`, the others only for their rows of it.
         unsafe {
-            match (p.bits(), extra) {
-                (_, 0) => {}
-                (8, 1) => streams::<8, 1>(p, [0].map(last_of), groups, at, out),
-                (8, 2) => streams::<8, 2>(p, [0, 1].map(last_of), groups, at, out),
-                (8, _) => streams::<8, 3>(p, [0, 1, 2].map(last_of), groups, at, out),
-                (_, 1) => streams::<4, 1>(p, [0].map(last_of), groups, at, out),
-                (_, 2) => streams::<4, 2>(p, [0, 1].map(last_of), groups, at, out),
-                (_, _) => streams::<4, 3>(p, [0, 1, 2].map(last_of), groups, at, out),
+            stream_row(p, lo..hi, a, out);
+            for panel in (first..lo).chain(hi..last) {
+                one_panel(p, panel, &rows, groups, a, &None, out);
             }
         }
-        solo = hi..last;
-        for panel in first..lo {
-            // SAFETY: the caller's contract, for this panel's rows.
-            unsafe { one_panel(p, panel, &rows, groups, a, &acts, out) };
-        }
+        return;
     }
-    for panel in solo {
+    let acts = Some(TileActs::new(a, groups));
+    for panel in first..last {
         // SAFETY: the caller's contract, for this panel's rows.
         unsafe { one_panel(p, panel, &rows, groups, a, &acts, out) };
+    }
+}
+
+/// The single activation row of `a` against the whole panels `panels` of
+/// `p`: in `STREAMS` runs of consecutive panels walked side by side
+/// (`streams`), run `k` holding `per` panels and one more for `k < extra`,
+/// those last ones side by side as well.
+///
+/// # Safety
+/// The 16 rows of every panel in `panels` belong to this call in `out`; the
+/// CPU supports AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn stream_row(p: &Panels, panels: Range<usize>, a: &QActs, out: Out) {
+    let groups = p.groups();
+    let at = TileRef {
+        words: a.row_q(0).as_ptr().cast(),
+        d: a.row_scales(0).as_ptr(),
+        sd: a.row_sd(0).as_ptr(),
+        direct: true,
+    };
+    let (per, extra) = (panels.len() / STREAMS, panels.len() % STREAMS);
+    let start = |k: usize| panels.start + k * per + k.min(extra);
+    let last_of = |k: usize| start(k) + per;
+    // SAFETY: each panel's 16 outputs are this call's (contract); `at` is
+    // the single row.
+    unsafe {
+        for j in 0..per {
+            let ps: [usize; STREAMS] = std::array::from_fn(|k| start(k) + j);
+            match p.bits() {
+                8 => streams::<8, STREAMS>(p, ps, groups, at, out),
+                _ => streams::<4, STREAMS>(p, ps, groups, at, out),
+            }
+        }
+        match (p.bits(), extra) {
+            (_, 0) => {}
+            (8, 1) => streams::<8, 1>(p, [0].map(last_of), groups, at, out),
+            (8, 2) => streams::<8, 2>(p, [0, 1].map(last_of), groups, at, out),
+            (8, _) => streams::<8, 3>(p, [0, 1, 2].map(last_of), groups, at, out),
+            (_, 1) => streams::<4, 1>(p, [0].map(last_of), groups, at, out),
+            (_, 2) => streams::<4, 2>(p, [0, 1].map(last_of), groups, at, out),
+            (_, _) => streams::<4, 3>(p, [0, 1, 2].map(last_of), groups, at, out),
+        }
     }
 }
 
